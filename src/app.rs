@@ -1,0 +1,116 @@
+//! The gateway's shared state and its server loop.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::http::auth::SessionBindings;
+use crate::store::Db;
+
+/// Everything a request handler may need, shared as `Arc<App>`.
+#[derive(Debug)]
+pub struct App {
+    /// Validated configuration.
+    pub config: Config,
+    /// The database (SQLite or PostgreSQL).
+    pub db: Db,
+    /// The one source of time.
+    pub clock: Arc<dyn Clock>,
+    /// Which agent token opened each live MCP session.
+    pub sessions: SessionBindings,
+}
+
+impl App {
+    pub fn new(config: Config, db: Db, clock: Arc<dyn Clock>) -> Self {
+        let sessions = SessionBindings::new(config.server.session_idle_timeout);
+        Self {
+            config,
+            db,
+            clock,
+            sessions,
+        }
+    }
+
+    /// Connects to and migrates the configured database, with the wall clock.
+    pub async fn from_config(config: Config) -> anyhow::Result<Self> {
+        let db = Db::connect(&config.database.url, config.database.max_connections)
+            .await
+            .context("connecting to the database")?;
+        db.migrate().await.context("migrating the database")?;
+        Ok(Self::new(config, db, Arc::new(SystemClock)))
+    }
+}
+
+/// A bound, running gateway.
+pub struct Server {
+    pub local_addr: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    /// Binds the configured address and starts serving in the background.
+    pub async fn start(app: Arc<App>) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(app.config.server.listen)
+            .await
+            .with_context(|| format!("binding {}", app.config.server.listen))?;
+        Self::start_on(app, listener)
+    }
+
+    /// Serves on an already bound listener (tests bind port 0).
+    pub fn start_on(app: Arc<App>, listener: tokio::net::TcpListener) -> anyhow::Result<Self> {
+        let local_addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let router = crate::http::router(app.clone(), shutdown.child_token())
+            .layer(tower_http::trace::TraceLayer::new_for_http());
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        });
+        Ok(Self {
+            local_addr,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Stops accepting connections, ends open MCP streams, and waits up to `grace` for requests in
+    /// flight.
+    pub async fn shutdown(self, grace: std::time::Duration) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        match tokio::time::timeout(grace, self.task).await {
+            Ok(joined) => joined.context("server task panicked")?.context("server error"),
+            Err(_) => {
+                tracing::warn!("requests still running after the shutdown grace period; dropping them");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

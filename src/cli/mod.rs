@@ -1,0 +1,125 @@
+//! Command line: `serve`, `migrate`, `dev` and `admin …`. Startup and CLI code may use `anyhow`;
+//! everything below it returns typed errors.
+
+mod admin;
+mod dev;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::app::{App, Server, shutdown_signal};
+use crate::config::{Config, LogConfig, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(name = "custodian", version, about = "MCP gateway that lets AI agents use credentials without holding them")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
+    /// Configuration file (TOML); `CUSTODIAN_<SECTION>__<KEY>` variables override its keys.
+    #[arg(long, short, env = "CUSTODIAN_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve(ConfigArg),
+    /// Apply database migrations (safe to run repeatedly).
+    Migrate(ConfigArg),
+    /// Run everything on this machine for trying Custodian out (SQLite, loopback only).
+    Dev(dev::DevArgs),
+    /// Manage tenants, environments and agent tokens in the configured database.
+    Admin {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(subcommand)]
+        command: admin::AdminCommand,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(arg) => {
+            let config = load_config(&arg)?;
+            init_logging(&config.log);
+            serve(config).await
+        }
+        Command::Migrate(arg) => {
+            let config = load_config(&arg)?;
+            init_logging(&config.log);
+            App::from_config(config).await?;
+            println!("database is up to date");
+            Ok(())
+        }
+        Command::Dev(args) => dev::run(args).await,
+        Command::Admin { config, command } => {
+            let config = load_config(&config)?;
+            admin::run(config, command).await
+        }
+    }
+}
+
+fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
+    Ok(Config::load(arg.config.as_deref(), std::env::vars())?)
+}
+
+/// Installs the log subscriber; `RUST_LOG` overrides the configured filter.
+fn init_logging(log: &LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Serves until SIGTERM/Ctrl-C, then shuts down gracefully.
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let grace = config.server.shutdown_grace;
+    let app = Arc::new(App::from_config(config).await?);
+    let server = Server::start(app.clone()).await?;
+    tracing::info!(
+        listen = %server.local_addr,
+        public_url = %app.config.server.public_url,
+        "custodian gateway listening"
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown(grace).await.context("shutting down")?;
+    app.db.close().await;
+    Ok(())
+}

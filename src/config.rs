@@ -1,0 +1,316 @@
+//! Configuration: a TOML file plus `CUSTODIAN_<SECTION>__<KEY>` environment overrides, validated once
+//! at start-up into [`Config`]. Every problem is reported at once, each naming its key.
+//!
+//! The environment is passed in as a list of pairs (an injectable source), so tests never touch the
+//! process environment. Only variables whose name contains `__` are overrides: `CUSTODIAN_TOKEN`, the
+//! agent-side variable Codex reads, is never taken for configuration.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+/// Prefix of environment overrides; `CUSTODIAN_DATABASE__URL` sets `database.url`.
+pub const ENV_PREFIX: &str = "CUSTODIAN_";
+
+/// Default body limit for MCP requests (1 MiB): tool arguments are small.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Socket address the gateway listens on.
+    pub listen: SocketAddr,
+    /// The URL agents use to reach the gateway (scheme, host, optional port, no path). It decides
+    /// the accepted `Host` and `Origin` and the URLs in metadata documents.
+    pub public_url: Url,
+    /// Further `Host` values accepted besides the public URL's authority (e.g. an internal name).
+    pub allowed_hosts: Vec<String>,
+    /// Further browser origins accepted besides the public URL's origin.
+    pub allowed_origins: Vec<String>,
+    /// Largest accepted request body; larger ones get `413`.
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// How long an idle MCP session is kept.
+    pub session_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` (embedded default) or `postgres://…`.
+    pub url: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter directive such as `info` or `custodian=debug,info`.
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every configuration problem found, each naming its key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    public_url: Option<String>,
+    allowed_hosts: Option<Vec<String>>,
+    allowed_origins: Option<Vec<String>>,
+    max_body_bytes: Option<i64>,
+    shutdown_grace_seconds: Option<i64>,
+    session_idle_timeout_seconds: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: Option<String>,
+    max_connections: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<LogFormat>,
+    filter: Option<String>,
+}
+
+impl Config {
+    /// Reads `path` (if any), applies the overrides found in `env`, and validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).map_err(|e| ConfigError {
+                problems: vec![format!("cannot read config file {}: {e}", path.display())],
+            })?,
+            None => String::new(),
+        };
+        Self::from_toml(&text, env)
+    }
+
+    /// Parses and validates configuration text; `env` overrides keys as described in the module docs.
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        let mut root: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+            problems: vec![format!("config file is not valid TOML: {}", e.message())],
+        })?;
+        apply_env_overrides(&mut root, env, &mut problems);
+
+        let mut server = RawServer::default();
+        let mut database = RawDatabase::default();
+        let mut log = RawLog::default();
+        for (section, value) in root {
+            match section.as_str() {
+                "server" => section_into(&section, value, &mut server, &mut problems),
+                "database" => section_into(&section, value, &mut database, &mut problems),
+                "log" => section_into(&section, value, &mut log, &mut problems),
+                other => problems.push(format!(
+                    "{other}: unknown section (expected `server`, `database` or `log`)"
+                )),
+            }
+        }
+
+        let server = validate_server(server, &mut problems);
+        let database = validate_database(database, &mut problems);
+        let log = LogConfig {
+            format: log.format.unwrap_or(LogFormat::Text),
+            filter: log.filter.unwrap_or_else(|| "info".to_owned()),
+        };
+        match (server, database) {
+            (Some(server), Some(database)) if problems.is_empty() => Ok(Config {
+                server,
+                database,
+                log,
+            }),
+            _ => Err(ConfigError { problems }),
+        }
+    }
+}
+
+fn section_into<T: for<'de> Deserialize<'de>>(
+    name: &str,
+    value: toml::Value,
+    out: &mut T,
+    problems: &mut Vec<String>,
+) {
+    match value.try_into::<T>() {
+        Ok(parsed) => *out = parsed,
+        Err(e) => problems.push(format!("{name}: {}", e.message().trim())),
+    }
+}
+
+/// `CUSTODIAN_SERVER__PUBLIC_URL=https://x` sets `server.public_url`. Values that read as TOML
+/// booleans, integers or arrays are taken as such; everything else is a string.
+fn apply_env_overrides(
+    root: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    problems: &mut Vec<String>,
+) {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let Some((section, key)) = rest.split_once("__") else {
+            continue;
+        };
+        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+        let value = parse_env_value(&raw);
+        let table = root
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match table {
+            toml::Value::Table(table) => {
+                table.insert(key, value);
+            }
+            _ => problems.push(format!("{name}: `{section}` is not a table in the config file")),
+        }
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    let looks_typed = raw == "true"
+        || raw == "false"
+        || raw.starts_with('[')
+        || (!raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()));
+    if looks_typed && let Ok(table) = format!("v = {raw}").parse::<toml::Table>() {
+        if let Some(value) = table.get("v") {
+            return value.clone();
+        }
+    }
+    toml::Value::String(raw.to_owned())
+}
+
+fn positive(key: &str, value: Option<i64>, default: i64, problems: &mut Vec<String>) -> u64 {
+    match value.unwrap_or(default) {
+        v if v > 0 => v.unsigned_abs(),
+        v => {
+            problems.push(format!("{key}: must be a positive number, got {v}"));
+            default.unsigned_abs()
+        }
+    }
+}
+
+fn validate_server(raw: RawServer, problems: &mut Vec<String>) -> Option<ServerConfig> {
+    let listen_text = raw.listen.unwrap_or_else(|| "127.0.0.1:8080".to_owned());
+    let listen = listen_text
+        .parse::<SocketAddr>()
+        .map_err(|_| {
+            problems.push(format!(
+                "server.listen: `{listen_text}` is not an address like 127.0.0.1:8080"
+            ))
+        })
+        .ok();
+    let public_url = match raw.public_url {
+        Some(text) => parse_public_url(&text, problems),
+        None => listen.map(|addr| {
+            let authority = if addr.ip().is_unspecified() {
+                format!("localhost:{}", addr.port())
+            } else {
+                addr.to_string()
+            };
+            Url::parse(&format!("http://{authority}")).expect("a socket address forms a URL")
+        }),
+    };
+    for origin in raw.allowed_origins.iter().flatten() {
+        if Url::parse(origin).map_or(true, |u| u.origin().ascii_serialization() != *origin) {
+            problems.push(format!(
+                "server.allowed_origins: `{origin}` is not an origin like https://app.example.com"
+            ));
+        }
+    }
+    let max_body_bytes = positive(
+        "server.max_body_bytes",
+        raw.max_body_bytes,
+        i64::try_from(DEFAULT_MAX_BODY_BYTES).unwrap_or(i64::MAX),
+        problems,
+    );
+    let shutdown_grace = positive(
+        "server.shutdown_grace_seconds",
+        raw.shutdown_grace_seconds,
+        10,
+        problems,
+    );
+    let idle = positive(
+        "server.session_idle_timeout_seconds",
+        raw.session_idle_timeout_seconds,
+        1800,
+        problems,
+    );
+    Some(ServerConfig {
+        listen: listen?,
+        public_url: public_url?,
+        allowed_hosts: raw.allowed_hosts.unwrap_or_default(),
+        allowed_origins: raw.allowed_origins.unwrap_or_default(),
+        max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
+        shutdown_grace: Duration::from_secs(shutdown_grace),
+        session_idle_timeout: Duration::from_secs(idle),
+    })
+}
+
+fn parse_public_url(text: &str, problems: &mut Vec<String>) -> Option<Url> {
+    match Url::parse(text) {
+        Ok(url)
+            if matches!(url.scheme(), "http" | "https")
+                && url.host().is_some()
+                && url.path() == "/"
+                && url.query().is_none() =>
+        {
+            Some(url)
+        }
+        _ => {
+            problems.push(format!(
+                "server.public_url: `{text}` must be an http(s) URL with a host and no path, like https://custodian.example.com"
+            ));
+            None
+        }
+    }
+}
+
+fn validate_database(raw: RawDatabase, problems: &mut Vec<String>) -> Option<DatabaseConfig> {
+    let url = raw
+        .url
+        .unwrap_or_else(|| "sqlite://custodian-data/custodian.db".to_owned());
+    let known = url.starts_with("sqlite:")
+        || url.starts_with("postgres://")
+        || url.starts_with("postgresql://");
+    if !known {
+        problems.push(
+            "database.url: must start with sqlite:, postgres:// or postgresql://".to_owned(),
+        );
+    }
+    let max_connections = positive("database.max_connections", raw.max_connections, 10, problems);
+    known.then(|| DatabaseConfig {
+        url,
+        max_connections: u32::try_from(max_connections).unwrap_or(u32::MAX),
+    })
+}
+

@@ -1,0 +1,286 @@
+//! Environments: a named set of secrets inside a tenant (e.g. `staging-db`) plus the policy that
+//! governs grants for it. Agents see names and policy, never values.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::UnixSeconds;
+use crate::store::{Db, StoreError};
+use crate::tenants::{InvalidName, TenantId, validate_slug};
+
+/// Who may approve grants for an environment. Empty lists everywhere means any authenticated user
+/// of the tenant's IdP; otherwise the approver must match at least one entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Approvers {
+    pub subjects: Vec<String>,
+    pub emails: Vec<String>,
+    pub groups: Vec<String>,
+}
+
+/// The limits every grant for an environment must stay within.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    pub approvers: Approvers,
+    /// Longest grant lifetime an agent may ask for.
+    pub max_ttl_seconds: i64,
+    /// Most `run` calls one grant may make.
+    pub max_uses: i64,
+    /// The approver must have signed in at the IdP at most this long before approving.
+    pub max_auth_age_seconds: i64,
+    /// Which pool of runners executes commands for this environment.
+    pub runner_pool: String,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            approvers: Approvers::default(),
+            max_ttl_seconds: 3600,
+            max_uses: 100,
+            max_auth_age_seconds: 300,
+            runner_pool: "default".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Environment {
+    pub tenant_id: String,
+    pub name: String,
+    pub description: String,
+    pub secret_names: Vec<String>,
+    pub policy: Policy,
+    pub created_at: UnixSeconds,
+}
+
+/// What an agent sees of an environment (`list_environments`).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct EnvironmentSummary {
+    /// Name to pass as `environment` when requesting a grant.
+    pub name: String,
+    pub description: String,
+    /// Names of the secrets a run in this environment receives as environment variables.
+    pub secret_names: Vec<String>,
+    /// Longest `ttl_seconds` a grant may have.
+    pub max_ttl_seconds: i64,
+    /// Most runs a grant may make.
+    pub max_uses: i64,
+    /// How recently the approver must have signed in at the identity provider.
+    pub max_auth_age_seconds: i64,
+}
+
+impl From<Environment> for EnvironmentSummary {
+    fn from(env: Environment) -> Self {
+        Self {
+            name: env.name,
+            description: env.description,
+            secret_names: env.secret_names,
+            max_ttl_seconds: env.policy.max_ttl_seconds,
+            max_uses: env.policy.max_uses,
+            max_auth_age_seconds: env.policy.max_auth_age_seconds,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvironmentError {
+    #[error("environment name: {0}")]
+    InvalidName(InvalidName),
+    #[error("runner pool: {0}")]
+    InvalidRunnerPool(InvalidName),
+    #[error(
+        "secret name `{0}` is not valid: use 1-128 characters of A-Z, 0-9 and '_', not starting with a digit"
+    )]
+    InvalidSecretName(String),
+    #[error("secret name `{0}` is listed twice")]
+    DuplicateSecretName(String),
+    #[error("{field} must be between 1 and {max}, got {value}")]
+    OutOfRange {
+        field: &'static str,
+        max: i64,
+        value: i64,
+    },
+    #[error("no tenant `{0}`")]
+    UnknownTenant(TenantId),
+    #[error("environment `{0}` already exists in this tenant")]
+    AlreadyExists(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Upper bounds on policy values, whatever an admin configures.
+pub const MAX_TTL_SECONDS: i64 = 7 * 24 * 3600;
+pub const MAX_USES: i64 = 100_000;
+pub const MAX_AUTH_AGE_SECONDS: i64 = 24 * 3600;
+
+/// Whether `name` can be an environment variable holding a secret.
+pub fn validate_secret_name(name: &str) -> Result<(), EnvironmentError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.as_bytes()[0].is_ascii_digit()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(EnvironmentError::InvalidSecretName(
+            name.chars().take(130).collect(),
+        ))
+    }
+}
+
+fn check_range(field: &'static str, value: i64, max: i64) -> Result<(), EnvironmentError> {
+    if (1..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(EnvironmentError::OutOfRange { field, max, value })
+    }
+}
+
+/// Creates an environment after validating every field.
+pub async fn create(
+    db: &Db,
+    tenant: &TenantId,
+    name: &str,
+    description: &str,
+    secret_names: &[String],
+    policy: &Policy,
+    now: UnixSeconds,
+) -> Result<Environment, EnvironmentError> {
+    validate_slug(name).map_err(EnvironmentError::InvalidName)?;
+    validate_slug(&policy.runner_pool).map_err(EnvironmentError::InvalidRunnerPool)?;
+    let mut seen = std::collections::BTreeSet::new();
+    for secret in secret_names {
+        validate_secret_name(secret)?;
+        if !seen.insert(secret) {
+            return Err(EnvironmentError::DuplicateSecretName(secret.clone()));
+        }
+    }
+    check_range("max_ttl_seconds", policy.max_ttl_seconds, MAX_TTL_SECONDS)?;
+    check_range("max_uses", policy.max_uses, MAX_USES)?;
+    check_range(
+        "max_auth_age_seconds",
+        policy.max_auth_age_seconds,
+        MAX_AUTH_AGE_SECONDS,
+    )?;
+    if crate::tenants::get(db, tenant.as_str()).await?.is_none() {
+        return Err(EnvironmentError::UnknownTenant(tenant.clone()));
+    }
+    let env = Environment {
+        tenant_id: tenant.as_str().to_owned(),
+        name: name.to_owned(),
+        description: description.to_owned(),
+        secret_names: secret_names.to_vec(),
+        policy: policy.clone(),
+        created_at: now,
+    };
+    let inserted = sqlx::query(
+        "INSERT INTO environments (tenant_id, name, description, secret_names, approvers, \
+         max_ttl_seconds, max_uses, max_auth_age_seconds, runner_pool, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(&env.tenant_id)
+    .bind(&env.name)
+    .bind(&env.description)
+    .bind(to_json(&env.secret_names))
+    .bind(to_json(&env.policy.approvers))
+    .bind(env.policy.max_ttl_seconds)
+    .bind(env.policy.max_uses)
+    .bind(env.policy.max_auth_age_seconds)
+    .bind(&env.policy.runner_pool)
+    .bind(env.created_at)
+    .execute(db.pool())
+    .await
+    .map_err(StoreError::from);
+    match inserted {
+        Ok(_) => Ok(env),
+        Err(e) if e.is_unique_violation() => Err(EnvironmentError::AlreadyExists(env.name)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    tenant_id: String,
+    name: String,
+    description: String,
+    secret_names: String,
+    approvers: String,
+    max_ttl_seconds: i64,
+    max_uses: i64,
+    max_auth_age_seconds: i64,
+    runner_pool: String,
+    created_at: i64,
+}
+
+impl TryFrom<Row> for Environment {
+    type Error = StoreError;
+
+    fn try_from(row: Row) -> Result<Self, StoreError> {
+        let corrupt = |what: &str| {
+            StoreError::Corrupt(format!(
+                "environment {}/{}: {what}",
+                row.tenant_id, row.name
+            ))
+        };
+        let secret_names =
+            serde_json::from_str(&row.secret_names).map_err(|_| corrupt("secret_names"))?;
+        let approvers = serde_json::from_str(&row.approvers).map_err(|_| corrupt("approvers"))?;
+        Ok(Environment {
+            secret_names,
+            policy: Policy {
+                approvers,
+                max_ttl_seconds: row.max_ttl_seconds,
+                max_uses: row.max_uses,
+                max_auth_age_seconds: row.max_auth_age_seconds,
+                runner_pool: row.runner_pool,
+            },
+            tenant_id: row.tenant_id,
+            name: row.name,
+            description: row.description,
+            created_at: row.created_at,
+        })
+    }
+}
+
+/// `SELECT … FROM environments` followed by the given clause, as one static string.
+macro_rules! select_environments {
+    ($clause:literal) => {
+        concat!(
+            "SELECT tenant_id, name, description, secret_names, approvers, max_ttl_seconds, ",
+            "max_uses, max_auth_age_seconds, runner_pool, created_at FROM environments ",
+            $clause
+        )
+    };
+}
+
+/// The tenant's environments, by name.
+pub async fn list(db: &Db, tenant: &TenantId) -> Result<Vec<Environment>, StoreError> {
+    let rows = sqlx::query_as::<_, Row>(select_environments!("WHERE tenant_id = $1 ORDER BY name"))
+        .bind(tenant.as_str())
+        .fetch_all(db.pool())
+        .await?;
+    rows.into_iter().map(Environment::try_from).collect()
+}
+
+/// One environment of the tenant, if it exists.
+pub async fn get(
+    db: &Db,
+    tenant: &TenantId,
+    name: &str,
+) -> Result<Option<Environment>, StoreError> {
+    let row = sqlx::query_as::<_, Row>(select_environments!(
+        "WHERE tenant_id = $1 AND name = $2"
+    ))
+        .bind(tenant.as_str())
+        .bind(name)
+        .fetch_optional(db.pool())
+        .await?;
+    row.map(Environment::try_from).transpose()
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("plain data serializes to JSON")
+}

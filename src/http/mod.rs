@@ -1,0 +1,98 @@
+//! The HTTP surface: the MCP endpoint per tenant, RFC 9728 metadata, and health probes.
+
+pub mod auth;
+pub mod error;
+pub mod guard;
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router, middleware};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::mcp::CustodianMcp;
+use error::HttpError;
+use guard::OriginPolicy;
+
+/// Builds the gateway's router. `shutdown` ends open MCP streams when cancelled.
+pub fn router(app: Arc<App>, shutdown: CancellationToken) -> Router {
+    let server = &app.config.server;
+    let policy = Arc::new(OriginPolicy::new(
+        &server.public_url,
+        &server.allowed_hosts,
+        &server.allowed_origins,
+    ));
+    let mut sessions = LocalSessionManager::default();
+    sessions.session_config.keep_alive = Some(server.session_idle_timeout);
+    let mcp_config = StreamableHttpServerConfig::default()
+        .with_allowed_hosts(policy.hosts().to_vec())
+        .with_allowed_origins(policy.origins_with_ports())
+        .enforce_origin_validation()
+        .with_max_request_body_bytes(server.max_body_bytes)
+        .with_cancellation_token(shutdown);
+    let handler_app = app.clone();
+    let mcp = StreamableHttpService::new(
+        move || Ok(CustodianMcp::new(handler_app.clone())),
+        Arc::new(sessions),
+        mcp_config,
+    );
+
+    let tenant_routes = Router::new()
+        .route_service("/t/{tenant}/mcp", mcp)
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            auth::authenticate,
+        ))
+        .route(
+            "/.well-known/oauth-protected-resource/t/{tenant}/mcp",
+            get(protected_resource_metadata),
+        )
+        .layer(middleware::from_fn_with_state(policy, guard::check_origin));
+
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .merge(tenant_routes)
+        .with_state(app)
+}
+
+/// Ready when the database answers.
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    match app.db.ping().await {
+        Ok(()) => "ready".into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check failed: database unreachable");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response()
+        }
+    }
+}
+
+/// RFC 9728 protected-resource metadata for a tenant's MCP endpoint.
+async fn protected_resource_metadata(
+    State(app): State<Arc<App>>,
+    Path(tenant): Path<String>,
+) -> Response {
+    let tenant = match crate::tenants::get(&app.db, &tenant).await {
+        Ok(Some(tenant)) => tenant,
+        Ok(None) => {
+            return HttpError::new(StatusCode::NOT_FOUND, "not_found", "no such tenant")
+                .into_response();
+        }
+        Err(e) => return HttpError::internal("tenant lookup failed", &e).into_response(),
+    };
+    let base = app.config.server.public_url.as_str().trim_end_matches('/');
+    Json(json!({
+        "resource": format!("{base}/t/{}/mcp", tenant.id),
+        "authorization_servers": tenant.idp_issuer.iter().collect::<Vec<_>>(),
+        "bearer_methods_supported": ["header"],
+        "resource_name": format!("Custodian ({})", tenant.display_name),
+    }))
+    .into_response()
+}
