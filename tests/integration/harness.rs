@@ -1,0 +1,353 @@
+//! Test harness: a gateway on a fresh database (SQLite file or a new PostgreSQL database), served on
+//! a loopback port, with helpers to seed tenants and talk HTTP.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use custodian::agent_tokens;
+use custodian::app::{App, Server};
+use custodian::clock::{Clock, ManualClock};
+use custodian::config::Config;
+use custodian::environments::{self, Policy};
+use custodian::store::Db;
+use custodian::tenants::{self, TenantId};
+use secrecy::{ExposeSecret, SecretString};
+
+/// Which database a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Base URL of the PostgreSQL server for tests (trust auth).
+fn pg_base() -> String {
+    std::env::var("CUSTODIAN_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// A fresh, empty database; dropped (PostgreSQL) or deleted (SQLite) with this value.
+pub struct TestDb {
+    pub url: String,
+    pg_name: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestDb {
+    /// Creates a fresh database, or `None` when PostgreSQL is unreachable outside CI (in CI, where
+    /// `CI=true`, a missing PostgreSQL fails the test).
+    pub async fn new(backend: Backend) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        match backend {
+            Backend::Sqlite => Some(Self {
+                url: format!("sqlite://{}", dir.path().join("custodian.db").display()),
+                pg_name: None,
+                _dir: dir,
+            }),
+            Backend::Postgres => {
+                let name = format!("custodian_test_{}", uuid::Uuid::new_v4().simple());
+                let admin = match Db::connect(&format!("{}/postgres", pg_base()), 1).await {
+                    Ok(db) => db,
+                    Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+                        eprintln!("skipping PostgreSQL half of the test: {e}");
+                        return None;
+                    }
+                    Err(e) => panic!("PostgreSQL is required in CI: {e}"),
+                };
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(admin.pool())
+                    .await
+                    .expect("create test database");
+                admin.close().await;
+                Some(Self {
+                    url: format!("{}/{name}", pg_base()),
+                    pg_name: Some(name),
+                    _dir: dir,
+                })
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.pg_name.take() else {
+            return;
+        };
+        // Drop runs inside a runtime; do the async clean-up on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(admin) = Db::connect(&format!("{}/postgres", pg_base()), 1).await {
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(admin.pool())
+                    .await;
+                    admin.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A running gateway on a fresh database.
+pub struct TestApp {
+    pub app: Arc<App>,
+    pub clock: Arc<ManualClock>,
+    pub base_url: String,
+    pub backend: Backend,
+    server: Option<Server>,
+    _db: TestDb,
+}
+
+/// Builder for [`TestApp`].
+pub struct TestAppBuilder {
+    backend: Backend,
+    extra_toml: String,
+}
+
+impl TestApp {
+    pub fn builder(backend: Backend) -> TestAppBuilder {
+        TestAppBuilder {
+            backend,
+            extra_toml: String::new(),
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.app.db
+    }
+
+    pub fn mcp_url(&self, tenant: &str) -> String {
+        format!("{}/t/{tenant}/mcp", self.base_url)
+    }
+
+    /// Creates a tenant with an issuer.
+    pub async fn tenant(&self, id: &str) -> TenantId {
+        let tenant = TenantId::parse(id).expect("valid tenant id");
+        tenants::create(
+            self.db(),
+            &tenant,
+            &format!("Tenant {id}"),
+            Some(&format!("https://idp.{id}.example.com")),
+            self.clock.now(),
+        )
+        .await
+        .expect("create tenant");
+        tenant
+    }
+
+    /// Creates an environment with default policy and the given secret names.
+    pub async fn environment(&self, tenant: &TenantId, name: &str, secrets: &[&str]) {
+        let secrets: Vec<String> = secrets.iter().map(|s| s.to_string()).collect();
+        environments::create(
+            self.db(),
+            tenant,
+            name,
+            &format!("{name} environment"),
+            &secrets,
+            &Policy::default(),
+            self.clock.now(),
+        )
+        .await
+        .expect("create environment");
+    }
+
+    /// Creates an agent token and returns its value.
+    pub async fn token(&self, tenant: &TenantId, name: &str) -> String {
+        let (_, secret) = agent_tokens::create(self.db(), tenant, name, self.clock.now())
+            .await
+            .expect("create token");
+        secret.expose_secret().to_owned()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server
+                .shutdown(std::time::Duration::from_secs(5))
+                .await
+                .expect("clean shutdown");
+        }
+    }
+}
+
+impl TestAppBuilder {
+    /// Extra TOML appended to the `[server]` section.
+    pub fn server_toml(mut self, toml: &str) -> Self {
+        self.extra_toml.push_str(toml);
+        self.extra_toml.push('\n');
+        self
+    }
+
+    pub async fn start(self) -> Option<TestApp> {
+        let db = TestDb::new(self.backend).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let toml = format!(
+            "[server]\nlisten = \"{addr}\"\npublic_url = \"http://{addr}\"\n{}\n[database]\nurl = \"{}\"\nmax_connections = 5\n",
+            self.extra_toml, db.url
+        );
+        let config = Config::from_toml(&toml, std::iter::empty()).expect("valid test config");
+        let clock = ManualClock::new(1_800_000_000);
+        let database = Db::connect(&config.database.url, 5).await.expect("connect");
+        database.migrate().await.expect("migrate");
+        let app = Arc::new(App::new(config, database, clock.clone()));
+        let server = Server::start_on(app.clone(), listener).expect("start server");
+        Some(TestApp {
+            app,
+            clock,
+            base_url: format!("http://{addr}"),
+            backend: self.backend,
+            server: Some(server),
+            _db: db,
+        })
+    }
+}
+
+/// Path of a binary built by this workspace.
+pub fn binary(name: &str) -> PathBuf {
+    let mut path = std::env::current_exe().expect("test exe path");
+    path.pop();
+    if path.ends_with("deps") {
+        path.pop();
+    }
+    path.join(name)
+}
+
+/// The agent token header value.
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// Secret wrapper for token values passed to library calls.
+pub fn secret(token: &str) -> SecretString {
+    SecretString::from(token.to_owned())
+}
+
+/// Declares, for each named `async fn(Backend)`, a test on SQLite and one on PostgreSQL.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => { $(
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$test($crate::harness::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$test($crate::harness::Backend::Postgres).await
+            }
+        }
+    )* };
+}
+
+/// A raw HTTP speaker of MCP for tests that need to see status codes and headers.
+pub struct RawMcp {
+    pub http: reqwest::Client,
+    pub url: String,
+    pub token: Option<String>,
+    pub session: Option<String>,
+}
+
+pub const PROTOCOL: &str = "2025-11-25";
+
+impl RawMcp {
+    pub fn new(url: String, token: Option<&str>) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            url,
+            token: token.map(str::to_owned),
+            session: None,
+        }
+    }
+
+    /// A POST with the usual MCP headers (and the session, once there is one).
+    pub fn post(&self) -> reqwest::RequestBuilder {
+        let mut request = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream");
+        if let Some(token) = &self.token {
+            request = request.header("authorization", bearer(token));
+        }
+        if let Some(session) = &self.session {
+            request = request
+                .header("mcp-session-id", session)
+                .header("mcp-protocol-version", PROTOCOL);
+        }
+        request
+    }
+
+    /// Runs `initialize` + `notifications/initialized` and keeps the session id.
+    pub async fn initialize(&mut self) {
+        let response = self
+            .post()
+            .body(format!(
+                r#"{{"jsonrpc":"2.0","id":0,"method":"initialize","params":{{"protocolVersion":"{PROTOCOL}","capabilities":{{}},"clientInfo":{{"name":"raw","version":"1"}}}}}}"#
+            ))
+            .send()
+            .await
+            .expect("initialize");
+        assert_eq!(response.status(), 200, "initialize should succeed");
+        self.session = Some(
+            response.headers()["mcp-session-id"]
+                .to_str()
+                .expect("ascii")
+                .to_owned(),
+        );
+        let _ = response.text().await;
+        let ack = self
+            .post()
+            .body(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+            .send()
+            .await
+            .expect("initialized");
+        assert_eq!(ack.status(), 202);
+    }
+
+    /// Sends one JSON-RPC body and returns the status and the JSON-RPC message in the answer (from
+    /// a JSON body or the last SSE `data:` line), if any.
+    pub async fn send(&self, body: &str) -> (u16, Option<serde_json::Value>) {
+        let response = self.post().body(body.to_owned()).send().await.expect("send");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        (status, parse_mcp_body(&text))
+    }
+}
+
+/// Finds the JSON-RPC message in a JSON or SSE body.
+pub fn parse_mcp_body(text: &str) -> Option<serde_json::Value> {
+    if let Ok(value) = serde_json::from_str(text) {
+        return Some(value);
+    }
+    text.lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .map(str::trim)
+        .filter(|data| !data.is_empty())
+        .filter_map(|data| serde_json::from_str(data).ok())
+        .last()
+}
+
+/// Every row of the tables the gateway owns, to prove a request changed nothing.
+pub async fn snapshot(db: &Db) -> Vec<String> {
+    let mut rows = vec![];
+    for query in [
+        "SELECT id || '|' || display_name || '|' || COALESCE(idp_issuer, '') FROM tenants ORDER BY id",
+        "SELECT tenant_id || '|' || name || '|' || secret_names || '|' || approvers FROM environments ORDER BY tenant_id, name",
+        "SELECT tenant_id || '|' || id || '|' || name || '|' || COALESCE(CAST(revoked_at AS TEXT), '') FROM agent_tokens ORDER BY tenant_id, id",
+    ] {
+        let found: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(query))
+            .fetch_all(db.pool())
+            .await
+            .expect("snapshot query");
+        rows.extend(found.into_iter().map(|(r,)| r));
+    }
+    rows
+}

@@ -1,0 +1,4 @@
+//! The gateway's integration tests: real HTTP, real MCP clients, SQLite and PostgreSQL.
+
+mod auth;
+mod harness;
