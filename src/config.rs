@@ -1,5 +1,6 @@
 //! Configuration: a TOML file plus `CUSTODIAN_<SECTION>__<KEY>` environment overrides, validated once
-//! at start-up into [`Config`]. Every problem is reported at once, each naming its key.
+//! at start-up into [`Config`]. Each section is read key by key, so every problem — unknown key,
+//! wrong type, invalid value — is reported at once under its full name (`server.listen`).
 //!
 //! The environment is passed in as a list of pairs (an injectable source), so tests never touch the
 //! process environment. Only variables whose name contains `__` are overrides: `CUSTODIAN_TOKEN`, the
@@ -73,30 +74,61 @@ pub struct ConfigError {
     pub problems: Vec<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawServer {
-    listen: Option<String>,
-    public_url: Option<String>,
-    allowed_hosts: Option<Vec<String>>,
-    allowed_origins: Option<Vec<String>>,
-    max_body_bytes: Option<i64>,
-    shutdown_grace_seconds: Option<i64>,
-    session_idle_timeout_seconds: Option<i64>,
+/// One section of the file, read key by key so that every bad key is reported, not just the first.
+struct Section<'p> {
+    name: &'static str,
+    keys: &'static [&'static str],
+    table: toml::Table,
+    problems: &'p mut Vec<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDatabase {
-    url: Option<String>,
-    max_connections: Option<i64>,
-}
+impl<'p> Section<'p> {
+    fn new(
+        root: &mut toml::Table,
+        name: &'static str,
+        keys: &'static [&'static str],
+        problems: &'p mut Vec<String>,
+    ) -> Self {
+        let table = match root.remove(name) {
+            None => toml::Table::new(),
+            Some(toml::Value::Table(table)) => table,
+            Some(_) => {
+                problems.push(format!("{name}: must be a table ([{name}])"));
+                toml::Table::new()
+            }
+        };
+        Self {
+            name,
+            keys,
+            table,
+            problems,
+        }
+    }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLog {
-    format: Option<LogFormat>,
-    filter: Option<String>,
+    /// Takes `key`, reporting a value of the wrong type under its full name.
+    fn take<T: for<'de> Deserialize<'de>>(&mut self, key: &str) -> Option<T> {
+        debug_assert!(self.keys.contains(&key), "undeclared key {key}");
+        let value = self.table.remove(key)?;
+        match value.try_into::<T>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.problems
+                    .push(format!("{}.{key}: {}", self.name, e.message().trim()));
+                None
+            }
+        }
+    }
+
+    /// Reports keys nobody took.
+    fn finish(self) {
+        for key in self.table.keys() {
+            self.problems.push(format!(
+                "{}.{key}: unknown key (expected one of: {})",
+                self.name,
+                self.keys.join(", ")
+            ));
+        }
+    }
 }
 
 impl Config {
@@ -125,26 +157,39 @@ impl Config {
         })?;
         apply_env_overrides(&mut root, env, &mut problems);
 
-        let mut server = RawServer::default();
-        let mut database = RawDatabase::default();
-        let mut log = RawLog::default();
-        for (section, value) in root {
-            match section.as_str() {
-                "server" => section_into(&section, value, &mut server, &mut problems),
-                "database" => section_into(&section, value, &mut database, &mut problems),
-                "log" => section_into(&section, value, &mut log, &mut problems),
-                other => problems.push(format!(
-                    "{other}: unknown section (expected `server`, `database` or `log`)"
-                )),
-            }
+        let mut section = Section::new(&mut root, "server", SERVER_KEYS, &mut problems);
+        let raw_server = RawServer {
+            listen: section.take("listen"),
+            public_url: section.take("public_url"),
+            allowed_hosts: section.take("allowed_hosts"),
+            allowed_origins: section.take("allowed_origins"),
+            max_body_bytes: section.take("max_body_bytes"),
+            shutdown_grace_seconds: section.take("shutdown_grace_seconds"),
+            session_idle_timeout_seconds: section.take("session_idle_timeout_seconds"),
+        };
+        section.finish();
+        let mut section = Section::new(&mut root, "database", DATABASE_KEYS, &mut problems);
+        let raw_database = RawDatabase {
+            url: section.take("url"),
+            max_connections: section.take("max_connections"),
+        };
+        section.finish();
+        let mut section = Section::new(&mut root, "log", LOG_KEYS, &mut problems);
+        let log = LogConfig {
+            format: section.take("format").unwrap_or(LogFormat::Text),
+            filter: section
+                .take("filter")
+                .unwrap_or_else(|| "info".to_owned()),
+        };
+        section.finish();
+        for other in root.keys() {
+            problems.push(format!(
+                "{other}: unknown section (expected `server`, `database` or `log`)"
+            ));
         }
 
-        let server = validate_server(server, &mut problems);
-        let database = validate_database(database, &mut problems);
-        let log = LogConfig {
-            format: log.format.unwrap_or(LogFormat::Text),
-            filter: log.filter.unwrap_or_else(|| "info".to_owned()),
-        };
+        let server = validate_server(raw_server, &mut problems);
+        let database = validate_database(raw_database, &mut problems);
         match (server, database) {
             (Some(server), Some(database)) if problems.is_empty() => Ok(Config {
                 server,
@@ -156,16 +201,32 @@ impl Config {
     }
 }
 
-fn section_into<T: for<'de> Deserialize<'de>>(
-    name: &str,
-    value: toml::Value,
-    out: &mut T,
-    problems: &mut Vec<String>,
-) {
-    match value.try_into::<T>() {
-        Ok(parsed) => *out = parsed,
-        Err(e) => problems.push(format!("{name}: {}", e.message().trim())),
-    }
+const SERVER_KEYS: &[&str] = &[
+    "listen",
+    "public_url",
+    "allowed_hosts",
+    "allowed_origins",
+    "max_body_bytes",
+    "shutdown_grace_seconds",
+    "session_idle_timeout_seconds",
+];
+const DATABASE_KEYS: &[&str] = &["url", "max_connections"];
+const LOG_KEYS: &[&str] = &["format", "filter"];
+
+/// The file's values before validation.
+struct RawServer {
+    listen: Option<String>,
+    public_url: Option<String>,
+    allowed_hosts: Option<Vec<String>>,
+    allowed_origins: Option<Vec<String>>,
+    max_body_bytes: Option<i64>,
+    shutdown_grace_seconds: Option<i64>,
+    session_idle_timeout_seconds: Option<i64>,
+}
+
+struct RawDatabase {
+    url: Option<String>,
+    max_connections: Option<i64>,
 }
 
 /// `CUSTODIAN_SERVER__PUBLIC_URL=https://x` sets `server.public_url`. Values that read as TOML
@@ -200,7 +261,7 @@ fn parse_env_value(raw: &str) -> toml::Value {
     let looks_typed = raw == "true"
         || raw == "false"
         || raw.starts_with('[')
-        || (!raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()));
+        || raw.strip_prefix('-').unwrap_or(raw).parse::<u64>().is_ok();
     if looks_typed && let Ok(table) = format!("v = {raw}").parse::<toml::Table>() {
         if let Some(value) = table.get("v") {
             return value.clone();

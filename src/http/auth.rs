@@ -195,7 +195,14 @@ pub async fn authenticate(
 }
 
 fn check_protocol_header(headers: &HeaderMap, required: bool) -> Result<(), HttpError> {
-    match headers.get(PROTOCOL_HEADER).map(|v| v.to_str()) {
+    let mut values = headers.get_all(PROTOCOL_HEADER).iter();
+    let first = values.next();
+    let first = if values.next().is_some() {
+        Some(Err(())) // several values: none of them is "the" version
+    } else {
+        first.map(|v| v.to_str().map_err(drop))
+    };
+    match first {
         None if !required => Ok(()),
         None => Err(HttpError::new(
             StatusCode::BAD_REQUEST,

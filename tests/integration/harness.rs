@@ -253,6 +253,8 @@ pub struct RawMcp {
     pub url: String,
     pub token: Option<String>,
     pub session: Option<String>,
+    /// The `MCP-Protocol-Version` sent with session requests.
+    pub protocol: String,
 }
 
 pub const PROTOCOL: &str = "2025-11-25";
@@ -264,6 +266,7 @@ impl RawMcp {
             url,
             token: token.map(str::to_owned),
             session: None,
+            protocol: PROTOCOL.to_owned(),
         }
     }
 
@@ -280,7 +283,7 @@ impl RawMcp {
         if let Some(session) = &self.session {
             request = request
                 .header("mcp-session-id", session)
-                .header("mcp-protocol-version", PROTOCOL);
+                .header("mcp-protocol-version", &self.protocol);
         }
         request
     }
