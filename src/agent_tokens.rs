@@ -217,7 +217,10 @@ mod tests {
     fn split_accepts_only_well_formed_tokens() {
         let secret = "A".repeat(SECRET_CHARS);
         let good = format!("cst_0123456789abcdef_{secret}");
-        assert_eq!(split_token(&good), Some(("0123456789abcdef", secret.as_str())));
+        assert_eq!(
+            split_token(&good),
+            Some(("0123456789abcdef", secret.as_str()))
+        );
         assert_eq!(split_token(&good.replace("cst_", "cs_")), None);
         assert_eq!(split_token(&good[..good.len() - 1]), None);
         assert_eq!(split_token(&good.replace("0123", "XYZW")), None);

@@ -84,9 +84,13 @@ impl Server {
     pub async fn shutdown(self, grace: std::time::Duration) -> anyhow::Result<()> {
         self.shutdown.cancel();
         match tokio::time::timeout(grace, self.task).await {
-            Ok(joined) => joined.context("server task panicked")?.context("server error"),
+            Ok(joined) => joined
+                .context("server task panicked")?
+                .context("server error"),
             Err(_) => {
-                tracing::warn!("requests still running after the shutdown grace period; dropping them");
+                tracing::warn!(
+                    "requests still running after the shutdown grace period; dropping them"
+                );
                 Ok(())
             }
         }

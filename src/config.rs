@@ -177,9 +177,7 @@ impl Config {
         let mut section = Section::new(&mut root, "log", LOG_KEYS, &mut problems);
         let log = LogConfig {
             format: section.take("format").unwrap_or(LogFormat::Text),
-            filter: section
-                .take("filter")
-                .unwrap_or_else(|| "info".to_owned()),
+            filter: section.take("filter").unwrap_or_else(|| "info".to_owned()),
         };
         section.finish();
         for other in root.keys() {
@@ -252,7 +250,9 @@ fn apply_env_overrides(
             toml::Value::Table(table) => {
                 table.insert(key, value);
             }
-            _ => problems.push(format!("{name}: `{section}` is not a table in the config file")),
+            _ => problems.push(format!(
+                "{name}: `{section}` is not a table in the config file"
+            )),
         }
     }
 }
@@ -262,10 +262,11 @@ fn parse_env_value(raw: &str) -> toml::Value {
         || raw == "false"
         || raw.starts_with('[')
         || raw.strip_prefix('-').unwrap_or(raw).parse::<u64>().is_ok();
-    if looks_typed && let Ok(table) = format!("v = {raw}").parse::<toml::Table>() {
-        if let Some(value) = table.get("v") {
-            return value.clone();
-        }
+    if looks_typed
+        && let Ok(mut table) = format!("v = {raw}").parse::<toml::Table>()
+        && let Some(value) = table.remove("v")
+    {
+        return value;
     }
     toml::Value::String(raw.to_owned())
 }
@@ -364,14 +365,17 @@ fn validate_database(raw: RawDatabase, problems: &mut Vec<String>) -> Option<Dat
         || url.starts_with("postgres://")
         || url.starts_with("postgresql://");
     if !known {
-        problems.push(
-            "database.url: must start with sqlite:, postgres:// or postgresql://".to_owned(),
-        );
+        problems
+            .push("database.url: must start with sqlite:, postgres:// or postgresql://".to_owned());
     }
-    let max_connections = positive("database.max_connections", raw.max_connections, 10, problems);
+    let max_connections = positive(
+        "database.max_connections",
+        raw.max_connections,
+        10,
+        problems,
+    );
     known.then(|| DatabaseConfig {
         url,
         max_connections: u32::try_from(max_connections).unwrap_or(u32::MAX),
     })
 }
-

@@ -54,7 +54,7 @@ pub struct Environment {
     pub created_at: UnixSeconds,
 }
 
-/// What an agent sees of an environment (`list_environments`).
+/// An environment an agent can request a grant for (never its secret values).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct EnvironmentSummary {
     /// Name to pass as `environment` when requesting a grant.
@@ -271,9 +271,7 @@ pub async fn get(
     tenant: &TenantId,
     name: &str,
 ) -> Result<Option<Environment>, StoreError> {
-    let row = sqlx::query_as::<_, Row>(select_environments!(
-        "WHERE tenant_id = $1 AND name = $2"
-    ))
+    let row = sqlx::query_as::<_, Row>(select_environments!("WHERE tenant_id = $1 AND name = $2"))
         .bind(tenant.as_str())
         .bind(name)
         .fetch_optional(db.pool())

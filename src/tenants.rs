@@ -30,7 +30,9 @@ impl std::fmt::Display for TenantId {
 
 /// A name that is not a valid slug; the message says what is expected.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("`{0}` is not a valid name: use 1-63 lowercase letters, digits or '-', starting with a letter or digit")]
+#[error(
+    "`{0}` is not a valid name: use 1-63 lowercase letters, digits or '-', starting with a letter or digit"
+)]
 pub struct InvalidName(pub String);
 
 /// Validates names used in URLs and commands (tenants, environments, runner pools).

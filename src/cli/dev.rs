@@ -8,11 +8,11 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use secrecy::ExposeSecret;
 
+use crate::agent_tokens;
 use crate::app::{App, Server, shutdown_signal};
 use crate::config::Config;
 use crate::environments::{self, Policy};
 use crate::tenants::{self, TenantId};
-use crate::agent_tokens;
 
 pub const DEV_TENANT: &str = "dev";
 pub const DEV_ENVIRONMENT: &str = "demo";
@@ -36,7 +36,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("binding {} (is another instance running? try --listen 127.0.0.1:0)", args.listen))?;
+        .with_context(|| {
+            format!(
+                "binding {} (is another instance running? try --listen 127.0.0.1:0)",
+                args.listen
+            )
+        })?;
     let addr = listener.local_addr()?;
     let db_path = args.data_dir.join("custodian.db");
     let toml = format!(
@@ -82,7 +87,10 @@ async fn seed(app: &App) -> anyhow::Result<secrecy::SecretString> {
     if tenants::get(&app.db, DEV_TENANT).await?.is_none() {
         tenants::create(&app.db, &tenant, "Development", None, now).await?;
     }
-    if environments::get(&app.db, &tenant, DEV_ENVIRONMENT).await?.is_none() {
+    if environments::get(&app.db, &tenant, DEV_ENVIRONMENT)
+        .await?
+        .is_none()
+    {
         environments::create(
             &app.db,
             &tenant,

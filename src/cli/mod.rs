@@ -15,7 +15,11 @@ use crate::app::{App, Server, shutdown_signal};
 use crate::config::{Config, LogConfig, LogFormat};
 
 #[derive(Debug, Parser)]
-#[command(name = "custodian", version, about = "MCP gateway that lets AI agents use credentials without holding them")]
+#[command(
+    name = "custodian",
+    version,
+    about = "MCP gateway that lets AI agents use credentials without holding them"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -115,9 +115,8 @@ pub async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let not_found = || {
-        HttpError::new(StatusCode::NOT_FOUND, "not_found", "no such tenant").into_response()
-    };
+    let not_found =
+        || HttpError::new(StatusCode::NOT_FOUND, "not_found", "no such tenant").into_response();
     let Ok(tenant_id) = TenantId::parse(&tenant) else {
         return not_found();
     };
@@ -184,9 +183,7 @@ pub async fn authenticate(
                 app.sessions.bind(created, &identity);
             }
         }
-        (Some(session), SessionCheck::Known)
-            if is_delete && response.status().is_success() =>
-        {
+        (Some(session), SessionCheck::Known) if is_delete && response.status().is_success() => {
             app.sessions.unbind(session)
         }
         _ => {}

@@ -20,7 +20,10 @@ pub struct OriginPolicy {
 
 impl OriginPolicy {
     pub fn new(public_url: &Url, extra_hosts: &[String], extra_origins: &[String]) -> Self {
-        let host = public_url.host_str().unwrap_or_default().to_ascii_lowercase();
+        let host = public_url
+            .host_str()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         let mut hosts = vec![];
         match public_url.port() {
             Some(port) => hosts.push(format!("{host}:{port}")),
@@ -63,9 +66,14 @@ impl OriginPolicy {
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .map(str::to_ascii_lowercase)
-            .or_else(|| request.uri().authority().map(|a| a.as_str().to_ascii_lowercase()));
+            .or_else(|| {
+                request
+                    .uri()
+                    .authority()
+                    .map(|a| a.as_str().to_ascii_lowercase())
+            });
         match host {
-            Some(host) if self.hosts.iter().any(|h| *h == host) => {}
+            Some(host) if self.hosts.contains(&host) => {}
             _ => {
                 return Err(HttpError::new(
                     StatusCode::FORBIDDEN,

@@ -70,7 +70,8 @@ pub async fn validate(State(app): State<Arc<App>>, request: Request, next: Next)
     if let Err(error) = check(&bytes) {
         return error.into_response();
     }
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 fn check(bytes: &[u8]) -> Result<(), RpcError> {
@@ -94,7 +95,12 @@ fn check(bytes: &[u8]) -> Result<(), RpcError> {
                 "JSON-RPC batches are not supported (removed from MCP in 2025-06-18); send one message per request",
             ));
         }
-        _ => return Err(invalid(Value::Null, "the body must be one JSON-RPC message object")),
+        _ => {
+            return Err(invalid(
+                Value::Null,
+                "the body must be one JSON-RPC message object",
+            ));
+        }
     };
     let id = message.get("id").cloned().unwrap_or(Value::Null);
     if message.get("jsonrpc") != Some(&json!("2.0")) {
@@ -141,7 +147,9 @@ fn check_tool_call(id: Value, params: Option<&Value>) -> Result<(), RpcError> {
     }
     match params.get("arguments") {
         None | Some(Value::Object(_)) => Ok(()),
-        Some(_) => Err(bad("`params.arguments` must be an object of the tool's arguments")),
+        Some(_) => Err(bad(
+            "`params.arguments` must be an object of the tool's arguments",
+        )),
     }
 }
 
@@ -155,8 +163,14 @@ mod tests {
 
     #[test]
     fn accepts_requests_notifications_and_responses() {
-        assert_eq!(code(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#), None);
-        assert_eq!(code(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#), None);
+        assert_eq!(
+            code(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#),
+            None
+        );
+        assert_eq!(
+            code(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#),
+            None
+        );
         assert_eq!(code(r#"{"jsonrpc":"2.0","id":"a","result":{}}"#), None);
         assert_eq!(
             code(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}"#),
@@ -170,15 +184,23 @@ mod tests {
         assert_eq!(code("[]"), Some(INVALID_REQUEST));
         assert_eq!(code("42"), Some(INVALID_REQUEST));
         assert_eq!(code(r#"{"id":1,"method":"x"}"#), Some(INVALID_REQUEST));
-        assert_eq!(code(r#"{"jsonrpc":"2.0","id":{},"method":"x"}"#), Some(INVALID_REQUEST));
-        assert_eq!(code(r#"{"jsonrpc":"2.0","id":1,"method":7}"#), Some(INVALID_REQUEST));
+        assert_eq!(
+            code(r#"{"jsonrpc":"2.0","id":{},"method":"x"}"#),
+            Some(INVALID_REQUEST)
+        );
+        assert_eq!(
+            code(r#"{"jsonrpc":"2.0","id":1,"method":7}"#),
+            Some(INVALID_REQUEST)
+        );
         assert_eq!(code(r#"{"jsonrpc":"2.0","id":1}"#), Some(INVALID_REQUEST));
         assert_eq!(
             code(r#"{"jsonrpc":"2.0","id":1,"method":"x","params":[1]}"#),
             Some(INVALID_REQUEST)
         );
         assert_eq!(
-            code(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":"y"}}"#),
+            code(
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":"y"}}"#
+            ),
             Some(INVALID_PARAMS)
         );
         assert_eq!(

@@ -47,7 +47,10 @@ pub fn router(app: Arc<App>, shutdown: CancellationToken) -> Router {
 
     let tenant_routes = Router::new()
         .route_service("/t/{tenant}/mcp", mcp)
-        .route_layer(middleware::from_fn_with_state(app.clone(), jsonrpc::validate))
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            jsonrpc::validate,
+        ))
         .route_layer(middleware::from_fn_with_state(
             app.clone(),
             auth::authenticate,

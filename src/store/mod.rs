@@ -108,9 +108,7 @@ impl Db {
 
 /// Creates the directory of a SQLite file and asks the driver to create the file.
 fn prepare_sqlite_url(url: &str) -> Result<String, StoreError> {
-    let rest = url
-        .trim_start_matches("sqlite:")
-        .trim_start_matches("//");
+    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if path != ":memory:"
         && let Some(parent) = std::path::Path::new(path).parent()

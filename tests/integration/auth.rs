@@ -17,7 +17,9 @@ on_both_backends!(
 const INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
 
 async fn requests_without_a_valid_token_get_401_with_metadata_pointer(backend: Backend) {
-    let Some(t) = TestApp::builder(backend).start().await else { return };
+    let Some(t) = TestApp::builder(backend).start().await else {
+        return;
+    };
     let acme = t.tenant("acme").await;
     let good = t.token(&acme, "codex").await;
     let url = t.mcp_url("acme");
@@ -62,7 +64,9 @@ async fn requests_without_a_valid_token_get_401_with_metadata_pointer(backend: B
 }
 
 async fn metadata_document_names_the_tenant_issuer(backend: Backend) {
-    let Some(t) = TestApp::builder(backend).start().await else { return };
+    let Some(t) = TestApp::builder(backend).start().await else {
+        return;
+    };
     t.tenant("acme").await;
     let http = reqwest::Client::new();
     let doc: serde_json::Value = http
@@ -81,7 +85,10 @@ async fn metadata_document_names_the_tenant_issuer(backend: Backend) {
         doc["authorization_servers"],
         serde_json::json!(["https://idp.acme.example.com"])
     );
-    assert_eq!(doc["bearer_methods_supported"], serde_json::json!(["header"]));
+    assert_eq!(
+        doc["bearer_methods_supported"],
+        serde_json::json!(["header"])
+    );
     let unknown = http
         .get(format!(
             "{}/.well-known/oauth-protected-resource/t/nobody/mcp",
@@ -95,7 +102,9 @@ async fn metadata_document_names_the_tenant_issuer(backend: Backend) {
 }
 
 async fn tenant_a_token_sees_nothing_of_tenant_b(backend: Backend) {
-    let Some(t) = TestApp::builder(backend).start().await else { return };
+    let Some(t) = TestApp::builder(backend).start().await else {
+        return;
+    };
     let a = t.tenant("alpha").await;
     let b = t.tenant("bravo").await;
     t.environment(&a, "alpha-db", &["ALPHA_PASSWORD"]).await;
@@ -108,7 +117,10 @@ async fn tenant_a_token_sees_nothing_of_tenant_b(backend: Backend) {
     let mut on_b = RawMcp::new(t.mcp_url("bravo"), Some(&token_a));
     let (status, body) = on_b.send(INIT).await;
     assert_eq!(status, 401);
-    let mut unknown = RawMcp::new(t.mcp_url("bravo"), Some("cst_0000000000000000_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"));
+    let mut unknown = RawMcp::new(
+        t.mcp_url("bravo"),
+        Some("cst_0000000000000000_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+    );
     let (unknown_status, unknown_body) = unknown.send(INIT).await;
     assert_eq!((status, body.clone()), (unknown_status, unknown_body));
     on_b.token = Some(token_b.clone());
@@ -131,7 +143,9 @@ async fn tenant_a_token_sees_nothing_of_tenant_b(backend: Backend) {
 }
 
 async fn revoked_token_stops_working_on_the_next_request(backend: Backend) {
-    let Some(t) = TestApp::builder(backend).start().await else { return };
+    let Some(t) = TestApp::builder(backend).start().await else {
+        return;
+    };
     let acme = t.tenant("acme").await;
     let token = t.token(&acme, "codex").await;
     let mut mcp = RawMcp::new(t.mcp_url("acme"), Some(&token));
@@ -150,7 +164,9 @@ async fn revoked_token_stops_working_on_the_next_request(backend: Backend) {
 }
 
 async fn session_is_bound_to_the_token_that_opened_it(backend: Backend) {
-    let Some(t) = TestApp::builder(backend).start().await else { return };
+    let Some(t) = TestApp::builder(backend).start().await else {
+        return;
+    };
     let acme = t.tenant("acme").await;
     let first = t.token(&acme, "first").await;
     let second = t.token(&acme, "second").await;
@@ -170,11 +186,15 @@ async fn session_is_bound_to_the_token_that_opened_it(backend: Backend) {
 }
 
 async fn verify_accepts_only_the_exact_token(backend: Backend) {
-    let Some(t) = TestApp::builder(backend).start().await else { return };
+    let Some(t) = TestApp::builder(backend).start().await else {
+        return;
+    };
     let acme = t.tenant("acme").await;
     let other = t.tenant("other").await;
     let token = t.token(&acme, "codex").await;
-    let ok = agent_tokens::verify(t.db(), &acme, &secret(&token)).await.unwrap();
+    let ok = agent_tokens::verify(t.db(), &acme, &secret(&token))
+        .await
+        .unwrap();
     let ok = ok.expect("the issued token verifies");
     assert_eq!(ok.token_name, "codex");
     assert_eq!(ok.tenant, acme);
@@ -185,15 +205,29 @@ async fn verify_accepts_only_the_exact_token(backend: Backend) {
         token[..token.len() - 1].to_owned(),
         String::new(),
     ] {
-        assert!(agent_tokens::verify(t.db(), &acme, &secret(&bad)).await.unwrap().is_none());
+        assert!(
+            agent_tokens::verify(t.db(), &acme, &secret(&bad))
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
-    assert!(agent_tokens::verify(t.db(), &other, &secret(&token)).await.unwrap().is_none());
+    assert!(
+        agent_tokens::verify(t.db(), &other, &secret(&token))
+            .await
+            .unwrap()
+            .is_none()
+    );
     // Only a hash is stored.
     let stored: Vec<(String,)> = sqlx::query_as("SELECT secret_hash FROM agent_tokens")
         .fetch_all(t.db().pool())
         .await
         .unwrap();
     let secret_part = &token[21..];
-    assert!(stored.iter().all(|(h,)| !h.contains(secret_part) && h.len() == 64));
+    assert!(
+        stored
+            .iter()
+            .all(|(h,)| !h.contains(secret_part) && h.len() == 64)
+    );
     t.stop().await;
 }

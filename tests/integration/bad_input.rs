@@ -27,7 +27,9 @@ fn case(what: &'static str, body: &str, status: u16, code: i64, says: &'static s
 }
 
 async fn malformed_messages_get_specific_errors_and_change_nothing(backend: Backend) {
-    let Some(t) = TestApp::builder(backend).start().await else { return };
+    let Some(t) = TestApp::builder(backend).start().await else {
+        return;
+    };
     let acme = t.tenant("acme").await;
     t.environment(&acme, "staging", &["DB_PASSWORD"]).await;
     let token = t.token(&acme, "codex").await;
@@ -36,17 +38,83 @@ async fn malformed_messages_get_specific_errors_and_change_nothing(backend: Back
     let before = snapshot(t.db()).await;
 
     let cases = [
-        case("not JSON", "{\"jsonrpc\": \"2.0\", ", 400, -32700, "not valid JSON"),
-        case("batch", r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"}]"#, 400, -32600, "batches are not supported"),
-        case("scalar", r#""tools/list""#, 400, -32600, "one JSON-RPC message object"),
-        case("no jsonrpc", r#"{"id":1,"method":"tools/list"}"#, 400, -32600, "`jsonrpc` must be"),
-        case("no method", r#"{"jsonrpc":"2.0","id":1}"#, 400, -32600, "needs a `method`"),
-        case("object id", r#"{"jsonrpc":"2.0","id":{},"method":"tools/list"}"#, 400, -32600, "`id` must be"),
-        case("array params", r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":[]}"#, 400, -32600, "`params` must be an object"),
-        case("unknown method", r#"{"jsonrpc":"2.0","id":1,"method":"grants/steal"}"#, 200, -32601, "grants/steal"),
-        case("unknown tool", r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_secret","arguments":{}}}"#, 200, -32602, "unknown tool `get_secret`; available tools: list_environments"),
-        case("arguments not an object", r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"list_environments","arguments":"staging"}}"#, 200, -32602, "`params.arguments` must be an object"),
-        case("tool name not a string", r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":["list_environments"]}}"#, 200, -32602, "`params.name` must be a string"),
+        case(
+            "not JSON",
+            "{\"jsonrpc\": \"2.0\", ",
+            400,
+            -32700,
+            "not valid JSON",
+        ),
+        case(
+            "batch",
+            r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"}]"#,
+            400,
+            -32600,
+            "batches are not supported",
+        ),
+        case(
+            "scalar",
+            r#""tools/list""#,
+            400,
+            -32600,
+            "one JSON-RPC message object",
+        ),
+        case(
+            "no jsonrpc",
+            r#"{"id":1,"method":"tools/list"}"#,
+            400,
+            -32600,
+            "`jsonrpc` must be",
+        ),
+        case(
+            "no method",
+            r#"{"jsonrpc":"2.0","id":1}"#,
+            400,
+            -32600,
+            "needs a `method`",
+        ),
+        case(
+            "object id",
+            r#"{"jsonrpc":"2.0","id":{},"method":"tools/list"}"#,
+            400,
+            -32600,
+            "`id` must be",
+        ),
+        case(
+            "array params",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":[]}"#,
+            400,
+            -32600,
+            "`params` must be an object",
+        ),
+        case(
+            "unknown method",
+            r#"{"jsonrpc":"2.0","id":1,"method":"grants/steal"}"#,
+            200,
+            -32601,
+            "grants/steal",
+        ),
+        case(
+            "unknown tool",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_secret","arguments":{}}}"#,
+            200,
+            -32602,
+            "unknown tool `get_secret`; available tools: list_environments",
+        ),
+        case(
+            "arguments not an object",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"list_environments","arguments":"staging"}}"#,
+            200,
+            -32602,
+            "`params.arguments` must be an object",
+        ),
+        case(
+            "tool name not a string",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":["list_environments"]}}"#,
+            200,
+            -32602,
+            "`params.name` must be a string",
+        ),
     ];
     for c in cases {
         let (status, body) = mcp.send(&c.body).await;
@@ -65,18 +133,28 @@ async fn malformed_messages_get_specific_errors_and_change_nothing(backend: Back
     let response = mcp.post().body(huge).send().await.unwrap();
     assert_eq!(response.status(), 413);
     let body: serde_json::Value = response.json().await.unwrap();
-    assert!(body["error_description"].as_str().unwrap().contains("exceeds 1048576 bytes"));
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("exceeds 1048576 bytes")
+    );
 
     // The session still works, and nothing in the store changed.
     let (status, ok) = mcp.send(r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"list_environments"}}"#).await;
     assert_eq!(status, 200);
-    assert_eq!(ok.unwrap()["result"]["structuredContent"]["environments"][0]["name"], "staging");
+    assert_eq!(
+        ok.unwrap()["result"]["structuredContent"]["environments"][0]["name"],
+        "staging"
+    );
     assert_eq!(snapshot(t.db()).await, before);
     t.stop().await;
 }
 
 async fn http_level_violations_get_specific_statuses_and_change_nothing(backend: Backend) {
-    let Some(t) = TestApp::builder(backend).start().await else { return };
+    let Some(t) = TestApp::builder(backend).start().await else {
+        return;
+    };
     let acme = t.tenant("acme").await;
     let token = t.token(&acme, "codex").await;
     let mut mcp = RawMcp::new(t.mcp_url("acme"), Some(&token));
@@ -85,12 +163,18 @@ async fn http_level_violations_get_specific_statuses_and_change_nothing(backend:
     let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
     let session = mcp.session.clone().unwrap();
 
-    let expect = |what: &str, status: u16, error: &str, response: (u16, Option<serde_json::Value>)| {
-        let body = response.1.unwrap_or_else(|| panic!("{what}: no JSON body"));
-        assert_eq!(response.0, status, "{what}: {body}");
-        assert_eq!(body["error"], error, "{what}: {body}");
-        assert!(body["error_description"].as_str().is_some_and(|d| !d.is_empty()), "{what}");
-    };
+    let expect =
+        |what: &str, status: u16, error: &str, response: (u16, Option<serde_json::Value>)| {
+            let body = response.1.unwrap_or_else(|| panic!("{what}: no JSON body"));
+            assert_eq!(response.0, status, "{what}: {body}");
+            assert_eq!(body["error"], error, "{what}: {body}");
+            assert!(
+                body["error_description"]
+                    .as_str()
+                    .is_some_and(|d| !d.is_empty()),
+                "{what}"
+            );
+        };
     let send = |request: reqwest::RequestBuilder| async move {
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
@@ -106,17 +190,43 @@ async fn http_level_violations_get_specific_statuses_and_change_nothing(backend:
         .header("accept", "application/json, text/event-stream")
         .header("mcp-session-id", &session)
         .body(list);
-    expect("absent MCP-Protocol-Version", 400, "missing_protocol_version", send(no_version).await);
+    expect(
+        "absent MCP-Protocol-Version",
+        400,
+        "missing_protocol_version",
+        send(no_version).await,
+    );
     for version in ["1999-01-01", "2024-11-05"] {
         mcp.protocol = version.to_owned();
-        expect("wrong MCP-Protocol-Version", 400, "unsupported_protocol_version", send(mcp.post().body(list)).await);
+        expect(
+            "wrong MCP-Protocol-Version",
+            400,
+            "unsupported_protocol_version",
+            send(mcp.post().body(list)).await,
+        );
     }
     mcp.protocol = crate::harness::PROTOCOL.to_owned();
-    let twice = mcp.post().header("mcp-protocol-version", "1999-01-01").body(list);
-    expect("two MCP-Protocol-Version headers", 400, "unsupported_protocol_version", send(twice).await);
+    let twice = mcp
+        .post()
+        .header("mcp-protocol-version", "1999-01-01")
+        .body(list);
+    expect(
+        "two MCP-Protocol-Version headers",
+        400,
+        "unsupported_protocol_version",
+        send(twice).await,
+    );
     // A foreign Origin, and a Host that is not ours (DNS rebinding).
-    let foreign = mcp.post().header("origin", "https://evil.example").body(list);
-    expect("foreign Origin", 403, "origin_not_allowed", send(foreign).await);
+    let foreign = mcp
+        .post()
+        .header("origin", "https://evil.example")
+        .body(list);
+    expect(
+        "foreign Origin",
+        403,
+        "origin_not_allowed",
+        send(foreign).await,
+    );
     let rebound = mcp.post().header("host", "evil.example").body(list);
     expect("unknown Host", 403, "host_not_allowed", send(rebound).await);
     // Our own origin passes.

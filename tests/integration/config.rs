@@ -3,7 +3,10 @@
 use custodian::config::{Config, LogFormat};
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 #[test]
@@ -18,7 +21,11 @@ fn empty_config_has_documented_defaults() {
 
 #[test]
 fn the_example_config_is_valid_and_matches_the_defaults() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/custodian.example.toml")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/custodian.example.toml"
+    ))
+    .unwrap();
     let example = Config::from_toml(&text, env(&[])).unwrap();
     let defaults = Config::from_toml("", env(&[])).unwrap();
     assert_eq!(format!("{example:?}"), format!("{defaults:?}"));
@@ -30,7 +37,10 @@ fn environment_overrides_keys_and_ignores_unrelated_variables() {
         "[server]\nlisten = \"127.0.0.1:9000\"\n",
         env(&[
             ("CUSTODIAN_SERVER__LISTEN", "0.0.0.0:7000"),
-            ("CUSTODIAN_SERVER__PUBLIC_URL", "https://custodian.example.com"),
+            (
+                "CUSTODIAN_SERVER__PUBLIC_URL",
+                "https://custodian.example.com",
+            ),
             ("CUSTODIAN_SERVER__MAX_BODY_BYTES", "2048"),
             ("CUSTODIAN_DATABASE__URL", "postgres://db/custodian"),
             ("CUSTODIAN_LOG__FORMAT", "json"),
@@ -40,7 +50,10 @@ fn environment_overrides_keys_and_ignores_unrelated_variables() {
     )
     .unwrap();
     assert_eq!(config.server.listen.to_string(), "0.0.0.0:7000");
-    assert_eq!(config.server.public_url.as_str(), "https://custodian.example.com/");
+    assert_eq!(
+        config.server.public_url.as_str(),
+        "https://custodian.example.com/"
+    );
     assert_eq!(config.server.max_body_bytes, 2048);
     assert_eq!(config.database.url, "postgres://db/custodian");
     assert_eq!(config.log.format, LogFormat::Json);
@@ -61,8 +74,11 @@ url = "mysql://secret-password@db"
 [logging]
 level = "debug"
 "#;
-    let error = Config::from_toml(text, env(&[("CUSTODIAN_SERVER__SHUTDOWN_GRACE_SECONDS", "-1")]))
-        .unwrap_err();
+    let error = Config::from_toml(
+        text,
+        env(&[("CUSTODIAN_SERVER__SHUTDOWN_GRACE_SECONDS", "-1")]),
+    )
+    .unwrap_err();
     let report = error.to_string();
     for key in [
         "server.listen",
@@ -76,7 +92,10 @@ level = "debug"
         assert!(report.contains(key), "missing {key} in:\n{report}");
     }
     assert_eq!(error.problems.len(), 7, "{report}");
-    assert!(!report.contains("secret-password"), "database URL echoed: {report}");
+    assert!(
+        !report.contains("secret-password"),
+        "database URL echoed: {report}"
+    );
 }
 
 #[test]
@@ -88,6 +107,14 @@ fn unknown_keys_and_wrong_types_name_their_section() {
     .unwrap_err();
     let report = error.to_string();
     assert!(report.contains("server.lisen: unknown key"), "{report}");
-    assert!(report.contains("database.max_connections: invalid type"), "{report}");
-    assert!(Config::from_toml("[server", env(&[])).unwrap_err().to_string().contains("not valid TOML"));
+    assert!(
+        report.contains("database.max_connections: invalid type"),
+        "{report}"
+    );
+    assert!(
+        Config::from_toml("[server", env(&[]))
+            .unwrap_err()
+            .to_string()
+            .contains("not valid TOML")
+    );
 }

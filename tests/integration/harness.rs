@@ -1,7 +1,6 @@
 //! Test harness: a gateway on a fresh database (SQLite file or a new PostgreSQL database), served on
 //! a loopback port, with helpers to seed tenants and talk HTTP.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use custodian::agent_tokens;
@@ -22,7 +21,8 @@ pub enum Backend {
 
 /// Base URL of the PostgreSQL server for tests (trust auth).
 fn pg_base() -> String {
-    std::env::var("CUSTODIAN_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("CUSTODIAN_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 /// A fresh, empty database; dropped (PostgreSQL) or deleted (SQLite) with this value.
@@ -99,7 +99,6 @@ pub struct TestApp {
     pub app: Arc<App>,
     pub clock: Arc<ManualClock>,
     pub base_url: String,
-    pub backend: Backend,
     server: Option<Server>,
     _db: TestDb,
 }
@@ -176,13 +175,6 @@ impl TestApp {
 }
 
 impl TestAppBuilder {
-    /// Extra TOML appended to the `[server]` section.
-    pub fn server_toml(mut self, toml: &str) -> Self {
-        self.extra_toml.push_str(toml);
-        self.extra_toml.push('\n');
-        self
-    }
-
     pub async fn start(self) -> Option<TestApp> {
         let db = TestDb::new(self.backend).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -203,21 +195,10 @@ impl TestAppBuilder {
             app,
             clock,
             base_url: format!("http://{addr}"),
-            backend: self.backend,
             server: Some(server),
             _db: db,
         })
     }
-}
-
-/// Path of a binary built by this workspace.
-pub fn binary(name: &str) -> PathBuf {
-    let mut path = std::env::current_exe().expect("test exe path");
-    path.pop();
-    if path.ends_with("deps") {
-        path.pop();
-    }
-    path.join(name)
 }
 
 /// The agent token header value.
@@ -318,7 +299,12 @@ impl RawMcp {
     /// Sends one JSON-RPC body and returns the status and the JSON-RPC message in the answer (from
     /// a JSON body or the last SSE `data:` line), if any.
     pub async fn send(&self, body: &str) -> (u16, Option<serde_json::Value>) {
-        let response = self.post().body(body.to_owned()).send().await.expect("send");
+        let response = self
+            .post()
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("send");
         let status = response.status().as_u16();
         let text = response.text().await.expect("body");
         (status, parse_mcp_body(&text))

@@ -1,6 +1,14 @@
 //! The gateway's integration tests: real HTTP, real MCP clients, SQLite and PostgreSQL.
 
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test should fail loudly at the failing step"
+)]
+
 mod auth;
 mod bad_input;
+mod cli;
 mod config;
 mod harness;
+mod mcp_clients;
+mod processes;

@@ -1,0 +1,295 @@
+//! The binary as users run it: `serve` + a real Python MCP client, `dev`, `migrate`, `admin`.
+
+use std::time::Duration;
+
+use crate::harness::{Backend, TestDb};
+use crate::on_both_backends;
+use crate::processes::{
+    custodian, free_port, python, python_client, read_until, spawn, wait_healthy,
+};
+
+on_both_backends!(
+    serve_answers_a_python_mcp_client_and_stops_on_sigterm,
+    admin_and_migrate_manage_the_database
+);
+
+fn write_config(dir: &std::path::Path, port: u16, db_url: &str) -> String {
+    let path = dir.join("custodian.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"http://127.0.0.1:{port}\"\nshutdown_grace_seconds = 5\n\n[database]\nurl = \"{db_url}\"\n"
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+fn ok(output: std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+async fn serve_answers_a_python_mcp_client_and_stops_on_sigterm(backend: Backend) {
+    let Some(db) = TestDb::new(backend).await else {
+        return;
+    };
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, &db.url);
+    let admin = |args: &[&str]| {
+        let mut all = vec!["admin", "--config", &config];
+        all.extend_from_slice(args);
+        ok(custodian(&all, &[]))
+    };
+    admin(&[
+        "tenant",
+        "create",
+        "acme",
+        "--issuer",
+        "https://idp.acme.example.com",
+    ]);
+    admin(&[
+        "env",
+        "create",
+        "acme",
+        "staging-db",
+        "--description",
+        "Staging Postgres",
+        "--secret",
+        "PGPASSWORD",
+        "--max-ttl",
+        "900",
+    ]);
+    let token = admin(&["agent-token", "create", "acme", "codex-alice"])
+        .trim()
+        .to_owned();
+
+    let server = spawn(&["serve", "--config", &config]);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&format!("{base}/healthz")).await;
+    wait_healthy(&format!("{base}/readyz")).await;
+
+    let seen = python_client(&python, &format!("{base}/t/acme/mcp"), &token);
+    assert_eq!(seen["tools"][0]["name"], "list_environments", "{seen}");
+    assert_eq!(seen["tools"][0]["read_only"], true);
+    assert_eq!(seen["tools"][0]["has_output_schema"], true);
+    assert_eq!(seen["is_error"], false);
+    let envs = &seen["structured"]["environments"];
+    assert_eq!(envs.as_array().unwrap().len(), 1, "{seen}");
+    assert_eq!(envs[0]["name"], "staging-db");
+    assert_eq!(envs[0]["secret_names"], serde_json::json!(["PGPASSWORD"]));
+    assert_eq!(envs[0]["max_ttl_seconds"], 900);
+
+    let status = server.terminate(Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "serve should exit 0 on SIGTERM, got {status}"
+    );
+}
+
+async fn admin_and_migrate_manage_the_database(backend: Backend) {
+    let Some(db) = TestDb::new(backend).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), free_port(), &db.url);
+    let run = |args: &[&str]| {
+        let mut all = vec![args[0], "--config", &config];
+        all.extend_from_slice(&args[1..]);
+        custodian(&all, &[])
+    };
+    // Migrating twice is a no-op the second time.
+    ok(run(&["migrate"]));
+    ok(run(&["migrate"]));
+
+    ok(run(&["admin", "tenant", "create", "acme"]));
+    let dup = run(&["admin", "tenant", "create", "acme"]);
+    assert!(!dup.status.success());
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("tenant `acme` already exists"));
+    let bad = run(&["admin", "tenant", "create", "Acme Corp"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a valid name"));
+    assert!(ok(run(&["admin", "tenant", "list"])).contains("acme"));
+
+    let bad_secret = run(&[
+        "admin",
+        "env",
+        "create",
+        "acme",
+        "prod",
+        "--secret",
+        "lower-case",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&bad_secret.stderr)
+            .contains("secret name `lower-case` is not valid")
+    );
+    let too_long = run(&[
+        "admin",
+        "env",
+        "create",
+        "acme",
+        "prod",
+        "--max-ttl",
+        "99999999",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&too_long.stderr)
+            .contains("max_ttl_seconds must be between 1 and 604800")
+    );
+    let no_tenant = run(&["admin", "env", "create", "ghost", "prod"]);
+    assert!(String::from_utf8_lossy(&no_tenant.stderr).contains("no tenant `ghost`"));
+    ok(run(&[
+        "admin", "env", "create", "acme", "prod", "--secret", "API_KEY", "--secret", "DB_URL",
+    ]));
+    assert!(ok(run(&["admin", "env", "list", "acme"])).contains("API_KEY,DB_URL"));
+
+    let created = run(&["admin", "agent-token", "create", "acme", "ci-bot"]);
+    let token = ok(created).trim().to_owned();
+    assert!(token.starts_with("cst_"));
+    let listing = ok(run(&["admin", "agent-token", "list", "acme"]));
+    assert!(listing.contains("ci-bot") && listing.contains("active"));
+    assert!(
+        !listing.contains(&token[20..]),
+        "the token must never be listed"
+    );
+    // Passing the token itself to revoke is refused without echoing it.
+    let wrong = run(&["admin", "agent-token", "revoke", "acme", &token]);
+    assert!(!wrong.status.success());
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        stderr.contains("not the token itself") && !stderr.contains(&token[20..]),
+        "{stderr}"
+    );
+    ok(run(&["admin", "agent-token", "revoke", "acme", "ci-bot"]));
+    assert!(ok(run(&["admin", "agent-token", "list", "acme"])).contains("revoked at"));
+    let again = run(&["admin", "agent-token", "revoke", "acme", "ci-bot"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no active token `ci-bot`"));
+}
+
+#[tokio::test]
+async fn dev_prints_url_token_and_codex_snippet_that_a_real_client_can_use() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut dev = spawn(&[
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    let banner = read_until(&mut dev.0, "Press Ctrl-C");
+    let field = |label: &str| {
+        banner
+            .lines()
+            .find_map(|l| l.strip_prefix(label))
+            .unwrap_or_else(|| panic!("no {label} in:\n{banner}"))
+            .trim()
+            .to_owned()
+    };
+    let url = field("MCP URL:");
+    let token = field("Agent token:");
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.ends_with("/t/dev/mcp"),
+        "{url}"
+    );
+    assert!(banner.contains(&format!("export CUSTODIAN_TOKEN={token}")));
+    // The Codex snippet is valid TOML with what Codex needs.
+    let snippet_start = banner.find("[mcp_servers.custodian]").expect("snippet");
+    let snippet_end = banner.find("Press Ctrl-C").unwrap();
+    let snippet: toml::Table = banner[snippet_start..snippet_end]
+        .parse()
+        .expect("snippet is TOML");
+    let server = &snippet["mcp_servers"]["custodian"];
+    assert_eq!(server["url"].as_str(), Some(url.as_str()));
+    assert_eq!(
+        server["bearer_token_env_var"].as_str(),
+        Some("CUSTODIAN_TOKEN")
+    );
+    assert_eq!(
+        server["default_tools_approval_mode"].as_str(),
+        Some("approve")
+    );
+
+    let seen = python_client(&python, &url, &token);
+    assert_eq!(
+        seen["structured"]["environments"][0]["name"], "demo",
+        "{seen}"
+    );
+    assert_eq!(
+        seen["structured"]["environments"][0]["secret_names"],
+        serde_json::json!(["DEMO_API_KEY"])
+    );
+
+    let anonymous = reqwest::Client::new().get(&url).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let challenge = anonymous.headers()["www-authenticate"].to_str().unwrap();
+    assert!(
+        challenge.contains("resource_metadata=")
+            && challenge.contains("/.well-known/oauth-protected-resource/t/dev/mcp")
+    );
+    assert!(dev.terminate(Duration::from_secs(10)).success());
+
+    // A second start reuses the data and issues a new token.
+    let mut again = spawn(&[
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    let second = read_until(&mut again.0, "Press Ctrl-C");
+    assert!(!second.contains(&token));
+    assert!(again.terminate(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn dev_refuses_to_listen_beyond_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = custodian(
+        &[
+            "dev",
+            "--listen",
+            "0.0.0.0:0",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only listens on loopback"));
+}
+
+#[test]
+fn invalid_config_file_is_refused_with_every_problem_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("never.db");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        format!("[server]\nlisten = \"nowhere\"\nmax_body_bytes = -5\n[database]\nurl = \"sqlite://{}\"\npool = 3\n", db.display()),
+    )
+    .unwrap();
+    let out = custodian(&["serve", "--config", path.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "server.listen",
+        "server.max_body_bytes",
+        "database.pool: unknown key",
+    ] {
+        assert!(stderr.contains(key), "{key} missing from:\n{stderr}");
+    }
+    assert!(
+        !db.exists(),
+        "a refused config must not create the database"
+    );
+    let missing = custodian(&["serve", "--config", "/nonexistent/custodian.toml"], &[]);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read config file"));
+}

@@ -1,0 +1,142 @@
+//! Helpers for tests that run the real binaries and the Python MCP client.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const CUSTODIAN: &str = env!("CARGO_BIN_EXE_custodian");
+
+/// A child process killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
+        let pid = self.0.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Runs `custodian ARGS` to completion.
+pub fn custodian(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    Command::new(CUSTODIAN)
+        .args(args)
+        .envs(envs.iter().copied())
+        .env_remove("CUSTODIAN_CONFIG")
+        .output()
+        .expect("run custodian")
+}
+
+/// Reads stdout lines of `child` until one contains `marker`; returns everything read.
+pub fn read_until(child: &mut Child, marker: &str) -> String {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let marker = marker.to_owned();
+    std::thread::spawn(move || {
+        let mut seen = String::new();
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains(&marker) {
+                let _ = tx.send(seen.clone());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the process printed its banner")
+}
+
+/// Spawns `custodian ARGS` with piped stdout/stderr.
+pub fn spawn(args: &[&str]) -> Proc {
+    Proc(
+        Command::new(CUSTODIAN)
+            .args(args)
+            .env_remove("CUSTODIAN_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn custodian"),
+    )
+}
+
+/// Waits until `url` answers 200.
+pub async fn wait_healthy(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = reqwest::get(url).await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{url} never became healthy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// The Python interpreter that has the `mcp` package (set up by `.ci/run`), or `None` outside CI
+/// when it is missing.
+pub fn python() -> Option<PathBuf> {
+    let candidate = std::env::var_os("CUSTODIAN_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python")
+        });
+    if candidate.exists() {
+        return Some(candidate);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "the Python MCP client is required in CI; run .ci/run (it creates target/test-venv)"
+    );
+    eprintln!("skipping: no Python MCP client at {}", candidate.display());
+    None
+}
+
+/// Runs the Python SDK client against `url` with `token` and returns its JSON report.
+pub fn python_client(python: &Path, url: &str, token: &str) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/python_client.py");
+    let output = Command::new(python)
+        .arg(script)
+        .arg(url)
+        .env("CUSTODIAN_TOKEN", token)
+        .output()
+        .expect("run python client");
+    assert!(
+        output.status.success(),
+        "python client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("client prints JSON")
+}
