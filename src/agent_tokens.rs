@@ -6,7 +6,8 @@
 //! - Only the SHA-256 of the random part is stored; the token itself exists once, in the output of
 //!   [`create`], held in a [`SecretString`] that cannot be printed by accident.
 //! - Verification looks the token up by tenant and public id, then compares hashes in constant time.
-//!   An unknown id, a wrong secret, a revoked token and another tenant's token are the same `None`.
+//!   An unknown id, a wrong secret, a revoked token and another tenant's token are the same
+//!   [`Verified::Invalid`].
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -117,34 +118,50 @@ pub async fn create(
     }
 }
 
-/// Checks a presented bearer token against the tenant's tokens. `None` for anything but an active
-/// token of this tenant whose secret matches.
+/// What a presented bearer token proves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verified {
+    /// There is no such tenant.
+    UnknownTenant,
+    /// Malformed, unknown, revoked, wrong secret, or another tenant's: deliberately one case.
+    Invalid,
+    Valid(AgentIdentity),
+}
+
+/// Checks a presented bearer token against the tenant's tokens in one query, which also tells
+/// whether the tenant exists.
 pub async fn verify(
     db: &Db,
     tenant: &TenantId,
     presented: &SecretString,
-) -> Result<Option<AgentIdentity>, StoreError> {
-    let Some((id, secret)) = split_token(presented.expose_secret()) else {
-        return Ok(None);
-    };
-    let row: Option<(String, String)> = sqlx::query_as(
-        "SELECT name, secret_hash FROM agent_tokens \
-         WHERE tenant_id = $1 AND id = $2 AND revoked_at IS NULL",
+) -> Result<Verified, StoreError> {
+    // A malformed token still looks the tenant up (with an id no token has), so that both paths
+    // cost one query and answer "unknown tenant" the same way.
+    let (id, secret) = split_token(presented.expose_secret()).unwrap_or(("", ""));
+    let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT a.name, a.secret_hash FROM tenants t \
+         LEFT JOIN agent_tokens a ON a.tenant_id = t.id AND a.id = $2 AND a.revoked_at IS NULL \
+         WHERE t.id = $1",
     )
     .bind(tenant.as_str())
     .bind(id)
     .fetch_optional(db.pool())
     .await?;
-    // Hash even when the id is unknown, so both paths cost the same.
     let presented_hash = hash_secret(secret.as_bytes());
-    let Some((name, stored_hash)) = row else {
-        return Ok(None);
+    let Some(row) = row else {
+        return Ok(Verified::UnknownTenant);
+    };
+    let (Some(name), Some(stored_hash)) = row else {
+        return Ok(Verified::Invalid);
     };
     let matches: bool = presented_hash
         .as_bytes()
         .ct_eq(stored_hash.as_bytes())
         .into();
-    Ok(matches.then(|| AgentIdentity {
+    if !matches || id.is_empty() {
+        return Ok(Verified::Invalid);
+    }
+    Ok(Verified::Valid(AgentIdentity {
         tenant: tenant.clone(),
         token_id: id.to_owned(),
         token_name: name,

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
@@ -67,6 +68,13 @@ impl Server {
         let router = crate::http::router(app.clone(), shutdown.child_token())
             .layer(tower_http::trace::TraceLayer::new_for_http());
         let stop = shutdown.clone();
+        // MCP answers are small SSE frames: without TCP_NODELAY, Nagle's algorithm and delayed ACKs
+        // add ~40 ms to every call.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let task = tokio::spawn(async move {
             axum::serve(listener, router)
                 .with_graceful_shutdown(async move { stop.cancelled().await })

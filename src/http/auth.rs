@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use secrecy::SecretString;
 
 use super::error::HttpError;
-use crate::agent_tokens::{self, AgentIdentity};
+use crate::agent_tokens::{self, AgentIdentity, Verified};
 use crate::app::App;
 use crate::tenants::TenantId;
 
@@ -120,23 +120,23 @@ pub async fn authenticate(
     let Ok(tenant_id) = TenantId::parse(&tenant) else {
         return not_found();
     };
-    match crate::tenants::get(&app.db, tenant_id.as_str()).await {
-        Ok(Some(_)) => {}
-        Ok(None) => return not_found(),
-        Err(e) => return HttpError::internal("tenant lookup failed", &e).into_response(),
-    }
     let metadata = metadata_url(&app, tenant_id.as_str());
-    let Some(token) = bearer(request.headers()) else {
-        return HttpError::unauthorized(
-            &metadata,
-            "an agent token is required: send Authorization: Bearer cst_…",
-            false,
-        )
-        .into_response();
-    };
-    let identity = match agent_tokens::verify(&app.db, &tenant_id, &token).await {
-        Ok(Some(identity)) => identity,
-        Ok(None) => {
+    let token = bearer(request.headers());
+    let presented = token
+        .clone()
+        .unwrap_or_else(|| SecretString::from(String::new()));
+    let identity = match agent_tokens::verify(&app.db, &tenant_id, &presented).await {
+        Ok(Verified::UnknownTenant) => return not_found(),
+        Ok(Verified::Valid(identity)) => identity,
+        Ok(Verified::Invalid) if token.is_none() => {
+            return HttpError::unauthorized(
+                &metadata,
+                "an agent token is required: send Authorization: Bearer cst_…",
+                false,
+            )
+            .into_response();
+        }
+        Ok(Verified::Invalid) => {
             return HttpError::unauthorized(
                 &metadata,
                 "the agent token is not valid for this tenant",
@@ -146,7 +146,7 @@ pub async fn authenticate(
         }
         Err(e) => return HttpError::internal("token verification failed", &e).into_response(),
     };
-    drop(token);
+    drop((token, presented));
 
     let session = request
         .headers()

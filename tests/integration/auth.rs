@@ -2,7 +2,7 @@
 
 use crate::harness::{Backend, RawMcp, TestApp, bearer, secret};
 use crate::on_both_backends;
-use custodian::agent_tokens;
+use custodian::agent_tokens::{self, Verified};
 use custodian::clock::Clock;
 
 on_both_backends!(
@@ -192,10 +192,12 @@ async fn verify_accepts_only_the_exact_token(backend: Backend) {
     let acme = t.tenant("acme").await;
     let other = t.tenant("other").await;
     let token = t.token(&acme, "codex").await;
-    let ok = agent_tokens::verify(t.db(), &acme, &secret(&token))
+    let Verified::Valid(ok) = agent_tokens::verify(t.db(), &acme, &secret(&token))
         .await
-        .unwrap();
-    let ok = ok.expect("the issued token verifies");
+        .unwrap()
+    else {
+        panic!("the issued token verifies");
+    };
     assert_eq!(ok.token_name, "codex");
     assert_eq!(ok.tenant, acme);
     assert!(token.starts_with("cst_") && token.len() == 4 + 16 + 1 + 43);
@@ -209,14 +211,21 @@ async fn verify_accepts_only_the_exact_token(backend: Backend) {
             agent_tokens::verify(t.db(), &acme, &secret(&bad))
                 .await
                 .unwrap()
-                .is_none()
+                .eq(&Verified::Invalid)
         );
     }
     assert!(
         agent_tokens::verify(t.db(), &other, &secret(&token))
             .await
             .unwrap()
-            .is_none()
+            .eq(&Verified::Invalid)
+    );
+    let ghost = custodian::tenants::TenantId::parse("ghost").unwrap();
+    assert_eq!(
+        agent_tokens::verify(t.db(), &ghost, &secret(&token))
+            .await
+            .unwrap(),
+        Verified::UnknownTenant
     );
     // Only a hash is stored.
     let stored: Vec<(String,)> = sqlx::query_as("SELECT secret_hash FROM agent_tokens")

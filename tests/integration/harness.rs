@@ -106,15 +106,11 @@ pub struct TestApp {
 /// Builder for [`TestApp`].
 pub struct TestAppBuilder {
     backend: Backend,
-    extra_toml: String,
 }
 
 impl TestApp {
     pub fn builder(backend: Backend) -> TestAppBuilder {
-        TestAppBuilder {
-            backend,
-            extra_toml: String::new(),
-        }
+        TestAppBuilder { backend }
     }
 
     pub fn db(&self) -> &Db {
@@ -182,8 +178,8 @@ impl TestAppBuilder {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let toml = format!(
-            "[server]\nlisten = \"{addr}\"\npublic_url = \"http://{addr}\"\n{}\n[database]\nurl = \"{}\"\nmax_connections = 5\n",
-            self.extra_toml, db.url
+            "[server]\nlisten = \"{addr}\"\npublic_url = \"http://{addr}\"\n\n[database]\nurl = \"{}\"\nmax_connections = 5\n",
+            db.url
         );
         let config = Config::from_toml(&toml, std::iter::empty()).expect("valid test config");
         let clock = ManualClock::new(1_800_000_000);
@@ -317,11 +313,11 @@ pub fn parse_mcp_body(text: &str) -> Option<serde_json::Value> {
         return Some(value);
     }
     text.lines()
+        .rev()
         .filter_map(|line| line.strip_prefix("data:"))
         .map(str::trim)
         .filter(|data| !data.is_empty())
-        .filter_map(|data| serde_json::from_str(data).ok())
-        .last()
+        .find_map(|data| serde_json::from_str(data).ok())
 }
 
 /// Every row of the tables the gateway owns, to prove a request changed nothing.
