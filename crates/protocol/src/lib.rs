@@ -1,1 +1,107 @@
+//! Wire types between the Custodian gateway and its runners, and the naming of their mTLS
+//! identities. Serde types only: nothing here needs a server.
 
+use std::fmt;
+
+/// The mTLS identity of a party, carried as a URI SAN in its certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Identity {
+    /// `spiffe://<trust-domain>/gateway`
+    Gateway { trust_domain: String },
+    /// `spiffe://<trust-domain>/tenant/<tenant>/runner/<name>`
+    Runner {
+        trust_domain: String,
+        tenant: String,
+        name: String,
+    },
+}
+
+/// A URI that is not a Custodian identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidIdentity(pub String);
+
+impl fmt::Display for InvalidIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "`{}` is not spiffe://<trust-domain>/gateway or spiffe://<trust-domain>/tenant/<t>/runner/<name>",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InvalidIdentity {}
+
+fn is_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+impl Identity {
+    /// Parses a URI SAN.
+    pub fn parse(uri: &str) -> Result<Self, InvalidIdentity> {
+        let invalid = || InvalidIdentity(uri.chars().take(200).collect());
+        let rest = uri.strip_prefix("spiffe://").ok_or_else(invalid)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            [td, "gateway"] if is_segment(td) => Ok(Identity::Gateway {
+                trust_domain: (*td).to_owned(),
+            }),
+            [td, "tenant", tenant, "runner", name]
+                if is_segment(td) && is_segment(tenant) && is_segment(name) =>
+            {
+                Ok(Identity::Runner {
+                    trust_domain: (*td).to_owned(),
+                    tenant: (*tenant).to_owned(),
+                    name: (*name).to_owned(),
+                })
+            }
+            _ => Err(invalid()),
+        }
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::Gateway { trust_domain } => write!(f, "spiffe://{trust_domain}/gateway"),
+            Identity::Runner {
+                trust_domain,
+                tenant,
+                name,
+            } => write!(f, "spiffe://{trust_domain}/tenant/{tenant}/runner/{name}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_round_trip() {
+        for uri in [
+            "spiffe://custodian.local/gateway",
+            "spiffe://custodian.local/tenant/acme/runner/pool-a-0",
+        ] {
+            let id = Identity::parse(uri).expect("valid identity");
+            assert_eq!(id.to_string(), uri);
+        }
+    }
+
+    #[test]
+    fn anything_else_is_refused() {
+        for uri in [
+            "https://custodian.local/gateway",
+            "spiffe://custodian.local/gateway/extra",
+            "spiffe://custodian.local/tenant/acme/runner",
+            "spiffe://custodian.local/tenant/ACME/runner/a",
+            "spiffe:///gateway",
+            "spiffe://td/tenant/../runner/a",
+        ] {
+            assert!(Identity::parse(uri).is_err(), "{uri}");
+        }
+    }
+}
