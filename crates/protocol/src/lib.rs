@@ -33,8 +33,8 @@ impl fmt::Display for InvalidIdentity {
 impl std::error::Error for InvalidIdentity {}
 
 fn is_segment(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
+    s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
