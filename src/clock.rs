@@ -5,10 +5,16 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 /// Seconds since the Unix epoch, as stored in the database.
 pub type UnixSeconds = i64;
+/// Milliseconds since the Unix epoch (poll scheduling, leases).
+pub type UnixMillis = i64;
 
 /// A clock shared by everything that reads the time.
 pub trait Clock: Send + Sync + std::fmt::Debug {
-    fn now(&self) -> UnixSeconds;
+    fn now_ms(&self) -> UnixMillis;
+
+    fn now(&self) -> UnixSeconds {
+        self.now_ms().div_euclid(1000)
+    }
 }
 
 /// The wall clock.
@@ -16,30 +22,32 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
 pub struct SystemClock;
 
 impl Clock for SystemClock {
-    fn now(&self) -> UnixSeconds {
+    fn now_ms(&self) -> UnixMillis {
         let since_epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX)
+        i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
     }
 }
 
-/// A clock that only moves when told to (tests).
+/// A clock for tests: the wall clock plus an offset that tests move forward (expiry without
+/// sleeping). It follows the wall clock otherwise, because real IdPs stamp real times.
 #[derive(Debug)]
-pub struct ManualClock(AtomicI64);
+pub struct OffsetClock(AtomicI64);
 
-impl ManualClock {
-    pub fn new(start: UnixSeconds) -> Arc<Self> {
-        Arc::new(Self(AtomicI64::new(start)))
+impl OffsetClock {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self(AtomicI64::new(0)))
     }
 
+    /// Moves time forward by `seconds`.
     pub fn advance(&self, seconds: i64) {
-        self.0.fetch_add(seconds, Ordering::SeqCst);
+        self.0.fetch_add(seconds * 1000, Ordering::SeqCst);
     }
 }
 
-impl Clock for ManualClock {
-    fn now(&self) -> UnixSeconds {
-        self.0.load(Ordering::SeqCst)
+impl Clock for OffsetClock {
+    fn now_ms(&self) -> UnixMillis {
+        SystemClock.now_ms() + self.0.load(Ordering::SeqCst)
     }
 }

@@ -25,6 +25,24 @@ pub struct Config {
     pub server: ServerConfig,
     pub database: DatabaseConfig,
     pub log: LogConfig,
+    pub secrets: SecretsConfig,
+    pub grants: GrantsConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct SecretsConfig {
+    /// File holding the base64 master key (e.g. a mounted Kubernetes Secret).
+    pub master_key_file: Option<std::path::PathBuf>,
+    /// Environment variable holding the base64 master key when no file is given.
+    pub master_key_env: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct GrantsConfig {
+    /// `request_grant` calls allowed per agent token per minute.
+    pub requests_per_minute: u32,
+    /// `grant_status` waits one agent token may have open at once.
+    pub concurrent_waits_per_token: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -174,6 +192,27 @@ impl Config {
             max_connections: section.take("max_connections"),
         };
         section.finish();
+        let mut section = Section::new(&mut root, "secrets", SECRETS_KEYS, &mut problems);
+        let secrets = SecretsConfig {
+            master_key_file: section.take::<String>("master_key_file").map(Into::into),
+            master_key_env: section
+                .take("master_key_env")
+                .unwrap_or_else(|| "CUSTODIAN_MASTER_KEY".to_owned()),
+        };
+        section.finish();
+        let mut section = Section::new(&mut root, "grants", GRANTS_KEYS, &mut problems);
+        let requests_per_minute = section.take("requests_per_minute");
+        let concurrent_waits = section.take("concurrent_waits_per_token");
+        section.finish();
+        let grants = GrantsConfig {
+            requests_per_minute: small_positive("grants.requests_per_minute", requests_per_minute, 10, &mut problems),
+            concurrent_waits_per_token: small_positive(
+                "grants.concurrent_waits_per_token",
+                concurrent_waits,
+                2,
+                &mut problems,
+            ),
+        };
         let mut section = Section::new(&mut root, "log", LOG_KEYS, &mut problems);
         let log = LogConfig {
             format: section.take("format").unwrap_or(LogFormat::Text),
@@ -182,7 +221,7 @@ impl Config {
         section.finish();
         for other in root.keys() {
             problems.push(format!(
-                "{other}: unknown section (expected `server`, `database` or `log`)"
+                "{other}: unknown section (expected server, database, log, secrets or grants)"
             ));
         }
 
@@ -193,6 +232,8 @@ impl Config {
                 server,
                 database,
                 log,
+                secrets,
+                grants,
             }),
             _ => Err(ConfigError { problems }),
         }
@@ -210,6 +251,8 @@ const SERVER_KEYS: &[&str] = &[
 ];
 const DATABASE_KEYS: &[&str] = &["url", "max_connections"];
 const LOG_KEYS: &[&str] = &["format", "filter"];
+const SECRETS_KEYS: &[&str] = &["master_key_file", "master_key_env"];
+const GRANTS_KEYS: &[&str] = &["requests_per_minute", "concurrent_waits_per_token"];
 
 /// The file's values before validation.
 struct RawServer {
@@ -279,6 +322,14 @@ fn positive(key: &str, value: Option<i64>, default: i64, problems: &mut Vec<Stri
             default.unsigned_abs()
         }
     }
+}
+
+fn small_positive(key: &str, value: Option<i64>, default: i64, problems: &mut Vec<String>) -> u32 {
+    let value = positive(key, value, default, problems);
+    u32::try_from(value).unwrap_or_else(|_| {
+        problems.push(format!("{key}: {value} is too large"));
+        0
+    })
 }
 
 fn validate_server(raw: RawServer, problems: &mut Vec<String>) -> Option<ServerConfig> {

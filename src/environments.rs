@@ -26,8 +26,14 @@ pub struct Policy {
     pub max_ttl_seconds: i64,
     /// Most `run` calls one grant may make.
     pub max_uses: i64,
+    /// Whether the approver must have signed in at the IdP recently (see `max_auth_age_seconds`).
+    pub freshness: LoginFreshness,
     /// The approver must have signed in at the IdP at most this long before approving.
     pub max_auth_age_seconds: i64,
+    /// If not empty, the ID token's `acr` must be one of these.
+    pub accepted_acr: Vec<String>,
+    /// Every method listed here must appear in the ID token's `amr`.
+    pub required_amr: Vec<String>,
     /// Which pool of runners executes commands for this environment.
     pub runner_pool: String,
 }
@@ -38,10 +44,23 @@ impl Default for Policy {
             approvers: Approvers::default(),
             max_ttl_seconds: 3600,
             max_uses: 100,
+            freshness: LoginFreshness::Required,
             max_auth_age_seconds: 300,
+            accepted_acr: Vec::new(),
+            required_amr: Vec::new(),
             runner_pool: "default".to_owned(),
         }
     }
+}
+
+/// Whether approval needs a recent sign-in at the IdP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoginFreshness {
+    /// `auth_time` must be present and within `max_auth_age_seconds`.
+    Required,
+    /// Any session at the IdP will do.
+    NotRequired,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -178,8 +197,9 @@ pub async fn create(
     };
     let inserted = sqlx::query(
         "INSERT INTO environments (tenant_id, name, description, secret_names, approvers, \
-         max_ttl_seconds, max_uses, max_auth_age_seconds, runner_pool, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         max_ttl_seconds, max_uses, max_auth_age_seconds, runner_pool, created_at, \
+         require_fresh_login, accepted_acr, required_amr) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
     )
     .bind(&env.tenant_id)
     .bind(&env.name)
@@ -191,6 +211,9 @@ pub async fn create(
     .bind(env.policy.max_auth_age_seconds)
     .bind(&env.policy.runner_pool)
     .bind(env.created_at)
+    .bind(i64::from(env.policy.freshness == LoginFreshness::Required))
+    .bind(to_json(&env.policy.accepted_acr))
+    .bind(to_json(&env.policy.required_amr))
     .execute(db.pool())
     .await
     .map_err(StoreError::from);
@@ -213,6 +236,9 @@ struct Row {
     max_auth_age_seconds: i64,
     runner_pool: String,
     created_at: i64,
+    require_fresh_login: i64,
+    accepted_acr: String,
+    required_amr: String,
 }
 
 impl TryFrom<Row> for Environment {
@@ -228,13 +254,24 @@ impl TryFrom<Row> for Environment {
         let secret_names =
             serde_json::from_str(&row.secret_names).map_err(|_| corrupt("secret_names"))?;
         let approvers = serde_json::from_str(&row.approvers).map_err(|_| corrupt("approvers"))?;
+        let accepted_acr =
+            serde_json::from_str(&row.accepted_acr).map_err(|_| corrupt("accepted_acr"))?;
+        let required_amr =
+            serde_json::from_str(&row.required_amr).map_err(|_| corrupt("required_amr"))?;
         Ok(Environment {
             secret_names,
             policy: Policy {
                 approvers,
                 max_ttl_seconds: row.max_ttl_seconds,
                 max_uses: row.max_uses,
+                freshness: if row.require_fresh_login != 0 {
+                    LoginFreshness::Required
+                } else {
+                    LoginFreshness::NotRequired
+                },
                 max_auth_age_seconds: row.max_auth_age_seconds,
+                accepted_acr,
+                required_amr,
                 runner_pool: row.runner_pool,
             },
             tenant_id: row.tenant_id,
@@ -250,7 +287,8 @@ macro_rules! select_environments {
     ($clause:literal) => {
         concat!(
             "SELECT tenant_id, name, description, secret_names, approvers, max_ttl_seconds, ",
-            "max_uses, max_auth_age_seconds, runner_pool, created_at FROM environments ",
+            "max_uses, max_auth_age_seconds, runner_pool, created_at, require_fresh_login, ",
+            "accepted_acr, required_amr FROM environments ",
             $clause
         )
     };

@@ -8,6 +8,8 @@ pub mod clock;
 pub mod config;
 pub mod environments;
 pub mod http;
+pub mod keys;
 pub mod mcp;
+pub mod oidc;
 pub mod store;
 pub mod tenants;

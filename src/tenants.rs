@@ -56,10 +56,92 @@ pub struct Tenant {
     pub display_name: String,
     pub idp_issuer: Option<String>,
     pub created_at: UnixSeconds,
+    pub idp_client_id: Option<String>,
+    pub idp_client_secret_ref: Option<String>,
+    pub idp_scopes: String,
+    pub idp_approver_claim: String,
+    pub idp_groups_claim: String,
 }
+
+/// How the gateway talks to a tenant's identity provider as a device-flow client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdpSettings {
+    pub issuer: String,
+    pub client_id: String,
+    /// Where the client secret comes from (confidential clients only).
+    pub client_secret: Option<SecretRef>,
+    /// Space-separated scopes; must include `openid`.
+    pub scopes: String,
+    /// The ID token claim that names the approver (`email` or `sub`).
+    pub approver_claim: String,
+    /// The ID token claim that lists the approver's groups.
+    pub groups_claim: String,
+}
+
+/// A reference to a secret held outside the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    Env(String),
+    File(std::path::PathBuf),
+}
+
+impl SecretRef {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.split_once(':')? {
+            ("env", name) if !name.is_empty() => Some(Self::Env(name.to_owned())),
+            ("file", path) if !path.is_empty() => Some(Self::File(path.into())),
+            _ => None,
+        }
+    }
+
+    pub fn to_text(&self) -> String {
+        match self {
+            Self::Env(name) => format!("env:{name}"),
+            Self::File(path) => format!("file:{}", path.display()),
+        }
+    }
+
+    /// Reads the secret now (files are re-read, so rotation needs no restart).
+    pub fn resolve(&self) -> Result<secrecy::SecretString, String> {
+        match self {
+            Self::Env(name) => std::env::var(name)
+                .map(secrecy::SecretString::from)
+                .map_err(|_| format!("environment variable {name} is not set")),
+            Self::File(path) => std::fs::read_to_string(path)
+                .map(|s| secrecy::SecretString::from(s.trim().to_owned()))
+                .map_err(|e| format!("cannot read {}: {e}", path.display())),
+        }
+    }
+}
+
+impl Tenant {
+    /// The tenant's IdP settings, if an issuer and a client id are configured.
+    pub fn idp(&self) -> Option<IdpSettings> {
+        Some(IdpSettings {
+            issuer: self.idp_issuer.clone()?,
+            client_id: self.idp_client_id.clone()?,
+            client_secret: self
+                .idp_client_secret_ref
+                .as_deref()
+                .and_then(SecretRef::parse),
+            scopes: self.idp_scopes.clone(),
+            approver_claim: self.idp_approver_claim.clone(),
+            groups_claim: self.idp_groups_claim.clone(),
+        })
+    }
+}
+
+/// Scopes asked for by default.
+pub const DEFAULT_SCOPES: &str = "openid email profile";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TenantError {
+    #[error("no tenant `{0}`")]
+    NotFound(TenantId),
+    #[error("scopes must include `openid`")]
+    ScopesWithoutOpenid,
+    #[error("{0} must be a claim name (letters, digits, '_', ':', '.', '/', '-')")]
+    InvalidClaimName(&'static str),
     #[error("tenant `{0}` already exists")]
     AlreadyExists(TenantId),
     #[error("`{0}` is not a valid issuer URL (expected https://…, or http:// on loopback)")]
@@ -84,6 +166,11 @@ pub async fn create(
         display_name: display_name.to_owned(),
         idp_issuer: idp_issuer.map(str::to_owned),
         created_at: now,
+        idp_client_id: None,
+        idp_client_secret_ref: None,
+        idp_scopes: DEFAULT_SCOPES.to_owned(),
+        idp_approver_claim: "email".to_owned(),
+        idp_groups_claim: "groups".to_owned(),
     };
     let inserted = sqlx::query(
         "INSERT INTO tenants (id, display_name, idp_issuer, created_at) VALUES ($1, $2, $3, $4)",
@@ -105,7 +192,8 @@ pub async fn create(
 /// Finds a tenant by id.
 pub async fn get(db: &Db, id: &str) -> Result<Option<Tenant>, StoreError> {
     Ok(sqlx::query_as::<_, Tenant>(
-        "SELECT id, display_name, idp_issuer, created_at FROM tenants WHERE id = $1",
+        "SELECT id, display_name, idp_issuer, created_at, idp_client_id, idp_client_secret_ref, \
+         idp_scopes, idp_approver_claim, idp_groups_claim FROM tenants WHERE id = $1",
     )
     .bind(id)
     .fetch_optional(db.pool())
@@ -115,7 +203,8 @@ pub async fn get(db: &Db, id: &str) -> Result<Option<Tenant>, StoreError> {
 /// All tenants, by id (admin only).
 pub async fn list(db: &Db) -> Result<Vec<Tenant>, StoreError> {
     Ok(sqlx::query_as::<_, Tenant>(
-        "SELECT id, display_name, idp_issuer, created_at FROM tenants ORDER BY id",
+        "SELECT id, display_name, idp_issuer, created_at, idp_client_id, idp_client_secret_ref, \
+         idp_scopes, idp_approver_claim, idp_groups_claim FROM tenants ORDER BY id",
     )
     .fetch_all(db.pool())
     .await?)
@@ -132,4 +221,42 @@ fn validate_issuer(issuer: &str) -> Result<(), TenantError> {
     } else {
         Err(TenantError::InvalidIssuer(issuer.to_owned()))
     }
+}
+
+/// Configures the tenant's identity provider.
+pub async fn set_idp(db: &Db, id: &TenantId, idp: &IdpSettings) -> Result<(), TenantError> {
+    validate_issuer(&idp.issuer)?;
+    if !idp.scopes.split_whitespace().any(|s| s == "openid") {
+        return Err(TenantError::ScopesWithoutOpenid);
+    }
+    let claim_ok = |c: &str| {
+        !c.is_empty()
+            && c.len() <= 128
+            && c.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_:./-".contains(&b))
+    };
+    if !claim_ok(&idp.approver_claim) {
+        return Err(TenantError::InvalidClaimName("approver claim"));
+    }
+    if !claim_ok(&idp.groups_claim) {
+        return Err(TenantError::InvalidClaimName("groups claim"));
+    }
+    let done = sqlx::query(
+        "UPDATE tenants SET idp_issuer = $1, idp_client_id = $2, idp_client_secret_ref = $3, \
+         idp_scopes = $4, idp_approver_claim = $5, idp_groups_claim = $6 WHERE id = $7",
+    )
+    .bind(&idp.issuer)
+    .bind(&idp.client_id)
+    .bind(idp.client_secret.as_ref().map(SecretRef::to_text))
+    .bind(&idp.scopes)
+    .bind(&idp.approver_claim)
+    .bind(&idp.groups_claim)
+    .bind(id.as_str())
+    .execute(db.pool())
+    .await
+    .map_err(StoreError::from)?;
+    if done.rows_affected() == 0 {
+        return Err(TenantError::NotFound(id.clone()));
+    }
+    Ok(())
 }

@@ -6,7 +6,7 @@ use secrecy::ExposeSecret;
 
 use crate::app::App;
 use crate::config::Config;
-use crate::environments::{self, Approvers, Policy};
+use crate::environments::{self, Approvers, LoginFreshness, Policy};
 use crate::tenants::{self, TenantId};
 use crate::{agent_tokens, clock};
 
@@ -72,6 +72,15 @@ pub enum EnvCommand {
         /// Allowed approvers by IdP group (repeatable).
         #[arg(long = "approver-group")]
         approver_groups: Vec<String>,
+        /// Accept approvals from any IdP session, however old (default: a recent sign-in is required).
+        #[arg(long)]
+        no_fresh_login: bool,
+        /// Accepted `acr` value of the approver's sign-in (repeatable; any of).
+        #[arg(long = "accept-acr")]
+        accepted_acr: Vec<String>,
+        /// Required `amr` method of the approver's sign-in (repeatable; all of).
+        #[arg(long = "require-amr")]
+        required_amr: Vec<String>,
     },
     /// List a tenant's environments.
     List { tenant: String },
@@ -127,6 +136,9 @@ async fn dispatch(app: &App, command: AdminCommand, now: clock::UnixSeconds) -> 
             approver_subjects,
             approver_emails,
             approver_groups,
+            no_fresh_login,
+            accepted_acr,
+            required_amr,
         }) => {
             let tenant = TenantId::parse(&tenant)?;
             let policy = Policy {
@@ -137,7 +149,14 @@ async fn dispatch(app: &App, command: AdminCommand, now: clock::UnixSeconds) -> 
                 },
                 max_ttl_seconds: max_ttl,
                 max_uses,
+                freshness: if no_fresh_login {
+                    LoginFreshness::NotRequired
+                } else {
+                    LoginFreshness::Required
+                },
                 max_auth_age_seconds: max_auth_age,
+                accepted_acr,
+                required_amr,
                 runner_pool,
             };
             let env =

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use custodian::agent_tokens;
 use custodian::app::{App, Server};
-use custodian::clock::{Clock, ManualClock};
+use custodian::clock::{Clock, OffsetClock};
 use custodian::config::Config;
 use custodian::environments::{self, Policy};
 use custodian::store::Db;
@@ -97,7 +97,7 @@ impl Drop for TestDb {
 /// A running gateway on a fresh database.
 pub struct TestApp {
     pub app: Arc<App>,
-    pub clock: Arc<ManualClock>,
+    pub clock: Arc<OffsetClock>,
     pub base_url: String,
     server: Option<Server>,
     _db: TestDb,
@@ -182,7 +182,7 @@ impl TestAppBuilder {
             db.url
         );
         let config = Config::from_toml(&toml, std::iter::empty()).expect("valid test config");
-        let clock = ManualClock::new(1_800_000_000);
+        let clock = OffsetClock::new(1_800_000_000);
         let database = Db::connect(&config.database.url, 5).await.expect("connect");
         database.migrate().await.expect("migrate");
         let app = Arc::new(App::new(config, database, clock.clone()));
