@@ -8,7 +8,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::grants::Limits;
 use crate::http::auth::SessionBindings;
+use crate::keys::MasterKey;
+use crate::oidc::Oidc;
 use crate::store::Db;
 
 /// Everything a request handler may need, shared as `Arc<App>`.
@@ -22,26 +25,58 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     /// Which agent token opened each live MCP session.
     pub sessions: SessionBindings,
+    /// Protects secrets at rest (device codes now, secret values later).
+    pub master_key: MasterKey,
+    /// The device-flow client for every tenant's IdP.
+    pub oidc: Oidc,
+    /// Per-token rate limits of grant requests and waits.
+    pub limits: Limits,
+    /// Signalled whenever this replica changes a grant's state (wakes `grant_status` waits).
+    pub grant_changed: tokio::sync::Notify,
+    /// Signalled when new pending work exists (wakes the poller).
+    pub poller_wake: tokio::sync::Notify,
+    /// This replica's name in polling leases.
+    pub instance_id: String,
 }
 
 impl App {
-    pub fn new(config: Config, db: Db, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(config: Config, db: Db, clock: Arc<dyn Clock>, master_key: MasterKey) -> Self {
         let sessions = SessionBindings::new(config.server.session_idle_timeout);
         Self {
             config,
             db,
             clock,
             sessions,
+            master_key,
+            oidc: Oidc::new(),
+            limits: Limits::default(),
+            grant_changed: tokio::sync::Notify::new(),
+            poller_wake: tokio::sync::Notify::new(),
+            instance_id: uuid::Uuid::new_v4().simple().to_string(),
         }
     }
 
-    /// Connects to and migrates the configured database, with the wall clock.
-    pub async fn from_config(config: Config) -> anyhow::Result<Self> {
+    /// Connects to and migrates the configured database, with the wall clock. The master key is
+    /// read from the configured file or from `env`.
+    pub async fn from_config(
+        config: Config,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Self> {
+        let master_key = MasterKey::load(
+            config.secrets.master_key_file.as_deref(),
+            &config.secrets.master_key_env,
+            env,
+        )?;
         let db = Db::connect(&config.database.url, config.database.max_connections)
             .await
             .context("connecting to the database")?;
         db.migrate().await.context("migrating the database")?;
-        Ok(Self::new(config, db, Arc::new(SystemClock)))
+        Ok(Self::new(config, db, Arc::new(SystemClock), master_key))
+    }
+
+    /// Wakes the poller for new pending work.
+    pub fn poke_poller(&self) {
+        self.poller_wake.notify_one();
     }
 }
 
@@ -65,6 +100,7 @@ impl Server {
     pub fn start_on(app: Arc<App>, listener: tokio::net::TcpListener) -> anyhow::Result<Self> {
         let local_addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
+        let poller = crate::grants::poller::spawn(app.clone(), shutdown.child_token());
         let router = crate::http::router(app.clone(), shutdown.child_token())
             .layer(tower_http::trace::TraceLayer::new_for_http());
         let stop = shutdown.clone();
@@ -76,9 +112,11 @@ impl Server {
             }
         });
         let task = tokio::spawn(async move {
-            axum::serve(listener, router)
+            let served = axum::serve(listener, router)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
+                .await;
+            let _ = poller.await;
+            served
         });
         Ok(Self {
             local_addr,

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod environments;
+pub mod grants;
 pub mod http;
 pub mod keys;
 pub mod mcp;

@@ -7,7 +7,8 @@ use secrecy::ExposeSecret;
 use crate::app::App;
 use crate::config::Config;
 use crate::environments::{self, Approvers, LoginFreshness, Policy};
-use crate::tenants::{self, TenantId};
+use crate::grants::{self, GrantState};
+use crate::tenants::{self, IdpSettings, SecretRef, TenantId};
 use crate::{agent_tokens, clock};
 
 #[derive(Debug, Subcommand)]
@@ -21,6 +22,38 @@ pub enum AdminCommand {
     /// Agent tokens: how agents authenticate to a tenant's MCP endpoint.
     #[command(subcommand, name = "agent-token")]
     AgentToken(TokenCommand),
+    /// Task grants: list, inspect (timeline), revoke.
+    #[command(subcommand)]
+    Grants(GrantsCommand),
+    /// The master key that protects secrets at rest.
+    #[command(subcommand, name = "master-key")]
+    MasterKey(MasterKeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GrantsCommand {
+    /// List a tenant's grants, newest first.
+    List {
+        tenant: String,
+        /// Only grants in this state (pending, active, exhausted, expired, revoked, denied).
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Show one grant and its timeline.
+    Show { tenant: String, grant_id: String },
+    /// Revoke a pending or active grant.
+    Revoke { tenant: String, grant_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MasterKeyCommand {
+    /// Write a new random master key (base64) to a file readable only by its owner.
+    Generate {
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -38,6 +71,31 @@ pub enum TenantCommand {
     },
     /// List tenants.
     List,
+    /// Configure the tenant's identity provider (a device-flow client registered there).
+    SetIdp {
+        tenant: String,
+        /// OIDC issuer URL (discovery at ISSUER/.well-known/openid-configuration).
+        #[arg(long)]
+        issuer: String,
+        /// Client id registered at the IdP for the device authorization grant.
+        #[arg(long)]
+        client_id: String,
+        /// Environment variable that holds the client secret (confidential clients).
+        #[arg(long, conflicts_with = "client_secret_file")]
+        client_secret_env: Option<String>,
+        /// File that holds the client secret (confidential clients).
+        #[arg(long)]
+        client_secret_file: Option<std::path::PathBuf>,
+        /// Scopes to ask for (must include openid).
+        #[arg(long, default_value = crate::tenants::DEFAULT_SCOPES)]
+        scopes: String,
+        /// ID token claim that names the approver.
+        #[arg(long, default_value = "email")]
+        approver_claim: String,
+        /// ID token claim that lists the approver's groups.
+        #[arg(long, default_value = "groups")]
+        groups_claim: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,14 +155,21 @@ pub enum TokenCommand {
 }
 
 pub async fn run(config: Config, command: AdminCommand) -> anyhow::Result<()> {
-    let app = App::from_config(config).await?;
+    if let AdminCommand::MasterKey(MasterKeyCommand::Generate { out }) = &command {
+        return write_master_key(out);
+    }
+    let app = App::from_config(config, std::env::vars()).await?;
     let now = app.clock.now();
     let result = dispatch(&app, command, now).await;
     app.db.close().await;
     result
 }
 
-async fn dispatch(app: &App, command: AdminCommand, now: clock::UnixSeconds) -> anyhow::Result<()> {
+async fn dispatch(
+    app: &App,
+    command: AdminCommand,
+    now: clock::UnixSeconds,
+) -> anyhow::Result<()> {
     let db = &app.db;
     match command {
         AdminCommand::Tenant(TenantCommand::Create {
@@ -117,6 +182,35 @@ async fn dispatch(app: &App, command: AdminCommand, now: clock::UnixSeconds) -> 
             let tenant = tenants::create(db, &id, &name, issuer.as_deref(), now).await?;
             println!("created tenant {}", tenant.id);
         }
+        AdminCommand::Tenant(TenantCommand::SetIdp {
+            tenant,
+            issuer,
+            client_id,
+            client_secret_env,
+            client_secret_file,
+            scopes,
+            approver_claim,
+            groups_claim,
+        }) => {
+            let tenant = TenantId::parse(&tenant)?;
+            let client_secret = match (client_secret_env, client_secret_file) {
+                (Some(name), _) => Some(SecretRef::Env(name)),
+                (None, Some(path)) => Some(SecretRef::File(path)),
+                (None, None) => None,
+            };
+            let idp = IdpSettings {
+                issuer,
+                client_id,
+                client_secret,
+                scopes,
+                approver_claim,
+                groups_claim,
+            };
+            tenants::set_idp(db, &tenant, &idp).await?;
+            println!("tenant {tenant} now approves grants at {}", idp.issuer);
+        }
+        AdminCommand::Grants(command) => grants_command(app, command, now).await?,
+        AdminCommand::MasterKey(_) => unreachable!("handled before opening the database"),
         AdminCommand::Tenant(TenantCommand::List) => {
             println!("{:<24} {:<32} ISSUER", "ID", "NAME");
             for t in tenants::list(db).await? {
@@ -207,5 +301,78 @@ async fn dispatch(app: &App, command: AdminCommand, now: clock::UnixSeconds) -> 
             println!("revoked agent token {token}");
         }
     }
+    Ok(())
+}
+
+async fn grants_command(app: &App, command: GrantsCommand, _now: clock::UnixSeconds) -> anyhow::Result<()> {
+    match command {
+        GrantsCommand::List { tenant, state, limit } => {
+            let tenant = TenantId::parse(&tenant)?;
+            let state = match state {
+                Some(s) => Some(GrantState::parse(&s).ok_or_else(|| {
+                    anyhow::anyhow!("unknown state `{s}` (pending, active, exhausted, expired, revoked, denied)")
+                })?),
+                None => None,
+            };
+            println!("{:<36} {:<10} {:<20} {:<20} APPROVER", "ID", "STATE", "ENVIRONMENT", "AGENT");
+            for g in grants::store::list(&app.db, &tenant, state, limit).await? {
+                println!(
+                    "{:<36} {:<10} {:<20} {:<20} {}",
+                    g.id,
+                    g.state.as_str(),
+                    g.environment,
+                    g.agent_name,
+                    g.approver_name.as_deref().or(g.approver_sub.as_deref()).unwrap_or("-")
+                );
+            }
+        }
+        GrantsCommand::Show { tenant, grant_id } => {
+            let tenant = TenantId::parse(&tenant)?;
+            let Some(g) = grants::store::get(&app.db, &tenant, &grant_id).await? else {
+                anyhow::bail!("no grant `{grant_id}` in tenant {tenant}");
+            };
+            println!("grant        {}", g.id);
+            println!("state        {}", g.state.as_str());
+            println!("environment  {}", g.environment);
+            println!("agent        {}", g.agent_name);
+            println!("purpose      {}", g.purpose);
+            println!("ttl / uses   {} s / {} of {}", g.ttl_seconds, g.uses, g.max_uses);
+            println!("expires at   {}", g.expires_at);
+            if let Some(sub) = &g.approver_sub {
+                println!("approver     {} (sub {sub}, groups {})", g.approver_name.as_deref().unwrap_or("-"), g.approver_groups.join(","));
+                println!("auth_time    {}", g.auth_time.map_or("-".to_owned(), |t| t.to_string()));
+            }
+            if let Some(reason) = &g.end_reason {
+                println!("ended        {reason}");
+            }
+            println!("\ntimeline");
+            for e in grants::store::events(&app.db, &tenant, &g.id).await? {
+                println!("  {:>3}  {}  {:<10} {}", e.seq, e.at_ms, e.kind, e.detail);
+            }
+        }
+        GrantsCommand::Revoke { tenant, grant_id } => {
+            let tenant = TenantId::parse(&tenant)?;
+            let status = grants::revoke_as_admin(app, &tenant, &grant_id).await?;
+            println!("grant {} is now {}", status.grant_id, status.state.as_str());
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn write_master_key(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("cannot create {} (it must not exist yet): {e}", path.display()))?;
+    let key = crate::keys::MasterKey::generate();
+    file.write_all(key.to_base64().as_bytes())?;
+    file.sync_all()?;
+    eprintln!("wrote a new master key to {}; set secrets.master_key_file to this path", path.display());
     Ok(())
 }

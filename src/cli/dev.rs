@@ -12,22 +12,40 @@ use crate::agent_tokens;
 use crate::app::{App, Server, shutdown_signal};
 use crate::config::Config;
 use crate::environments::{self, Policy};
-use crate::tenants::{self, TenantId};
+use crate::oidc::dev_idp::{DEV_CLIENT_ID, DevIdp, DevModeOnly};
+use crate::tenants::{self, IdpSettings, TenantId};
 
 pub const DEV_TENANT: &str = "dev";
 pub const DEV_ENVIRONMENT: &str = "demo";
 
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
+    #[command(subcommand)]
+    action: Option<DevAction>,
     /// Directory for the SQLite database and other dev state.
-    #[arg(long, default_value = "custodian-dev")]
+    #[arg(long, default_value = "custodian-dev", global = true)]
     data_dir: PathBuf,
     /// Loopback address to listen on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum DevAction {
+    /// Approve a pending grant at the dev identity provider, as the dev approver.
+    Approve {
+        /// The user code shown by request_grant (e.g. BCDF-GHJK).
+        user_code: String,
+    },
+}
+
+const IDP_URL_FILE: &str = "dev-idp.url";
+const MASTER_KEY_FILE: &str = "master.key";
+
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    if let Some(DevAction::Approve { user_code }) = &args.action {
+        return approve(&args.data_dir, user_code).await;
+    }
     if !args.listen.ip().is_loopback() {
         bail!(
             "custodian dev only listens on loopback (got {}); use `custodian serve` for anything else",
@@ -44,15 +62,28 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         })?;
     let addr = listener.local_addr()?;
     let db_path = args.data_dir.join("custodian.db");
+    let key_path = args.data_dir.join(MASTER_KEY_FILE);
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    if !key_path.exists() {
+        super::admin::write_master_key(&key_path)?;
+    }
     let toml = format!(
-        "[server]\nlisten = \"{addr}\"\npublic_url = \"http://{addr}\"\n\n[database]\nurl = \"sqlite://{}\"\n\n[log]\nfilter = \"warn,custodian=info\"\n",
-        db_path.display()
+        "[server]\nlisten = \"{addr}\"\npublic_url = \"http://{addr}\"\n\n[database]\nurl = \"sqlite://{}\"\n\n[secrets]\nmaster_key_file = \"{}\"\n\n[log]\nfilter = \"warn,custodian=info\"\n",
+        db_path.display(),
+        key_path.display()
     );
     let config = Config::from_toml(&toml, std::iter::empty())?;
     super::init_logging(&config.log);
     let grace = config.server.shutdown_grace;
-    let app = Arc::new(App::from_config(config).await?);
-    let token = seed(&app).await?;
+    let app = Arc::new(App::from_config(config, std::env::vars()).await?);
+    let idp = DevIdp::start(
+        DevModeOnly::assert_dev_mode(),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .await?;
+    std::fs::write(args.data_dir.join(IDP_URL_FILE), &idp.issuer)?;
+    let token = seed(&app, &idp.issuer).await?;
     let server = Server::start_on(app.clone(), listener)?;
 
     let url = format!("http://{addr}/t/{DEV_TENANT}/mcp");
@@ -70,23 +101,41 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          default_tools_approval_mode = \"approve\"\n\
          # grant_status may wait up to 240 s for a human.\n\
          tool_timeout_sec = 300\n\n\
+         Grants are approved at the dev identity provider ({issuer}): open the approval link the\n\
+         agent relays, or run `custodian dev approve <user code>`.\n\n\
          Press Ctrl-C to stop.",
+        issuer = idp.issuer,
         dir = args.data_dir.display(),
         token = token.expose_secret(),
     );
     shutdown_signal().await;
+    idp.stop();
     server.shutdown(grace).await?;
     app.db.close().await;
     Ok(())
 }
 
-/// Makes sure tenant `dev` and environment `demo` exist, and creates a fresh agent token.
-async fn seed(app: &App) -> anyhow::Result<secrecy::SecretString> {
+/// Makes sure tenant `dev` (approving at the dev IdP) and environment `demo` exist, and creates a
+/// fresh agent token.
+async fn seed(app: &App, issuer: &str) -> anyhow::Result<secrecy::SecretString> {
     let now = app.clock.now();
     let tenant = TenantId::parse(DEV_TENANT)?;
     if tenants::get(&app.db, DEV_TENANT).await?.is_none() {
         tenants::create(&app.db, &tenant, "Development", None, now).await?;
     }
+    tenants::set_idp(
+        &app.db,
+        &tenant,
+        &IdpSettings {
+            issuer: issuer.to_owned(),
+            client_id: DEV_CLIENT_ID.to_owned(),
+            client_secret: None,
+            scopes: "openid email groups".to_owned(),
+            approver_claim: "email".to_owned(),
+            groups_claim: "groups".to_owned(),
+        },
+    )
+    .await?;
     if environments::get(&app.db, &tenant, DEV_ENVIRONMENT)
         .await?
         .is_none()
@@ -102,7 +151,40 @@ async fn seed(app: &App) -> anyhow::Result<secrecy::SecretString> {
         )
         .await?;
     }
-    let name = format!("dev-{now}");
-    let (_, token) = agent_tokens::create(&app.db, &tenant, &name, now).await?;
+    // A fresh token per start; the previous starts' tokens stop working.
+    for old in agent_tokens::list(&app.db, &tenant).await? {
+        if old.revoked_at.is_none() && old.name.starts_with("dev-") {
+            agent_tokens::revoke(&app.db, &tenant, &old.id, now).await?;
+        }
+    }
+    let name = format!("dev-{}", uuid::Uuid::new_v4().simple());
+    let (_, token) = agent_tokens::create(&app.db, &tenant, &name[..12], now).await?;
     Ok(token)
+}
+
+/// `custodian dev approve CODE`: approves at the running dev IdP found in the data directory.
+async fn approve(data_dir: &std::path::Path, user_code: &str) -> anyhow::Result<()> {
+    let path = data_dir.join(IDP_URL_FILE);
+    let issuer = std::fs::read_to_string(&path).with_context(|| {
+        format!("no running `custodian dev` found ({} is missing); start it first, with the same --data-dir", path.display())
+    })?;
+    let url = url::Url::parse(issuer.trim()).context("the dev IdP address file is corrupt")?;
+    anyhow::ensure!(
+        matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")),
+        "the dev IdP address is not on loopback; refusing"
+    );
+    let response = reqwest::Client::new()
+        .post(format!("{}/device/approve", issuer.trim()))
+        .form(&[("user_code", user_code)])
+        .send()
+        .await
+        .context("the dev identity provider does not answer; is `custodian dev` still running?")?;
+    match response.status() {
+        s if s.is_success() => {
+            println!("approved {user_code} as {}", crate::oidc::dev_idp::DEV_EMAIL);
+            Ok(())
+        }
+        reqwest::StatusCode::NOT_FOUND => anyhow::bail!("no pending request with code {user_code}"),
+        s => anyhow::bail!("the dev identity provider answered {s}"),
+    }
 }

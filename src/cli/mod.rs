@@ -81,7 +81,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(arg) => {
             let config = load_config(&arg)?;
             init_logging(&config.log);
-            App::from_config(config).await?;
+            let db = crate::store::Db::connect(&config.database.url, 1).await?;
+            db.migrate().await?;
+            db.close().await;
             println!("database is up to date");
             Ok(())
         }
@@ -114,7 +116,7 @@ fn init_logging(log: &LogConfig) {
 /// Serves until SIGTERM/Ctrl-C, then shuts down gracefully.
 async fn serve(config: Config) -> anyhow::Result<()> {
     let grace = config.server.shutdown_grace;
-    let app = Arc::new(App::from_config(config).await?);
+    let app = Arc::new(App::from_config(config, std::env::vars()).await?);
     let server = Server::start(app.clone()).await?;
     tracing::info!(
         listen = %server.local_addr,

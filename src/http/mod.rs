@@ -1,5 +1,6 @@
 //! The HTTP surface: the MCP endpoint per tenant, RFC 9728 metadata, and health probes.
 
+pub mod approve;
 pub mod auth;
 pub mod error;
 pub mod guard;
@@ -59,6 +60,7 @@ pub fn router(app: Arc<App>, shutdown: CancellationToken) -> Router {
             "/.well-known/oauth-protected-resource/t/{tenant}/mcp",
             get(protected_resource_metadata),
         )
+        .route("/approve/{id}", get(approve::page))
         .layer(middleware::from_fn_with_state(policy, guard::check_origin));
 
     Router::new()

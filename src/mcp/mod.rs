@@ -18,7 +18,14 @@ use rmcp::{ErrorData as McpError, Json, ServerHandler, tool, tool_handler, tool_
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use std::time::Duration;
+
+use rmcp::handler::server::tool::IntoCallToolResult;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, ContentBlock, ProgressNotificationParam};
+
 use crate::agent_tokens::AgentIdentity;
+use crate::grants::{self, GrantError, GrantStatus, RequestArgs, RequestedGrant};
 use crate::app::App;
 use crate::environments::{self, EnvironmentSummary};
 use crate::http::error::correlation_id;
@@ -39,7 +46,9 @@ pub struct EnvironmentList {
 
 const SERVER_INSTRUCTIONS: &str = "Custodian runs commands that need credentials without giving you the \
 credentials. Call list_environments to see which environments exist and which secret names each \
-provides; secret values are never shown to you.";
+provides, request_grant to ask your human for access to one of them for this task (relay the \
+message it returns), grant_status with wait_seconds until the grant is active, then revoke_grant \
+when done. Secret values are never shown to you.";
 
 #[tool_router]
 impl CustodianMcp {
@@ -48,6 +57,108 @@ impl CustodianMcp {
             app,
             tool_router: Self::tool_router(),
         }
+    }
+
+    #[tool(
+        name = "request_grant",
+        description = "Ask a human for access to one environment for this task. Returns a grant_id \
+and a message with an approval link and code: relay the message to your human verbatim, then call \
+grant_status with wait_seconds to wait for their decision. Once the grant is active, pass its \
+grant_id to `run`; when the task is done, call revoke_grant. Say in `purpose` exactly what you need \
+the credentials for; the approver reads it. ttl_seconds and max_uses are capped by the \
+environment's limits (see list_environments).",
+        annotations(
+            title = "Request a task grant",
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false,
+            open_world_hint = true
+        )
+    )]
+    async fn request_grant(
+        &self,
+        Parameters(args): Parameters<RequestArgs>,
+        Extension(parts): Extension<http::request::Parts>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<Json<RequestedGrant>, ToolError> {
+        let caller = identity(&parts)?;
+        let requested = grants::request(&self.app, caller, args).await?;
+        offer_url_elicitation(&context, &requested);
+        Ok(Json(requested))
+    }
+
+    #[tool(
+        name = "grant_status",
+        description = "Check a grant's state: pending (waiting for the human), active (usable with \
+`run`), or ended (exhausted, expired, revoked, denied, with the reason). With wait_seconds (up to \
+240) it waits for the state to change and returns as soon as it does, sending progress \
+notifications meanwhile; call it again if it is still pending. Also returns who approved, when the \
+grant expires and how many runs are left.",
+        annotations(
+            title = "Grant status",
+            read_only_hint = true,
+            destructive_hint = false,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn grant_status(
+        &self,
+        Parameters(args): Parameters<GrantStatusArgs>,
+        Extension(parts): Extension<http::request::Parts>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<Json<GrantStatus>, ToolError> {
+        let caller = identity(&parts)?;
+        let wait = args.wait_seconds.unwrap_or(0);
+        if wait > grants::MAX_WAIT_SECONDS {
+            return Err(ToolError::Refused(format!(
+                "wait_seconds: at most {} (the agent's tool call would time out), got {wait}",
+                grants::MAX_WAIT_SECONDS
+            )));
+        }
+        let token = context.meta.get_progress_token();
+        let peer = context.peer.clone();
+        let status = grants::wait(
+            &self.app,
+            caller,
+            &args.grant_id,
+            Duration::from_secs(wait),
+            &move |done: u64, total: u64| {
+                let (peer, token) = (peer.clone(), token.clone());
+                Box::pin(async move {
+                    if let Some(token) = token {
+                        let mut note = ProgressNotificationParam::new(token, done as f64);
+                        note.total = Some(total as f64);
+                        note.message = Some("waiting for the approver".to_owned());
+                        let _ = peer.notify_progress(note).await;
+                    }
+                })
+            },
+        )
+        .await?;
+        Ok(Json(status))
+    }
+
+    #[tool(
+        name = "revoke_grant",
+        description = "End a grant as soon as the task no longer needs it (pending or active). \
+Afterwards no command can run under it. Grants also end by themselves when they expire or their \
+uses run out.",
+        annotations(
+            title = "Revoke a grant",
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn revoke_grant(
+        &self,
+        Parameters(args): Parameters<GrantIdArgs>,
+        Extension(parts): Extension<http::request::Parts>,
+    ) -> Result<Json<GrantStatus>, ToolError> {
+        let caller = identity(&parts)?;
+        Ok(Json(grants::revoke(&self.app, caller, &args.grant_id).await?))
     }
 
     #[tool(
@@ -69,11 +180,11 @@ have signed in. Secret values are never returned.",
     async fn list_environments(
         &self,
         Extension(parts): Extension<http::request::Parts>,
-    ) -> Result<Json<EnvironmentList>, McpError> {
+    ) -> Result<Json<EnvironmentList>, ToolError> {
         let caller = identity(&parts)?;
         let envs = environments::list(&self.app.db, &caller.tenant)
             .await
-            .map_err(|e| internal("listing environments failed", &e))?;
+            .map_err(|e| ToolError::Internal(internal("listing environments failed", &e)))?;
         Ok(Json(EnvironmentList {
             environments: envs.into_iter().map(Into::into).collect(),
         }))
@@ -124,11 +235,85 @@ impl ServerHandler for CustodianMcp {
 }
 
 /// The authenticated caller of this request.
-fn identity(parts: &http::request::Parts) -> Result<&AgentIdentity, McpError> {
-    parts
-        .extensions
-        .get::<AgentIdentity>()
-        .ok_or_else(|| internal("request reached a tool without an identity", &"missing"))
+fn identity(parts: &http::request::Parts) -> Result<&AgentIdentity, ToolError> {
+    parts.extensions.get::<AgentIdentity>().ok_or_else(|| {
+        ToolError::Internal(internal("request reached a tool without an identity", &"missing"))
+    })
+}
+
+/// Arguments naming one grant.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantIdArgs {
+    /// The grant_id returned by request_grant.
+    pub grant_id: String,
+}
+
+/// Arguments of `grant_status`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantStatusArgs {
+    /// The grant_id returned by request_grant.
+    pub grant_id: String,
+    /// Wait up to this many seconds (at most 240) for the state to change.
+    pub wait_seconds: Option<u64>,
+}
+
+/// How a tool call fails: refusals the agent should read (a tool result with `isError`), or an
+/// internal failure (a JSON-RPC error naming only a correlation id).
+#[derive(Debug)]
+pub enum ToolError {
+    Refused(String),
+    Internal(McpError),
+}
+
+impl From<GrantError> for ToolError {
+    fn from(error: GrantError) -> Self {
+        match error {
+            GrantError::Internal(e) => ToolError::Internal(internal("grant operation failed", &e)),
+            refused => ToolError::Refused(refused.to_string()),
+        }
+    }
+}
+
+impl IntoCallToolResult for ToolError {
+    fn into_call_tool_result(self) -> Result<CallToolResponse, McpError> {
+        match self {
+            ToolError::Refused(message) => {
+                Ok(CallToolResult::error(vec![ContentBlock::text(message)]).into())
+            }
+            ToolError::Internal(error) => Err(error),
+        }
+    }
+}
+
+/// Offers the approval page as a URL-mode elicitation when the client declared support; the text
+/// path (the returned message) works without it. Fire and forget: the approval itself happens at
+/// the IdP, whatever the client answers.
+fn offer_url_elicitation(context: &RequestContext<RoleServer>, requested: &RequestedGrant) {
+    let declared = context
+        .peer
+        .peer_info()
+        .is_some_and(|info| {
+            info.capabilities
+                .elicitation
+                .as_ref()
+                .is_some_and(|e| e.url.is_some())
+        });
+    let Ok(url) = url::Url::parse(&requested.approval_url) else {
+        return;
+    };
+    if !declared {
+        return;
+    }
+    let peer = context.peer.clone();
+    let message = requested.message.clone();
+    let id = requested.grant_id.clone();
+    tokio::spawn(async move {
+        if let Err(e) = peer.elicit_url(message, url, id).await {
+            tracing::debug!(error = %e, "URL elicitation not taken up by the client");
+        }
+    });
 }
 
 /// Logs an internal failure once and returns an MCP error that names only a correlation id.

@@ -174,18 +174,6 @@ impl Oidc {
         }
     }
 
-    /// Sends one request for openidconnect.
-    async fn call(&self, request: HttpRequest) -> Result<HttpResponse, reqwest::Error> {
-        let request = reqwest::Request::try_from(request)?;
-        let response = self.http.execute(request).await?;
-        let mut builder = http::Response::builder().status(response.status());
-        for (name, value) in response.headers() {
-            builder = builder.header(name, value);
-        }
-        let body = response.bytes().await?.to_vec();
-        Ok(builder.body(body).expect("status and headers came from a response"))
-    }
-
     async fn metadata(
         &self,
         issuer: &str,
@@ -205,8 +193,7 @@ impl Oidc {
             }
         }
         let issuer_url = IssuerUrl::new(issuer.to_owned()).map_err(|e| e.to_string())?;
-        let client = |request| self.call(request);
-        let metadata = Metadata::discover_async(issuer_url, &client)
+        let metadata = Metadata::discover_async(issuer_url, &HttpClient(self.http.clone()))
             .await
             .map_err(|e| error_chain(&e))?;
         let found = std::sync::Arc::new(Discovered {
@@ -240,7 +227,7 @@ impl Oidc {
         )
         .set_device_authorization_url(device_url)
         .set_auth_type(AuthType::RequestBody);
-        let http = |request| self.call(request);
+        let http = HttpClient(self.http.clone());
         let details: CoreDeviceAuthorizationResponse = client
             .exchange_device_code()
             .add_scopes(
@@ -371,6 +358,31 @@ impl Oidc {
                 Err(e) => return Err(format!("the ID token does not verify: {e}")),
             }
         }
+    }
+}
+
+/// openidconnect's HTTP client: the gateway's reqwest client (no redirects, timeouts).
+struct HttpClient(reqwest::Client);
+
+impl<'c> openidconnect::AsyncHttpClient<'c> for HttpClient {
+    type Error = reqwest::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<HttpResponse, reqwest::Error>> + Send + 'c>,
+    >;
+
+    fn call(&'c self, request: HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let request = reqwest::Request::try_from(request)?;
+            let response = self.0.execute(request).await?;
+            let mut builder = http::Response::builder().status(response.status());
+            for (name, value) in response.headers() {
+                builder = builder.header(name, value);
+            }
+            let body = response.bytes().await?.to_vec();
+            Ok(builder
+                .body(body)
+                .expect("status and headers came from a response"))
+        })
     }
 }
 

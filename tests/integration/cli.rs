@@ -246,6 +246,14 @@ async fn dev_prints_url_token_and_codex_snippet_that_a_real_client_can_use() {
     ]);
     let second = read_until(&mut again.0, "Press Ctrl-C");
     assert!(!second.contains(&token));
+    // The previous start's token no longer works.
+    let old = reqwest::Client::new()
+        .post(second.lines().find_map(|l| l.strip_prefix("MCP URL:")).unwrap().trim())
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(old.status(), 401);
     assert!(again.terminate(Duration::from_secs(10)).success());
 }
 

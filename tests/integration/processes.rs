@@ -53,6 +53,7 @@ pub fn custodian(args: &[&str], envs: &[(&str, &str)]) -> Output {
 pub fn read_until(child: &mut Child, marker: &str) -> String {
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = std::sync::mpsc::channel();
+    let marker_copy = marker.to_owned();
     let marker = marker.to_owned();
     std::thread::spawn(move || {
         let mut seen = String::new();
@@ -65,8 +66,14 @@ pub fn read_until(child: &mut Child, marker: &str) -> String {
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("the process printed its banner")
+    rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+        let mut stderr = String::new();
+        if let Some(mut err) = child.stderr.take() {
+            let _ = child.kill();
+            let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
+        }
+        panic!("the process did not print `{marker_copy}`; stderr:\n{stderr}")
+    })
 }
 
 /// Spawns `custodian ARGS` with piped stdout/stderr.

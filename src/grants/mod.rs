@@ -1,0 +1,706 @@
+//! Task grants: an agent asks for one environment for one task; a human approves at the tenant's
+//! IdP (device flow); only then does a short-lived, bounded grant exist.
+//!
+//! Guarantees:
+//! - States `pending → active → {exhausted | expired | revoked}`, `pending → {denied | expired |
+//!   revoked}`; every transition is a conditional UPDATE plus an event (see [`store`]).
+//! - A grant is visible and usable only to the agent token that requested it, inside its tenant;
+//!   any other caller gets the same "not found" as for an id that does not exist.
+//! - TTL and uses are capped by the environment's policy; the approver must satisfy the policy
+//!   (who, how recently, how) or the grant is denied with the reason.
+//! - The device code is sealed at rest and dropped when the grant leaves `pending`; IdP tokens are
+//!   never stored.
+
+pub mod poller;
+pub mod store;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use schemars::JsonSchema;
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+
+use crate::agent_tokens::AgentIdentity;
+use crate::app::App;
+use crate::clock::UnixSeconds;
+use crate::environments::{self, LoginFreshness, Policy};
+use crate::keys::Purpose;
+use crate::oidc::Approver;
+use crate::store::StoreError;
+use crate::tenants::TenantId;
+
+/// Default lifetime asked for when the agent names none (capped by policy).
+pub const DEFAULT_TTL_SECONDS: i64 = 900;
+/// Default number of runs when the agent names none (capped by policy).
+pub const DEFAULT_MAX_USES: i64 = 10;
+/// Longest `grant_status` wait, under Codex's 300 s tool timeout.
+pub const MAX_WAIT_SECONDS: u64 = 240;
+const MAX_PURPOSE_CHARS: usize = 500;
+
+/// A grant id: `gr_` + 128 random bits in hex. It is also the approval page's id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GrantId(String);
+
+impl GrantId {
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 16];
+        rand::rng().fill_bytes(&mut bytes);
+        Self(format!("gr_{}", hex::encode(bytes)))
+    }
+
+    /// Accepts only the shape of a grant id (so junk never reaches a query).
+    pub fn parse(text: &str) -> Option<Self> {
+        let hex_part = text.strip_prefix("gr_")?;
+        (hex_part.len() == 32 && hex_part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .then(|| Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantState {
+    /// Waiting for a human to approve at the identity provider.
+    Pending,
+    /// Approved and usable until `expires_at` or until its uses run out.
+    Active,
+    /// All uses spent.
+    Exhausted,
+    /// Its time ran out (or the approval was never given in time).
+    Expired,
+    /// Revoked by the agent or an admin.
+    Revoked,
+    /// Declined at the IdP, or the approver did not satisfy the policy.
+    Denied,
+}
+
+impl GrantState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Active => "active",
+            Self::Exhausted => "exhausted",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+            Self::Denied => "denied",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "pending" => Self::Pending,
+            "active" => Self::Active,
+            "exhausted" => Self::Exhausted,
+            "expired" => Self::Expired,
+            "revoked" => Self::Revoked,
+            "denied" => Self::Denied,
+            _ => return None,
+        })
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Pending | Self::Active)
+    }
+}
+
+/// A grant as stored (without its sealed device code).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Grant {
+    pub tenant_id: String,
+    pub id: String,
+    pub environment: String,
+    pub agent_token_id: String,
+    pub agent_name: String,
+    pub purpose: String,
+    pub ttl_seconds: i64,
+    pub max_uses: i64,
+    pub uses: i64,
+    pub state: GrantState,
+    pub created_at: UnixSeconds,
+    pub expires_at: UnixSeconds,
+    pub user_code: Option<String>,
+    pub verification_uri: Option<String>,
+    pub verification_uri_complete: Option<String>,
+    pub poll_interval_ms: i64,
+    pub approved_at: Option<UnixSeconds>,
+    pub approver_sub: Option<String>,
+    pub approver_name: Option<String>,
+    pub approver_email: Option<String>,
+    pub approver_groups: Vec<String>,
+    pub auth_time: Option<UnixSeconds>,
+    pub end_reason: Option<String>,
+    pub ended_at: Option<UnixSeconds>,
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    tenant_id: String,
+    id: String,
+    environment: String,
+    agent_token_id: String,
+    agent_name: String,
+    purpose: String,
+    ttl_seconds: i64,
+    max_uses: i64,
+    uses: i64,
+    state: String,
+    created_at: i64,
+    expires_at: i64,
+    user_code: Option<String>,
+    verification_uri: Option<String>,
+    verification_uri_complete: Option<String>,
+    poll_interval_ms: i64,
+    approved_at: Option<i64>,
+    approver_sub: Option<String>,
+    approver_name: Option<String>,
+    approver_email: Option<String>,
+    approver_groups: Option<String>,
+    auth_time: Option<i64>,
+    end_reason: Option<String>,
+    ended_at: Option<i64>,
+}
+
+impl TryFrom<Row> for Grant {
+    type Error = StoreError;
+
+    fn try_from(row: Row) -> Result<Self, StoreError> {
+        let state = GrantState::parse(&row.state)
+            .ok_or_else(|| StoreError::Corrupt(format!("grant {}: state", row.id)))?;
+        let approver_groups = match row.approver_groups {
+            Some(json) => serde_json::from_str(&json)
+                .map_err(|_| StoreError::Corrupt(format!("grant {}: approver_groups", row.id)))?,
+            None => Vec::new(),
+        };
+        Ok(Grant {
+            tenant_id: row.tenant_id,
+            id: row.id,
+            environment: row.environment,
+            agent_token_id: row.agent_token_id,
+            agent_name: row.agent_name,
+            purpose: row.purpose,
+            ttl_seconds: row.ttl_seconds,
+            max_uses: row.max_uses,
+            uses: row.uses,
+            state,
+            created_at: row.created_at,
+            expires_at: row.expires_at,
+            user_code: row.user_code,
+            verification_uri: row.verification_uri,
+            verification_uri_complete: row.verification_uri_complete,
+            poll_interval_ms: row.poll_interval_ms,
+            approved_at: row.approved_at,
+            approver_sub: row.approver_sub,
+            approver_name: row.approver_name,
+            approver_email: row.approver_email,
+            approver_groups,
+            auth_time: row.auth_time,
+            end_reason: row.end_reason,
+            ended_at: row.ended_at,
+        })
+    }
+}
+
+/// Why a grant operation was refused. Messages are written for the agent and never contain
+/// secret material; the same `NotFound` covers "no such grant" and "not yours".
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    #[error("no grant `{0}` for this agent")]
+    NotFound(String),
+    #[error("no environment `{0}` in this tenant; call list_environments to see the names")]
+    UnknownEnvironment(String),
+    #[error("{field}: {message}")]
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
+    #[error("too many grant requests from this agent token; try again in {retry_after_seconds} s")]
+    RateLimited { retry_after_seconds: u64 },
+    #[error(
+        "this agent token already has {0} grant_status waits open; wait for one to return before starting another"
+    )]
+    TooManyWaits(u32),
+    #[error(
+        "this tenant has no identity provider configured, so no one can approve grants; ask a Custodian admin to run `custodian admin tenant set-idp`"
+    )]
+    NoIdentityProvider,
+    #[error("{0}; the grant was not created, try again shortly")]
+    IdentityProvider(String),
+    #[error("grant `{id}` is already {state}")]
+    AlreadyEnded { id: String, state: &'static str },
+    #[error("internal error")]
+    Internal(#[from] InternalError),
+}
+
+/// A failure of ours; its text is logged, never shown.
+#[derive(Debug, thiserror::Error)]
+pub enum InternalError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
+}
+
+impl From<StoreError> for GrantError {
+    fn from(e: StoreError) -> Self {
+        GrantError::Internal(e.into())
+    }
+}
+
+/// What `request_grant` answers.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct RequestedGrant {
+    /// Pass this to grant_status, run and revoke_grant.
+    pub grant_id: String,
+    pub state: GrantState,
+    /// Page for the human approver: shows what is being asked and links to the sign-in.
+    pub approval_url: String,
+    /// Code the approver confirms at the identity provider.
+    pub user_code: String,
+    /// The identity provider's own verification page.
+    pub verification_uri: String,
+    /// Unix time (seconds) after which the request can no longer be approved.
+    pub expires_at: i64,
+    /// One line to relay to your human verbatim.
+    pub message: String,
+}
+
+/// What `grant_status` answers.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct GrantStatus {
+    pub grant_id: String,
+    pub state: GrantState,
+    pub environment: String,
+    pub purpose: String,
+    /// Who approved (their email or subject at the identity provider), once approved.
+    pub approver: Option<String>,
+    /// Unix time (seconds): for pending grants the approval deadline, for active ones the end of
+    /// the grant.
+    pub expires_at: i64,
+    /// Runs left (0 once the grant is no longer active).
+    pub uses_left: i64,
+    pub max_uses: i64,
+    /// Why the grant ended or was denied, when it did.
+    pub reason: Option<String>,
+}
+
+impl GrantStatus {
+    fn of(grant: &Grant) -> Self {
+        let uses_left = if grant.state == GrantState::Active {
+            (grant.max_uses - grant.uses).max(0)
+        } else {
+            0
+        };
+        Self {
+            grant_id: grant.id.clone(),
+            state: grant.state,
+            environment: grant.environment.clone(),
+            purpose: grant.purpose.clone(),
+            approver: grant.approver_name.clone().or(grant.approver_sub.clone()),
+            expires_at: grant.expires_at,
+            uses_left,
+            max_uses: grant.max_uses,
+            reason: grant.end_reason.clone(),
+        }
+    }
+}
+
+/// Arguments of `request_grant`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RequestArgs {
+    /// Environment name from list_environments.
+    pub environment: String,
+    /// What the task needs the credentials for, in a sentence the approver will read.
+    pub purpose: String,
+    /// How long the grant should last once approved (seconds); capped by the environment.
+    pub ttl_seconds: Option<i64>,
+    /// How many commands the grant may run; capped by the environment.
+    pub max_uses: Option<i64>,
+}
+
+/// Per-token limits kept in memory on each replica.
+#[derive(Debug, Default)]
+pub struct Limits {
+    requests: Mutex<HashMap<String, VecDeque<Instant>>>,
+    waits: Mutex<HashMap<String, u32>>,
+}
+
+/// An open `grant_status` wait; released on drop.
+pub struct WaitSlot<'a> {
+    limits: &'a Limits,
+    token: String,
+}
+
+impl Drop for WaitSlot<'_> {
+    fn drop(&mut self) {
+        let mut waits = self.limits.waits.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = waits.get_mut(&self.token) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                waits.remove(&self.token);
+            }
+        }
+    }
+}
+
+impl Limits {
+    fn admit_request(&self, token: &str, per_minute: u32) -> Result<(), GrantError> {
+        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let window = Duration::from_secs(60);
+        let seen = requests.entry(token.to_owned()).or_default();
+        while seen.front().is_some_and(|t| t.elapsed() >= window) {
+            seen.pop_front();
+        }
+        if seen.len() >= per_minute as usize {
+            let oldest = seen.front().map(Instant::elapsed).unwrap_or_default();
+            return Err(GrantError::RateLimited {
+                retry_after_seconds: window.saturating_sub(oldest).as_secs().max(1),
+            });
+        }
+        seen.push_back(Instant::now());
+        Ok(())
+    }
+
+    fn open_wait(&self, token: &str, max: u32) -> Result<WaitSlot<'_>, GrantError> {
+        let mut waits = self.waits.lock().unwrap_or_else(|e| e.into_inner());
+        let open = waits.entry(token.to_owned()).or_default();
+        if *open >= max {
+            return Err(GrantError::TooManyWaits(max));
+        }
+        *open += 1;
+        Ok(WaitSlot {
+            limits: self,
+            token: token.to_owned(),
+        })
+    }
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> GrantError {
+    GrantError::InvalidArgument {
+        field,
+        message: message.into(),
+    }
+}
+
+fn capped(field: &'static str, asked: Option<i64>, default: i64, cap: i64) -> Result<i64, GrantError> {
+    match asked {
+        None => Ok(default.min(cap)),
+        Some(v) if v < 1 => Err(invalid(field, format!("must be at least 1, got {v}"))),
+        Some(v) if v > cap => Err(invalid(
+            field,
+            format!("{v} is over this environment's limit of {cap}"),
+        )),
+        Some(v) => Ok(v),
+    }
+}
+
+/// `request_grant`: validates against policy, starts the device flow, stores a pending grant.
+#[tracing::instrument(skip_all, fields(tenant.id = %caller.tenant, agent = %caller.token_name))]
+pub async fn request(
+    app: &App,
+    caller: &AgentIdentity,
+    args: RequestArgs,
+) -> Result<RequestedGrant, GrantError> {
+    let purpose = args.purpose.trim();
+    if purpose.is_empty() {
+        return Err(invalid("purpose", "must say what the credentials are for (it is shown to the approver)"));
+    }
+    if purpose.chars().count() > MAX_PURPOSE_CHARS {
+        return Err(invalid("purpose", format!("must be at most {MAX_PURPOSE_CHARS} characters")));
+    }
+    let Some(env) = environments::get(&app.db, &caller.tenant, &args.environment).await? else {
+        return Err(GrantError::UnknownEnvironment(
+            args.environment.chars().take(64).collect(),
+        ));
+    };
+    let ttl_seconds = capped("ttl_seconds", args.ttl_seconds, DEFAULT_TTL_SECONDS, env.policy.max_ttl_seconds)?;
+    let max_uses = capped("max_uses", args.max_uses, DEFAULT_MAX_USES, env.policy.max_uses)?;
+    let tenant = crate::tenants::get(&app.db, caller.tenant.as_str())
+        .await?
+        .ok_or_else(|| GrantError::NotFound(String::new()))?;
+    let idp = tenant.idp().ok_or(GrantError::NoIdentityProvider)?;
+    app.limits
+        .admit_request(&caller.token_id, app.config.grants.requests_per_minute)?;
+
+    let authorization = app
+        .oidc
+        .start(&idp)
+        .await
+        .map_err(|e| GrantError::IdentityProvider(e.to_string()))?;
+    let id = GrantId::generate();
+    let now_ms = app.clock.now_ms();
+    let expires_at = now_ms.div_euclid(1000)
+        + i64::try_from(authorization.expires_in.as_secs()).unwrap_or(i64::MAX / 4);
+    let sealed = app.master_key.seal(
+        Purpose::DeviceCode,
+        &device_code_aad(&caller.tenant, &id),
+        authorization.device_code.expose_secret().as_bytes(),
+    );
+    drop(authorization.device_code);
+    let interval_ms =
+        i64::try_from(authorization.interval.as_millis()).unwrap_or(5000).max(1000);
+    store::insert(
+        &app.db,
+        &store::NewGrant {
+            tenant: &caller.tenant,
+            id: &id,
+            environment: &env.name,
+            agent_token_id: &caller.token_id,
+            agent_name: &caller.token_name,
+            purpose,
+            ttl_seconds,
+            max_uses,
+            expires_at,
+            user_code: &authorization.user_code,
+            verification_uri: &authorization.verification_uri,
+            verification_uri_complete: authorization.verification_uri_complete.as_deref(),
+            device_code_sealed: &sealed,
+            poll_interval_ms: interval_ms,
+        },
+        now_ms,
+    )
+    .await?;
+    app.poke_poller();
+    tracing::info!(grant.id = id.as_str(), environment = %env.name, "grant requested");
+    let approval_url = approval_url(app, &id);
+    let message = format!(
+        "Approval needed: open {approval_url} and approve code {} to let me use `{}` for: {purpose}",
+        authorization.user_code, env.name
+    );
+    Ok(RequestedGrant {
+        grant_id: id.0,
+        state: GrantState::Pending,
+        approval_url,
+        user_code: authorization.user_code,
+        verification_uri: authorization.verification_uri,
+        expires_at,
+        message,
+    })
+}
+
+/// The approval page's URL for a grant.
+pub fn approval_url(app: &App, id: &GrantId) -> String {
+    let base = app.config.server.public_url.as_str().trim_end_matches('/');
+    format!("{base}/approve/{}", id.as_str())
+}
+
+/// Associated data binding a sealed device code to its grant.
+pub fn device_code_aad(tenant: &TenantId, id: &GrantId) -> String {
+    format!("device-code/{}/{}", tenant.as_str(), id.as_str())
+}
+
+/// The caller's own grant, or `NotFound`.
+async fn own_grant(app: &App, caller: &AgentIdentity, id: &str) -> Result<Grant, GrantError> {
+    let not_found = || GrantError::NotFound(id.chars().take(40).collect());
+    let id = GrantId::parse(id).ok_or_else(not_found)?;
+    let grant = store::get(&app.db, &caller.tenant, id.as_str())
+        .await?
+        .filter(|g| g.agent_token_id == caller.token_id)
+        .ok_or_else(not_found)?;
+    expire_if_due(app, grant).await
+}
+
+/// Ends an active grant whose time is up before anyone reads it as active.
+async fn expire_if_due(app: &App, grant: Grant) -> Result<Grant, GrantError> {
+    let now_ms = app.clock.now_ms();
+    if grant.state == GrantState::Active && grant.expires_at <= now_ms.div_euclid(1000) {
+        let tenant = TenantId::parse(&grant.tenant_id).map_err(|_| StoreError::Corrupt("tenant id".into()))?;
+        store::end(&app.db, &tenant, &grant.id, &[GrantState::Active], GrantState::Expired, "the grant's time ran out", now_ms).await?;
+        app.grant_changed.notify_waiters();
+        return Ok(store::get(&app.db, &tenant, &grant.id).await?.unwrap_or(grant));
+    }
+    Ok(grant)
+}
+
+/// `grant_status` without waiting.
+pub async fn status(app: &App, caller: &AgentIdentity, id: &str) -> Result<GrantStatus, GrantError> {
+    Ok(GrantStatus::of(&own_grant(app, caller, id).await?))
+}
+
+/// Reports `(elapsed, total)` seconds of a wait.
+pub type Progress = dyn Fn(u64, u64) -> futures::future::BoxFuture<'static, ()> + Send + Sync;
+
+/// `grant_status` with a wait: returns as soon as the state differs from the one first seen, or
+/// when `wait` is over. `progress(elapsed, total)` is called about once a second while waiting.
+pub async fn wait(
+    app: &App,
+    caller: &AgentIdentity,
+    id: &str,
+    wait: Duration,
+    progress: &Progress,
+) -> Result<GrantStatus, GrantError> {
+    let first = own_grant(app, caller, id).await?;
+    if first.state.is_terminal() || wait.is_zero() {
+        return Ok(GrantStatus::of(&first));
+    }
+    let _slot = app
+        .limits
+        .open_wait(&caller.token_id, app.config.grants.concurrent_waits_per_token)?;
+    let started = Instant::now();
+    let total = wait.as_secs();
+    loop {
+        let left = wait.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return status(app, caller, id).await;
+        }
+        // Woken at once by a change on this replica; other replicas' changes show within 1 s.
+        let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), app.grant_changed.notified()).await;
+        let now = own_grant(app, caller, id).await?;
+        if now.state != first.state {
+            return Ok(GrantStatus::of(&now));
+        }
+        progress(started.elapsed().as_secs().min(total), total).await;
+    }
+}
+
+/// `revoke_grant` by the agent that requested it.
+pub async fn revoke(app: &App, caller: &AgentIdentity, id: &str) -> Result<GrantStatus, GrantError> {
+    let grant = own_grant(app, caller, id).await?;
+    end_by(app, grant, "revoked by the agent").await
+}
+
+/// Revocation by an admin (any grant of the tenant).
+pub async fn revoke_as_admin(app: &App, tenant: &TenantId, id: &str) -> Result<GrantStatus, GrantError> {
+    let grant = store::get(&app.db, tenant, id)
+        .await?
+        .ok_or_else(|| GrantError::NotFound(id.chars().take(40).collect()))?;
+    end_by(app, grant, "revoked by an admin").await
+}
+
+async fn end_by(app: &App, grant: Grant, reason: &str) -> Result<GrantStatus, GrantError> {
+    let tenant = TenantId::parse(&grant.tenant_id).map_err(|_| StoreError::Corrupt("tenant id".into()))?;
+    let ended = store::end(
+        &app.db,
+        &tenant,
+        &grant.id,
+        &[GrantState::Pending, GrantState::Active],
+        GrantState::Revoked,
+        reason,
+        app.clock.now_ms(),
+    )
+    .await?;
+    let now = store::get(&app.db, &tenant, &grant.id).await?.unwrap_or(grant);
+    if !ended {
+        return Err(GrantError::AlreadyEnded {
+            id: now.id,
+            state: now.state.as_str(),
+        });
+    }
+    app.grant_changed.notify_waiters();
+    tracing::info!(tenant.id = %tenant, grant.id = %now.id, "grant revoked");
+    Ok(GrantStatus::of(&now))
+}
+
+/// Whether `approver` may approve under `policy` at time `now`; the error is the denial reason.
+pub fn check_approver(policy: &Policy, approver: &Approver, now: UnixSeconds) -> Result<(), String> {
+    let who = approver.name.as_deref().unwrap_or(&approver.subject);
+    if policy.freshness == LoginFreshness::Required {
+        match approver.auth_time {
+            None => return Err("the identity provider did not say when the approver signed in (auth_time), and this environment requires a fresh sign-in".to_owned()),
+            Some(at) if now - at > policy.max_auth_age_seconds => {
+                return Err(format!(
+                    "the approver signed in {} s before approving; this environment requires a sign-in within {} s",
+                    now - at,
+                    policy.max_auth_age_seconds
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    if !policy.accepted_acr.is_empty()
+        && !approver.acr.as_ref().is_some_and(|acr| policy.accepted_acr.contains(acr))
+    {
+        return Err(format!(
+            "the approver's sign-in level (acr) is not one of: {}",
+            policy.accepted_acr.join(", ")
+        ));
+    }
+    if let Some(missing) = policy.required_amr.iter().find(|m| !approver.amr.contains(m)) {
+        return Err(format!("the approver's sign-in did not use the required method `{missing}` (amr)"));
+    }
+    let list = &policy.approvers;
+    if list.subjects.is_empty() && list.emails.is_empty() && list.groups.is_empty() {
+        return Ok(());
+    }
+    let allowed = list.subjects.contains(&approver.subject)
+        || approver
+            .email
+            .as_ref()
+            .is_some_and(|e| list.emails.iter().any(|a| a.eq_ignore_ascii_case(e)))
+        || approver.groups.iter().any(|g| list.groups.contains(g));
+    if allowed {
+        Ok(())
+    } else {
+        Err(format!("{who} is not allowed to approve grants for this environment"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::environments::Approvers;
+
+    fn approver() -> Approver {
+        Approver {
+            subject: "alice".into(),
+            name: Some("alice@example.com".into()),
+            email: Some("alice@example.com".into()),
+            groups: vec!["platform".into()],
+            auth_time: Some(1000),
+            acr: Some("mfa".into()),
+            amr: vec!["pwd".into(), "otp".into()],
+        }
+    }
+
+    #[test]
+    fn grant_ids_are_128_bit_and_parsed_strictly() {
+        let id = GrantId::generate();
+        assert_eq!(id.as_str().len(), 3 + 32);
+        assert_eq!(GrantId::parse(id.as_str()), Some(id.clone()));
+        assert_ne!(GrantId::generate(), id);
+        for bad in ["gr_", "gr_XYZ", "xx_0123456789abcdef0123456789abcdef", "gr_0123456789ABCDEF0123456789abcdef"] {
+            assert_eq!(GrantId::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn policy_checks_who_how_recently_and_how() {
+        let mut policy = Policy::default();
+        assert_eq!(check_approver(&policy, &approver(), 1100), Ok(()));
+        let stale = check_approver(&policy, &approver(), 1000 + 301).unwrap_err();
+        assert!(stale.contains("within 300 s"), "{stale}");
+        let mut no_time = approver();
+        no_time.auth_time = None;
+        assert!(check_approver(&policy, &no_time, 1100).is_err());
+        policy.freshness = LoginFreshness::NotRequired;
+        assert_eq!(check_approver(&policy, &no_time, 999_999), Ok(()));
+
+        policy.approvers = Approvers { subjects: vec![], emails: vec!["ALICE@example.com".into()], groups: vec![] };
+        assert_eq!(check_approver(&policy, &approver(), 1100), Ok(()));
+        policy.approvers = Approvers { subjects: vec![], emails: vec![], groups: vec!["sre".into()] };
+        let refused = check_approver(&policy, &approver(), 1100).unwrap_err();
+        assert!(refused.contains("alice@example.com is not allowed"), "{refused}");
+        policy.approvers.groups.push("platform".into());
+        assert_eq!(check_approver(&policy, &approver(), 1100), Ok(()));
+
+        policy.accepted_acr = vec!["phr".into()];
+        assert!(check_approver(&policy, &approver(), 1100).unwrap_err().contains("acr"));
+        policy.accepted_acr = vec!["mfa".into()];
+        policy.required_amr = vec!["hwk".into()];
+        assert!(check_approver(&policy, &approver(), 1100).unwrap_err().contains("`hwk`"));
+    }
+
+    #[test]
+    fn caps_name_the_field_and_the_limit() {
+        assert_eq!(capped("ttl_seconds", None, 900, 300).unwrap(), 300);
+        let over = capped("ttl_seconds", Some(7200), 900, 3600).unwrap_err().to_string();
+        assert_eq!(over, "ttl_seconds: 7200 is over this environment's limit of 3600");
+        assert!(capped("max_uses", Some(0), 10, 5).unwrap_err().to_string().starts_with("max_uses: must be at least 1"));
+    }
+}

@@ -1,0 +1,345 @@
+//! SQL for grants. Every transition is one conditional UPDATE (first writer wins) plus an event row
+//! in the same transaction; a transition that finds the grant in another state changes nothing.
+
+use serde_json::Value;
+
+use super::{Grant, GrantId, GrantState};
+use crate::clock::{UnixMillis, UnixSeconds};
+use crate::oidc::Approver;
+use crate::store::{Db, StoreError};
+use crate::tenants::TenantId;
+
+/// A grant about to be stored.
+pub struct NewGrant<'a> {
+    pub tenant: &'a TenantId,
+    pub id: &'a GrantId,
+    pub environment: &'a str,
+    pub agent_token_id: &'a str,
+    pub agent_name: &'a str,
+    pub purpose: &'a str,
+    pub ttl_seconds: i64,
+    pub max_uses: i64,
+    pub expires_at: UnixSeconds,
+    pub user_code: &'a str,
+    pub verification_uri: &'a str,
+    pub verification_uri_complete: Option<&'a str>,
+    pub device_code_sealed: &'a str,
+    pub poll_interval_ms: i64,
+}
+
+/// One entry of a grant's timeline.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
+pub struct Event {
+    pub seq: i64,
+    pub at_ms: i64,
+    pub kind: String,
+    pub detail: String,
+}
+
+macro_rules! select_grants {
+    ($clause:literal) => {
+        concat!(
+            "SELECT tenant_id, id, environment, agent_token_id, agent_name, purpose, ttl_seconds, ",
+            "max_uses, uses, state, created_at, expires_at, user_code, verification_uri, ",
+            "verification_uri_complete, poll_interval_ms, approved_at, approver_sub, approver_name, ",
+            "approver_email, approver_groups, auth_time, end_reason, ended_at FROM grants ",
+            $clause
+        )
+    };
+}
+
+async fn append_event(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    tenant: &str,
+    grant: &str,
+    now_ms: UnixMillis,
+    kind: &str,
+    detail: &Value,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO grant_events (tenant_id, grant_id, seq, at_ms, kind, detail) \
+         SELECT $1, $2, COALESCE(MAX(seq), 0) + 1, $3, $4, $5 FROM grant_events \
+         WHERE tenant_id = $1 AND grant_id = $2",
+    )
+    .bind(tenant)
+    .bind(grant)
+    .bind(now_ms)
+    .bind(kind)
+    .bind(detail.to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Stores a new pending grant and its `requested` event.
+pub async fn insert(db: &Db, new: &NewGrant<'_>, now_ms: UnixMillis) -> Result<(), StoreError> {
+    let mut tx = db.pool().begin().await?;
+    sqlx::query(
+        "INSERT INTO grants (tenant_id, id, environment, agent_token_id, agent_name, purpose, \
+         ttl_seconds, max_uses, uses, state, created_at, expires_at, user_code, verification_uri, \
+         verification_uri_complete, device_code_sealed, poll_interval_ms, next_poll_at_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, 'pending', $9, $10, $11, $12, $13, $14, $15, $16)",
+    )
+    .bind(new.tenant.as_str())
+    .bind(new.id.as_str())
+    .bind(new.environment)
+    .bind(new.agent_token_id)
+    .bind(new.agent_name)
+    .bind(new.purpose)
+    .bind(new.ttl_seconds)
+    .bind(new.max_uses)
+    .bind(now_ms.div_euclid(1000))
+    .bind(new.expires_at)
+    .bind(new.user_code)
+    .bind(new.verification_uri)
+    .bind(new.verification_uri_complete)
+    .bind(new.device_code_sealed)
+    .bind(new.poll_interval_ms)
+    .bind(now_ms + new.poll_interval_ms)
+    .execute(&mut *tx)
+    .await?;
+    let detail = serde_json::json!({
+        "environment": new.environment,
+        "agent": new.agent_name,
+        "purpose": new.purpose,
+        "ttl_seconds": new.ttl_seconds,
+        "max_uses": new.max_uses,
+    });
+    append_event(
+        &mut tx,
+        new.tenant.as_str(),
+        new.id.as_str(),
+        now_ms,
+        "requested",
+        &detail,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A grant of the tenant.
+pub async fn get(db: &Db, tenant: &TenantId, id: &str) -> Result<Option<Grant>, StoreError> {
+    let row = sqlx::query_as::<_, super::Row>(select_grants!("WHERE tenant_id = $1 AND id = $2"))
+        .bind(tenant.as_str())
+        .bind(id)
+        .fetch_optional(db.pool())
+        .await?;
+    row.map(Grant::try_from).transpose()
+}
+
+/// A grant by its id alone (the approval page, which has no tenant context).
+pub async fn get_by_id(db: &Db, id: &str) -> Result<Option<Grant>, StoreError> {
+    let row = sqlx::query_as::<_, super::Row>(select_grants!("WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(db.pool())
+        .await?;
+    row.map(Grant::try_from).transpose()
+}
+
+/// The tenant's grants, newest first, optionally in one state.
+pub async fn list(
+    db: &Db,
+    tenant: &TenantId,
+    state: Option<GrantState>,
+    limit: i64,
+) -> Result<Vec<Grant>, StoreError> {
+    let rows = sqlx::query_as::<_, super::Row>(select_grants!(
+        "WHERE tenant_id = $1 AND ($2 = '' OR state = $2) ORDER BY created_at DESC, id LIMIT $3"
+    ))
+    .bind(tenant.as_str())
+    .bind(state.map(GrantState::as_str).unwrap_or(""))
+    .bind(limit)
+    .fetch_all(db.pool())
+    .await?;
+    rows.into_iter().map(Grant::try_from).collect()
+}
+
+/// The grant's timeline, oldest first.
+pub async fn events(db: &Db, tenant: &TenantId, id: &str) -> Result<Vec<Event>, StoreError> {
+    Ok(sqlx::query_as::<_, Event>(
+        "SELECT seq, at_ms, kind, detail FROM grant_events \
+         WHERE tenant_id = $1 AND grant_id = $2 ORDER BY seq",
+    )
+    .bind(tenant.as_str())
+    .bind(id)
+    .fetch_all(db.pool())
+    .await?)
+}
+
+/// pending → active, recording the approver. Returns whether this call made the transition.
+pub async fn approve(
+    db: &Db,
+    tenant: &TenantId,
+    id: &str,
+    approver: &Approver,
+    now_ms: UnixMillis,
+) -> Result<bool, StoreError> {
+    let now = now_ms.div_euclid(1000);
+    let mut tx = db.pool().begin().await?;
+    let done = sqlx::query(
+        "UPDATE grants SET state = 'active', approved_at = $1, expires_at = $1 + ttl_seconds, \
+         approver_sub = $2, approver_name = $3, approver_email = $4, approver_groups = $5, \
+         auth_time = $6, device_code_sealed = NULL, lease_owner = NULL, lease_until_ms = NULL \
+         WHERE tenant_id = $7 AND id = $8 AND state = 'pending'",
+    )
+    .bind(now)
+    .bind(&approver.subject)
+    .bind(&approver.name)
+    .bind(&approver.email)
+    .bind(serde_json::to_string(&approver.groups).expect("strings serialize"))
+    .bind(approver.auth_time)
+    .bind(tenant.as_str())
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() != 1 {
+        return Ok(false);
+    }
+    let detail = serde_json::json!({
+        "approver": approver.name.as_deref().unwrap_or(&approver.subject),
+        "subject": approver.subject,
+        "email": approver.email,
+        "groups": approver.groups,
+        "auth_time": approver.auth_time,
+        "acr": approver.acr,
+        "amr": approver.amr,
+    });
+    append_event(&mut tx, tenant.as_str(), id, now_ms, "approved", &detail).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Ends a grant that is in `from` (one or two states) with `to` and a reason. Returns whether this
+/// call made the transition.
+pub async fn end(
+    db: &Db,
+    tenant: &TenantId,
+    id: &str,
+    from: &[GrantState],
+    to: GrantState,
+    reason: &str,
+    now_ms: UnixMillis,
+) -> Result<bool, StoreError> {
+    let (first, second) = match from {
+        [one] => (*one, *one),
+        [one, two] => (*one, *two),
+        _ => unreachable!("end() takes one or two source states"),
+    };
+    let mut tx = db.pool().begin().await?;
+    let done = sqlx::query(
+        "UPDATE grants SET state = $1, end_reason = $2, ended_at = $3, device_code_sealed = NULL, \
+         lease_owner = NULL, lease_until_ms = NULL \
+         WHERE tenant_id = $4 AND id = $5 AND (state = $6 OR state = $7)",
+    )
+    .bind(to.as_str())
+    .bind(reason)
+    .bind(now_ms.div_euclid(1000))
+    .bind(tenant.as_str())
+    .bind(id)
+    .bind(first.as_str())
+    .bind(second.as_str())
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() != 1 {
+        return Ok(false);
+    }
+    let detail = serde_json::json!({ "reason": reason });
+    append_event(&mut tx, tenant.as_str(), id, now_ms, to.as_str(), &detail).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Pending grants whose next poll is due and whose lease is free, oldest first.
+pub async fn due(
+    db: &Db,
+    now_ms: UnixMillis,
+    limit: i64,
+) -> Result<Vec<(String, String)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT tenant_id, id FROM grants WHERE state = 'pending' AND next_poll_at_ms <= $1 \
+         AND (lease_until_ms IS NULL OR lease_until_ms < $1) ORDER BY next_poll_at_ms LIMIT $2",
+    )
+    .bind(now_ms)
+    .bind(limit)
+    .fetch_all(db.pool())
+    .await?)
+}
+
+/// Takes the polling lease of a pending grant; only one poller across all replicas gets it.
+pub async fn claim(
+    db: &Db,
+    tenant: &str,
+    id: &str,
+    owner: &str,
+    now_ms: UnixMillis,
+    lease_ms: i64,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE grants SET lease_owner = $1, lease_until_ms = $2 \
+         WHERE tenant_id = $3 AND id = $4 AND state = 'pending' \
+         AND (lease_until_ms IS NULL OR lease_until_ms < $5)",
+    )
+    .bind(owner)
+    .bind(now_ms + lease_ms)
+    .bind(tenant)
+    .bind(id)
+    .bind(now_ms)
+    .execute(db.pool())
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Sets the next poll time (and interval) and releases the lease held by `owner`.
+pub async fn reschedule(
+    db: &Db,
+    tenant: &TenantId,
+    id: &str,
+    owner: &str,
+    interval_ms: i64,
+    next_poll_at_ms: UnixMillis,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE grants SET poll_interval_ms = $1, next_poll_at_ms = $2, lease_owner = NULL, \
+         lease_until_ms = NULL WHERE tenant_id = $3 AND id = $4 AND lease_owner = $5",
+    )
+    .bind(interval_ms)
+    .bind(next_poll_at_ms)
+    .bind(tenant.as_str())
+    .bind(id)
+    .bind(owner)
+    .execute(db.pool())
+    .await?;
+    Ok(())
+}
+
+/// The sealed device code of a pending grant.
+pub async fn device_code_sealed(
+    db: &Db,
+    tenant: &TenantId,
+    id: &str,
+) -> Result<Option<String>, StoreError> {
+    let row: Option<(Option<String>,)> = sqlx::query_as(
+        "SELECT device_code_sealed FROM grants WHERE tenant_id = $1 AND id = $2 AND state = 'pending'",
+    )
+    .bind(tenant.as_str())
+    .bind(id)
+    .fetch_optional(db.pool())
+    .await?;
+    Ok(row.and_then(|(sealed,)| sealed))
+}
+
+/// Active grants whose time is up, for the expiry sweep.
+pub async fn expired_active(
+    db: &Db,
+    now: UnixSeconds,
+    limit: i64,
+) -> Result<Vec<(String, String)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT tenant_id, id FROM grants WHERE state = 'active' AND expires_at <= $1 LIMIT $2",
+    )
+    .bind(now)
+    .bind(limit)
+    .fetch_all(db.pool())
+    .await?)
+}
