@@ -178,7 +178,12 @@ async fn start_gateway(dir: &std::path::Path) -> (Server, String, String) {
     let (_, token) = custodian::agent_tokens::create(&db, &tenant, "bench", 0)
         .await
         .expect("token");
-    let app = Arc::new(App::new(config, db, Arc::new(SystemClock)));
+    let app = Arc::new(App::new(
+        config,
+        db,
+        Arc::new(SystemClock),
+        custodian::keys::MasterKey::generate(),
+    ));
     let server = Server::start_on(app, listener).expect("serve");
     (
         server,

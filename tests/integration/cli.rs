@@ -14,11 +14,14 @@ on_both_backends!(
 );
 
 fn write_config(dir: &std::path::Path, port: u16, db_url: &str) -> String {
+    let key = dir.join("master.key");
+    ok(custodian(&["admin", "master-key", "generate", "--out", key.to_str().unwrap()], &[]));
     let path = dir.join("custodian.toml");
     std::fs::write(
         &path,
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"http://127.0.0.1:{port}\"\nshutdown_grace_seconds = 5\n\n[database]\nurl = \"{db_url}\"\n"
+            "[server]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"http://127.0.0.1:{port}\"\nshutdown_grace_seconds = 5\n\n[database]\nurl = \"{db_url}\"\n\n[secrets]\nmaster_key_file = \"{}\"\n",
+            key.display()
         ),
     )
     .unwrap();
@@ -76,9 +79,12 @@ async fn serve_answers_a_python_mcp_client_and_stops_on_sigterm(backend: Backend
     wait_healthy(&format!("{base}/readyz")).await;
 
     let seen = python_client(&python, &format!("{base}/t/acme/mcp"), &token);
-    assert_eq!(seen["tools"][0]["name"], "list_environments", "{seen}");
-    assert_eq!(seen["tools"][0]["read_only"], true);
-    assert_eq!(seen["tools"][0]["has_output_schema"], true);
+    let tools = seen["tools"].as_array().unwrap();
+    let names: Vec<&str> = tools.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["grant_status", "list_environments", "request_grant", "revoke_grant"]);
+    assert!(tools.iter().all(|t| t["has_output_schema"] == true), "{seen}");
+    let list = tools.iter().find(|t| t["name"] == "list_environments").unwrap();
+    assert_eq!(list["read_only"], true);
     assert_eq!(seen["is_error"], false);
     let envs = &seen["structured"]["environments"];
     assert_eq!(envs.as_array().unwrap().len(), 1, "{seen}");
@@ -202,7 +208,7 @@ async fn dev_prints_url_token_and_codex_snippet_that_a_real_client_can_use() {
     assert!(banner.contains(&format!("export CUSTODIAN_TOKEN={token}")));
     // The Codex snippet is valid TOML with what Codex needs.
     let snippet_start = banner.find("[mcp_servers.custodian]").expect("snippet");
-    let snippet_end = banner.find("Press Ctrl-C").unwrap();
+    let snippet_end = banner.find("Grants are approved").unwrap();
     let snippet: toml::Table = banner[snippet_start..snippet_end]
         .parse()
         .expect("snippet is TOML");

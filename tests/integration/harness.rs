@@ -182,10 +182,15 @@ impl TestAppBuilder {
             db.url
         );
         let config = Config::from_toml(&toml, std::iter::empty()).expect("valid test config");
-        let clock = OffsetClock::new(1_800_000_000);
+        let clock = OffsetClock::new();
         let database = Db::connect(&config.database.url, 5).await.expect("connect");
         database.migrate().await.expect("migrate");
-        let app = Arc::new(App::new(config, database, clock.clone()));
+        let app = Arc::new(App::new(
+            config,
+            database,
+            clock.clone(),
+            custodian::keys::MasterKey::generate(),
+        ));
         let server = Server::start_on(app.clone(), listener).expect("start server");
         Some(TestApp {
             app,
