@@ -205,7 +205,12 @@ impl Config {
         let concurrent_waits = section.take("concurrent_waits_per_token");
         section.finish();
         let grants = GrantsConfig {
-            requests_per_minute: small_positive("grants.requests_per_minute", requests_per_minute, 10, &mut problems),
+            requests_per_minute: small_positive(
+                "grants.requests_per_minute",
+                requests_per_minute,
+                10,
+                &mut problems,
+            ),
             concurrent_waits_per_token: small_positive(
                 "grants.concurrent_waits_per_token",
                 concurrent_waits,

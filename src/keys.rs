@@ -96,12 +96,13 @@ impl MasterKey {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, KeyError> {
         if let Some(path) = file {
-            let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
-                KeyError::Read {
-                    path: path.display().to_string(),
-                    source,
-                }
-            })?);
+            let text =
+                Zeroizing::new(
+                    std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+                        path: path.display().to_string(),
+                        source,
+                    })?,
+                );
             return Self::from_base64(&text);
         }
         let value = env
@@ -178,10 +179,17 @@ mod tests {
         let opened = key.open(Purpose::DeviceCode, "acme/gr_1", &sealed).unwrap();
         assert_eq!(opened.as_slice(), b"device-code-canary");
         assert!(key.open(Purpose::DeviceCode, "acme/gr_2", &sealed).is_err());
-        assert!(MasterKey::generate().open(Purpose::DeviceCode, "acme/gr_1", &sealed).is_err());
+        assert!(
+            MasterKey::generate()
+                .open(Purpose::DeviceCode, "acme/gr_1", &sealed)
+                .is_err()
+        );
         let mut altered = STANDARD.decode(&sealed).unwrap();
         *altered.last_mut().unwrap() ^= 1;
-        assert!(key.open(Purpose::DeviceCode, "acme/gr_1", &STANDARD.encode(altered)).is_err());
+        assert!(
+            key.open(Purpose::DeviceCode, "acme/gr_1", &STANDARD.encode(altered))
+                .is_err()
+        );
     }
 
     #[test]
@@ -192,8 +200,14 @@ mod tests {
         let loaded = MasterKey::load(None, "K", env).unwrap();
         let sealed = key.seal(Purpose::DeviceCode, "a", b"x");
         assert!(loaded.open(Purpose::DeviceCode, "a", &sealed).is_ok());
-        assert!(matches!(MasterKey::from_base64("c2hvcnQ="), Err(KeyError::Malformed(_))));
-        assert!(matches!(MasterKey::load(None, "K", vec![]), Err(KeyError::Missing)));
+        assert!(matches!(
+            MasterKey::from_base64("c2hvcnQ="),
+            Err(KeyError::Malformed(_))
+        ));
+        assert!(matches!(
+            MasterKey::load(None, "K", vec![]),
+            Err(KeyError::Missing)
+        ));
         assert_eq!(format!("{key:?}"), "MasterKey(..)");
     }
 }

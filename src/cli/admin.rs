@@ -99,6 +99,7 @@ pub enum TenantCommand {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once per process")]
 pub enum EnvCommand {
     /// Create an environment in a tenant.
     Create {
@@ -165,11 +166,7 @@ pub async fn run(config: Config, command: AdminCommand) -> anyhow::Result<()> {
     result
 }
 
-async fn dispatch(
-    app: &App,
-    command: AdminCommand,
-    now: clock::UnixSeconds,
-) -> anyhow::Result<()> {
+async fn dispatch(app: &App, command: AdminCommand, now: clock::UnixSeconds) -> anyhow::Result<()> {
     let db = &app.db;
     match command {
         AdminCommand::Tenant(TenantCommand::Create {
@@ -304,17 +301,30 @@ async fn dispatch(
     Ok(())
 }
 
-async fn grants_command(app: &App, command: GrantsCommand, _now: clock::UnixSeconds) -> anyhow::Result<()> {
+async fn grants_command(
+    app: &App,
+    command: GrantsCommand,
+    _now: clock::UnixSeconds,
+) -> anyhow::Result<()> {
     match command {
-        GrantsCommand::List { tenant, state, limit } => {
+        GrantsCommand::List {
+            tenant,
+            state,
+            limit,
+        } => {
             let tenant = TenantId::parse(&tenant)?;
             let state = match state {
                 Some(s) => Some(GrantState::parse(&s).ok_or_else(|| {
-                    anyhow::anyhow!("unknown state `{s}` (pending, active, exhausted, expired, revoked, denied)")
+                    anyhow::anyhow!(
+                        "unknown state `{s}` (pending, active, exhausted, expired, revoked, denied)"
+                    )
                 })?),
                 None => None,
             };
-            println!("{:<36} {:<10} {:<20} {:<20} APPROVER", "ID", "STATE", "ENVIRONMENT", "AGENT");
+            println!(
+                "{:<36} {:<10} {:<20} {:<20} APPROVER",
+                "ID", "STATE", "ENVIRONMENT", "AGENT"
+            );
             for g in grants::store::list(&app.db, &tenant, state, limit).await? {
                 println!(
                     "{:<36} {:<10} {:<20} {:<20} {}",
@@ -322,7 +332,10 @@ async fn grants_command(app: &App, command: GrantsCommand, _now: clock::UnixSeco
                     g.state.as_str(),
                     g.environment,
                     g.agent_name,
-                    g.approver_name.as_deref().or(g.approver_sub.as_deref()).unwrap_or("-")
+                    g.approver_name
+                        .as_deref()
+                        .or(g.approver_sub.as_deref())
+                        .unwrap_or("-")
                 );
             }
         }
@@ -336,11 +349,21 @@ async fn grants_command(app: &App, command: GrantsCommand, _now: clock::UnixSeco
             println!("environment  {}", g.environment);
             println!("agent        {}", g.agent_name);
             println!("purpose      {}", g.purpose);
-            println!("ttl / uses   {} s / {} of {}", g.ttl_seconds, g.uses, g.max_uses);
+            println!(
+                "ttl / uses   {} s / {} of {}",
+                g.ttl_seconds, g.uses, g.max_uses
+            );
             println!("expires at   {}", g.expires_at);
             if let Some(sub) = &g.approver_sub {
-                println!("approver     {} (sub {sub}, groups {})", g.approver_name.as_deref().unwrap_or("-"), g.approver_groups.join(","));
-                println!("auth_time    {}", g.auth_time.map_or("-".to_owned(), |t| t.to_string()));
+                println!(
+                    "approver     {} (sub {sub}, groups {})",
+                    g.approver_name.as_deref().unwrap_or("-"),
+                    g.approver_groups.join(",")
+                );
+                println!(
+                    "auth_time    {}",
+                    g.auth_time.map_or("-".to_owned(), |t| t.to_string())
+                );
             }
             if let Some(reason) = &g.end_reason {
                 println!("ended        {reason}");
@@ -367,12 +390,18 @@ pub(crate) fn write_master_key(path: &std::path::Path) -> anyhow::Result<()> {
     options.write(true).create_new(true);
     #[cfg(unix)]
     options.mode(0o600);
-    let mut file = options
-        .open(path)
-        .map_err(|e| anyhow::anyhow!("cannot create {} (it must not exist yet): {e}", path.display()))?;
+    let mut file = options.open(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create {} (it must not exist yet): {e}",
+            path.display()
+        )
+    })?;
     let key = crate::keys::MasterKey::generate();
     file.write_all(key.to_base64().as_bytes())?;
     file.sync_all()?;
-    eprintln!("wrote a new master key to {}; set secrets.master_key_file to this path", path.display());
+    eprintln!(
+        "wrote a new master key to {}; set secrets.master_key_file to this path",
+        path.display()
+    );
     Ok(())
 }

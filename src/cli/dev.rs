@@ -181,7 +181,10 @@ async fn approve(data_dir: &std::path::Path, user_code: &str) -> anyhow::Result<
         .context("the dev identity provider does not answer; is `custodian dev` still running?")?;
     match response.status() {
         s if s.is_success() => {
-            println!("approved {user_code} as {}", crate::oidc::dev_idp::DEV_EMAIL);
+            println!(
+                "approved {user_code} as {}",
+                crate::oidc::dev_idp::DEV_EMAIL
+            );
             Ok(())
         }
         reqwest::StatusCode::NOT_FOUND => anyhow::bail!("no pending request with code {user_code}"),

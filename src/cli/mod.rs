@@ -33,6 +33,7 @@ struct ConfigArg {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once per process")]
 enum Command {
     /// Run the gateway.
     Serve(ConfigArg),

@@ -54,8 +54,11 @@ impl GrantId {
     /// Accepts only the shape of a grant id (so junk never reaches a query).
     pub fn parse(text: &str) -> Option<Self> {
         let hex_part = text.strip_prefix("gr_")?;
-        (hex_part.len() == 32 && hex_part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-            .then(|| Self(text.to_owned()))
+        (hex_part.len() == 32
+            && hex_part
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .then(|| Self(text.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -388,7 +391,12 @@ fn invalid(field: &'static str, message: impl Into<String>) -> GrantError {
     }
 }
 
-fn capped(field: &'static str, asked: Option<i64>, default: i64, cap: i64) -> Result<i64, GrantError> {
+fn capped(
+    field: &'static str,
+    asked: Option<i64>,
+    default: i64,
+    cap: i64,
+) -> Result<i64, GrantError> {
     match asked {
         None => Ok(default.min(cap)),
         Some(v) if v < 1 => Err(invalid(field, format!("must be at least 1, got {v}"))),
@@ -409,18 +417,34 @@ pub async fn request(
 ) -> Result<RequestedGrant, GrantError> {
     let purpose = args.purpose.trim();
     if purpose.is_empty() {
-        return Err(invalid("purpose", "must say what the credentials are for (it is shown to the approver)"));
+        return Err(invalid(
+            "purpose",
+            "must say what the credentials are for (it is shown to the approver)",
+        ));
     }
     if purpose.chars().count() > MAX_PURPOSE_CHARS {
-        return Err(invalid("purpose", format!("must be at most {MAX_PURPOSE_CHARS} characters")));
+        return Err(invalid(
+            "purpose",
+            format!("must be at most {MAX_PURPOSE_CHARS} characters"),
+        ));
     }
     let Some(env) = environments::get(&app.db, &caller.tenant, &args.environment).await? else {
         return Err(GrantError::UnknownEnvironment(
             args.environment.chars().take(64).collect(),
         ));
     };
-    let ttl_seconds = capped("ttl_seconds", args.ttl_seconds, DEFAULT_TTL_SECONDS, env.policy.max_ttl_seconds)?;
-    let max_uses = capped("max_uses", args.max_uses, DEFAULT_MAX_USES, env.policy.max_uses)?;
+    let ttl_seconds = capped(
+        "ttl_seconds",
+        args.ttl_seconds,
+        DEFAULT_TTL_SECONDS,
+        env.policy.max_ttl_seconds,
+    )?;
+    let max_uses = capped(
+        "max_uses",
+        args.max_uses,
+        DEFAULT_MAX_USES,
+        env.policy.max_uses,
+    )?;
     let tenant = crate::tenants::get(&app.db, caller.tenant.as_str())
         .await?
         .ok_or_else(|| GrantError::NotFound(String::new()))?;
@@ -443,8 +467,9 @@ pub async fn request(
         authorization.device_code.expose_secret().as_bytes(),
     );
     drop(authorization.device_code);
-    let interval_ms =
-        i64::try_from(authorization.interval.as_millis()).unwrap_or(5000).max(1000);
+    let interval_ms = i64::try_from(authorization.interval.as_millis())
+        .unwrap_or(5000)
+        .max(1000);
     store::insert(
         &app.db,
         &store::NewGrant {
@@ -510,16 +535,32 @@ async fn own_grant(app: &App, caller: &AgentIdentity, id: &str) -> Result<Grant,
 async fn expire_if_due(app: &App, grant: Grant) -> Result<Grant, GrantError> {
     let now_ms = app.clock.now_ms();
     if grant.state == GrantState::Active && grant.expires_at <= now_ms.div_euclid(1000) {
-        let tenant = TenantId::parse(&grant.tenant_id).map_err(|_| StoreError::Corrupt("tenant id".into()))?;
-        store::end(&app.db, &tenant, &grant.id, &[GrantState::Active], GrantState::Expired, "the grant's time ran out", now_ms).await?;
+        let tenant = TenantId::parse(&grant.tenant_id)
+            .map_err(|_| StoreError::Corrupt("tenant id".into()))?;
+        store::end(
+            &app.db,
+            &tenant,
+            &grant.id,
+            &[GrantState::Active],
+            GrantState::Expired,
+            "the grant's time ran out",
+            now_ms,
+        )
+        .await?;
         app.grant_changed.notify_waiters();
-        return Ok(store::get(&app.db, &tenant, &grant.id).await?.unwrap_or(grant));
+        return Ok(store::get(&app.db, &tenant, &grant.id)
+            .await?
+            .unwrap_or(grant));
     }
     Ok(grant)
 }
 
 /// `grant_status` without waiting.
-pub async fn status(app: &App, caller: &AgentIdentity, id: &str) -> Result<GrantStatus, GrantError> {
+pub async fn status(
+    app: &App,
+    caller: &AgentIdentity,
+    id: &str,
+) -> Result<GrantStatus, GrantError> {
     Ok(GrantStatus::of(&own_grant(app, caller, id).await?))
 }
 
@@ -539,9 +580,10 @@ pub async fn wait(
     if first.state.is_terminal() || wait.is_zero() {
         return Ok(GrantStatus::of(&first));
     }
-    let _slot = app
-        .limits
-        .open_wait(&caller.token_id, app.config.grants.concurrent_waits_per_token)?;
+    let _slot = app.limits.open_wait(
+        &caller.token_id,
+        app.config.grants.concurrent_waits_per_token,
+    )?;
     let started = Instant::now();
     let total = wait.as_secs();
     loop {
@@ -550,7 +592,11 @@ pub async fn wait(
             return status(app, caller, id).await;
         }
         // Woken at once by a change on this replica; other replicas' changes show within 1 s.
-        let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), app.grant_changed.notified()).await;
+        let _ = tokio::time::timeout(
+            left.min(Duration::from_secs(1)),
+            app.grant_changed.notified(),
+        )
+        .await;
         let now = own_grant(app, caller, id).await?;
         if now.state != first.state {
             return Ok(GrantStatus::of(&now));
@@ -560,13 +606,21 @@ pub async fn wait(
 }
 
 /// `revoke_grant` by the agent that requested it.
-pub async fn revoke(app: &App, caller: &AgentIdentity, id: &str) -> Result<GrantStatus, GrantError> {
+pub async fn revoke(
+    app: &App,
+    caller: &AgentIdentity,
+    id: &str,
+) -> Result<GrantStatus, GrantError> {
     let grant = own_grant(app, caller, id).await?;
     end_by(app, grant, "revoked by the agent").await
 }
 
 /// Revocation by an admin (any grant of the tenant).
-pub async fn revoke_as_admin(app: &App, tenant: &TenantId, id: &str) -> Result<GrantStatus, GrantError> {
+pub async fn revoke_as_admin(
+    app: &App,
+    tenant: &TenantId,
+    id: &str,
+) -> Result<GrantStatus, GrantError> {
     let grant = store::get(&app.db, tenant, id)
         .await?
         .ok_or_else(|| GrantError::NotFound(id.chars().take(40).collect()))?;
@@ -574,7 +628,8 @@ pub async fn revoke_as_admin(app: &App, tenant: &TenantId, id: &str) -> Result<G
 }
 
 async fn end_by(app: &App, grant: Grant, reason: &str) -> Result<GrantStatus, GrantError> {
-    let tenant = TenantId::parse(&grant.tenant_id).map_err(|_| StoreError::Corrupt("tenant id".into()))?;
+    let tenant =
+        TenantId::parse(&grant.tenant_id).map_err(|_| StoreError::Corrupt("tenant id".into()))?;
     let ended = store::end(
         &app.db,
         &tenant,
@@ -585,7 +640,9 @@ async fn end_by(app: &App, grant: Grant, reason: &str) -> Result<GrantStatus, Gr
         app.clock.now_ms(),
     )
     .await?;
-    let now = store::get(&app.db, &tenant, &grant.id).await?.unwrap_or(grant);
+    let now = store::get(&app.db, &tenant, &grant.id)
+        .await?
+        .unwrap_or(grant);
     if !ended {
         return Err(GrantError::AlreadyEnded {
             id: now.id,
@@ -598,7 +655,11 @@ async fn end_by(app: &App, grant: Grant, reason: &str) -> Result<GrantStatus, Gr
 }
 
 /// Whether `approver` may approve under `policy` at time `now`; the error is the denial reason.
-pub fn check_approver(policy: &Policy, approver: &Approver, now: UnixSeconds) -> Result<(), String> {
+pub fn check_approver(
+    policy: &Policy,
+    approver: &Approver,
+    now: UnixSeconds,
+) -> Result<(), String> {
     let who = approver.name.as_deref().unwrap_or(&approver.subject);
     if policy.freshness == LoginFreshness::Required {
         match approver.auth_time {
@@ -614,15 +675,24 @@ pub fn check_approver(policy: &Policy, approver: &Approver, now: UnixSeconds) ->
         }
     }
     if !policy.accepted_acr.is_empty()
-        && !approver.acr.as_ref().is_some_and(|acr| policy.accepted_acr.contains(acr))
+        && !approver
+            .acr
+            .as_ref()
+            .is_some_and(|acr| policy.accepted_acr.contains(acr))
     {
         return Err(format!(
             "the approver's sign-in level (acr) is not one of: {}",
             policy.accepted_acr.join(", ")
         ));
     }
-    if let Some(missing) = policy.required_amr.iter().find(|m| !approver.amr.contains(m)) {
-        return Err(format!("the approver's sign-in did not use the required method `{missing}` (amr)"));
+    if let Some(missing) = policy
+        .required_amr
+        .iter()
+        .find(|m| !approver.amr.contains(m))
+    {
+        return Err(format!(
+            "the approver's sign-in did not use the required method `{missing}` (amr)"
+        ));
     }
     let list = &policy.approvers;
     if list.subjects.is_empty() && list.emails.is_empty() && list.groups.is_empty() {
@@ -637,7 +707,9 @@ pub fn check_approver(policy: &Policy, approver: &Approver, now: UnixSeconds) ->
     if allowed {
         Ok(())
     } else {
-        Err(format!("{who} is not allowed to approve grants for this environment"))
+        Err(format!(
+            "{who} is not allowed to approve grants for this environment"
+        ))
     }
 }
 
@@ -664,7 +736,12 @@ mod tests {
         assert_eq!(id.as_str().len(), 3 + 32);
         assert_eq!(GrantId::parse(id.as_str()), Some(id.clone()));
         assert_ne!(GrantId::generate(), id);
-        for bad in ["gr_", "gr_XYZ", "xx_0123456789abcdef0123456789abcdef", "gr_0123456789ABCDEF0123456789abcdef"] {
+        for bad in [
+            "gr_",
+            "gr_XYZ",
+            "xx_0123456789abcdef0123456789abcdef",
+            "gr_0123456789ABCDEF0123456789abcdef",
+        ] {
             assert_eq!(GrantId::parse(bad), None, "{bad}");
         }
     }
@@ -681,26 +758,55 @@ mod tests {
         policy.freshness = LoginFreshness::NotRequired;
         assert_eq!(check_approver(&policy, &no_time, 999_999), Ok(()));
 
-        policy.approvers = Approvers { subjects: vec![], emails: vec!["ALICE@example.com".into()], groups: vec![] };
+        policy.approvers = Approvers {
+            subjects: vec![],
+            emails: vec!["ALICE@example.com".into()],
+            groups: vec![],
+        };
         assert_eq!(check_approver(&policy, &approver(), 1100), Ok(()));
-        policy.approvers = Approvers { subjects: vec![], emails: vec![], groups: vec!["sre".into()] };
+        policy.approvers = Approvers {
+            subjects: vec![],
+            emails: vec![],
+            groups: vec!["sre".into()],
+        };
         let refused = check_approver(&policy, &approver(), 1100).unwrap_err();
-        assert!(refused.contains("alice@example.com is not allowed"), "{refused}");
+        assert!(
+            refused.contains("alice@example.com is not allowed"),
+            "{refused}"
+        );
         policy.approvers.groups.push("platform".into());
         assert_eq!(check_approver(&policy, &approver(), 1100), Ok(()));
 
         policy.accepted_acr = vec!["phr".into()];
-        assert!(check_approver(&policy, &approver(), 1100).unwrap_err().contains("acr"));
+        assert!(
+            check_approver(&policy, &approver(), 1100)
+                .unwrap_err()
+                .contains("acr")
+        );
         policy.accepted_acr = vec!["mfa".into()];
         policy.required_amr = vec!["hwk".into()];
-        assert!(check_approver(&policy, &approver(), 1100).unwrap_err().contains("`hwk`"));
+        assert!(
+            check_approver(&policy, &approver(), 1100)
+                .unwrap_err()
+                .contains("`hwk`")
+        );
     }
 
     #[test]
     fn caps_name_the_field_and_the_limit() {
         assert_eq!(capped("ttl_seconds", None, 900, 300).unwrap(), 300);
-        let over = capped("ttl_seconds", Some(7200), 900, 3600).unwrap_err().to_string();
-        assert_eq!(over, "ttl_seconds: 7200 is over this environment's limit of 3600");
-        assert!(capped("max_uses", Some(0), 10, 5).unwrap_err().to_string().starts_with("max_uses: must be at least 1"));
+        let over = capped("ttl_seconds", Some(7200), 900, 3600)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            over,
+            "ttl_seconds: 7200 is over this environment's limit of 3600"
+        );
+        assert!(
+            capped("max_uses", Some(0), 10, 5)
+                .unwrap_err()
+                .to_string()
+                .starts_with("max_uses: must be at least 1")
+        );
     }
 }

@@ -60,14 +60,26 @@ pub async fn run_once(app: &Arc<App>) -> Result<(), crate::store::StoreError> {
             let app = app.clone();
             work.push(tokio::spawn(async move {
                 if let Err(e) = poll_one(&app, &tenant, &id).await {
-                    tracing::warn!(tenant.id = %tenant, grant.id = %id, error = %e, "polling a grant failed");
+                    // The lease lapses and the grant is tried again; it expires if this persists.
+                    tracing::error!(tenant.id = %tenant, grant.id = %id, error = %e, "polling a grant failed");
                 }
             }));
         }
     }
     for (tenant, id) in store::expired_active(&app.db, now_ms.div_euclid(1000), BATCH).await? {
-        let tenant = TenantId::parse(&tenant).map_err(|_| crate::store::StoreError::Corrupt("tenant id".into()))?;
-        if store::end(&app.db, &tenant, &id, &[GrantState::Active], GrantState::Expired, "the grant's time ran out", now_ms).await? {
+        let tenant = TenantId::parse(&tenant)
+            .map_err(|_| crate::store::StoreError::Corrupt("tenant id".into()))?;
+        if store::end(
+            &app.db,
+            &tenant,
+            &id,
+            &[GrantState::Active],
+            GrantState::Expired,
+            "the grant's time ran out",
+            now_ms,
+        )
+        .await?
+        {
             tracing::info!(tenant.id = %tenant, grant.id = %id, "grant expired");
             app.grant_changed.notify_waiters();
         }
@@ -87,19 +99,40 @@ async fn poll_one(app: &App, tenant: &str, id: &str) -> Result<(), super::Intern
     };
     let now_ms = app.clock.now_ms();
     if grant.expires_at <= now_ms.div_euclid(1000) {
-        return finish(app, &tenant_id, id, GrantState::Expired, "nobody approved before the request expired".to_owned()).await;
+        return finish(
+            app,
+            &tenant_id,
+            id,
+            GrantState::Expired,
+            "nobody approved before the request expired".to_owned(),
+        )
+        .await;
     }
     let idp = tenants::get(&app.db, tenant).await?.and_then(|t| t.idp());
     let Some(idp) = idp else {
-        return finish(app, &tenant_id, id, GrantState::Denied, "the tenant's identity provider was removed".to_owned()).await;
+        return finish(
+            app,
+            &tenant_id,
+            id,
+            GrantState::Denied,
+            "the tenant's identity provider was removed".to_owned(),
+        )
+        .await;
     };
     let Some(sealed) = store::device_code_sealed(&app.db, &tenant_id, id).await? else {
         return Ok(());
     };
-    let opened = app.master_key.open(Purpose::DeviceCode, &device_code_aad(&tenant_id, &grant_id), &sealed)?;
+    let opened = app.master_key.open(
+        Purpose::DeviceCode,
+        &device_code_aad(&tenant_id, &grant_id),
+        &sealed,
+    )?;
     let device_code = SecretString::from(String::from_utf8_lossy(&opened).into_owned());
     drop(opened);
-    let outcome = app.oidc.poll(&idp, &device_code, now_ms.div_euclid(1000)).await;
+    let outcome = app
+        .oidc
+        .poll(&idp, &device_code, now_ms.div_euclid(1000))
+        .await;
     drop(device_code);
 
     match outcome {
@@ -110,19 +143,54 @@ async fn poll_one(app: &App, tenant: &str, id: &str) -> Result<(), super::Intern
         }
         PollOutcome::Unavailable(reason) => {
             tracing::warn!(tenant.id = %tenant, grant.id = %id, reason = %reason, "IdP unavailable; grant stays pending");
-            reschedule(app, &tenant_id, id, grant.poll_interval_ms.max(UNAVAILABLE_RETRY_MS)).await?;
+            reschedule(
+                app,
+                &tenant_id,
+                id,
+                grant.poll_interval_ms.max(UNAVAILABLE_RETRY_MS),
+            )
+            .await?;
         }
-        PollOutcome::Denied => finish(app, &tenant_id, id, GrantState::Denied, "the approver declined at the identity provider".to_owned()).await?,
-        PollOutcome::Expired => finish(app, &tenant_id, id, GrantState::Expired, "the device code expired before approval".to_owned()).await?,
-        PollOutcome::Rejected(reason) => finish(app, &tenant_id, id, GrantState::Denied, reason).await?,
+        PollOutcome::Denied => {
+            finish(
+                app,
+                &tenant_id,
+                id,
+                GrantState::Denied,
+                "the approver declined at the identity provider".to_owned(),
+            )
+            .await?
+        }
+        PollOutcome::Expired => {
+            finish(
+                app,
+                &tenant_id,
+                id,
+                GrantState::Expired,
+                "the device code expired before approval".to_owned(),
+            )
+            .await?
+        }
+        PollOutcome::Rejected(reason) => {
+            finish(app, &tenant_id, id, GrantState::Denied, reason).await?
+        }
         PollOutcome::Approved(approver) => {
             let env = environments::get(&app.db, &tenant_id, &grant.environment).await?;
             let Some(env) = env else {
-                return finish(app, &tenant_id, id, GrantState::Denied, "the environment no longer exists".to_owned()).await;
+                return finish(
+                    app,
+                    &tenant_id,
+                    id,
+                    GrantState::Denied,
+                    "the environment no longer exists".to_owned(),
+                )
+                .await;
             };
             match check_approver(&env.policy, &approver, app.clock.now()) {
                 Ok(()) => {
-                    if store::approve(&app.db, &tenant_id, id, &approver, app.clock.now_ms()).await? {
+                    if store::approve(&app.db, &tenant_id, id, &approver, app.clock.now_ms())
+                        .await?
+                    {
                         tracing::info!(
                             tenant.id = %tenant, grant.id = %id,
                             enduser.id = %approver.name.as_deref().unwrap_or(&approver.subject),
@@ -147,7 +215,17 @@ async fn finish(
     reason: String,
 ) -> Result<(), super::InternalError> {
     let now_ms = app.clock.now_ms();
-    if store::end(&app.db, tenant, id, &[GrantState::Pending], to, &reason, now_ms).await? {
+    if store::end(
+        &app.db,
+        tenant,
+        id,
+        &[GrantState::Pending],
+        to,
+        &reason,
+        now_ms,
+    )
+    .await?
+    {
         tracing::info!(tenant.id = %tenant, grant.id = %id, state = to.as_str(), reason = %reason, "grant ended while pending");
         app.grant_changed.notify_waiters();
     }

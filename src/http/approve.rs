@@ -20,7 +20,11 @@ pub async fn page(State(app): State<Arc<App>>, Path(id): Path<String>) -> Respon
     match render(&app, &id).await {
         Ok(Some(html)) => with_safe_headers(Html(html).into_response()),
         Ok(None) => with_safe_headers(
-            (StatusCode::NOT_FOUND, Html("<!DOCTYPE html><title>Not found</title><p>Not found.</p>")).into_response(),
+            (
+                StatusCode::NOT_FOUND,
+                Html("<!DOCTYPE html><title>Not found</title><p>Not found.</p>"),
+            )
+                .into_response(),
         ),
         Err(e) => HttpError::internal("rendering the approval page failed", &e).into_response(),
     }
@@ -29,7 +33,10 @@ pub async fn page(State(app): State<Arc<App>>, Path(id): Path<String>) -> Respon
 fn with_safe_headers(mut response: Response) -> Response {
     let headers = response.headers_mut();
     for (name, value) in [
-        (header::CONTENT_SECURITY_POLICY, "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; form-action 'none'; base-uri 'none'"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; form-action 'none'; base-uri 'none'",
+        ),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::CACHE_CONTROL, "no-store"),
         (header::REFERRER_POLICY, "no-referrer"),
@@ -67,13 +74,27 @@ fn html(grant: &Grant, tenant: &str, secrets: &[String]) -> String {
         ("Environment", grant.environment.clone()),
         ("Requested by (agent token)", grant.agent_name.clone()),
         ("Purpose", grant.purpose.clone()),
-        ("Secrets the commands receive", if secrets.is_empty() { "(none)".to_owned() } else { secrets.join(", ") }),
-        ("Lifetime once approved", format!("{} seconds", grant.ttl_seconds)),
+        (
+            "Secrets the commands receive",
+            if secrets.is_empty() {
+                "(none)".to_owned()
+            } else {
+                secrets.join(", ")
+            },
+        ),
+        (
+            "Lifetime once approved",
+            format!("{} seconds", grant.ttl_seconds),
+        ),
         ("Commands allowed", grant.max_uses.to_string()),
     ];
     let mut table = String::new();
     for (label, value) in rows {
-        table.push_str(&format!("<tr><th>{}</th><td>{}</td></tr>\n", text(label), text(&value)));
+        table.push_str(&format!(
+            "<tr><th>{}</th><td>{}</td></tr>\n",
+            text(label),
+            text(&value)
+        ));
     }
     let action = match grant.state {
         GrantState::Pending => {

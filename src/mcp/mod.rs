@@ -25,9 +25,9 @@ use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{CallToolResult, ContentBlock, ProgressNotificationParam};
 
 use crate::agent_tokens::AgentIdentity;
-use crate::grants::{self, GrantError, GrantStatus, RequestArgs, RequestedGrant};
 use crate::app::App;
 use crate::environments::{self, EnvironmentSummary};
+use crate::grants::{self, GrantError, GrantStatus, RequestArgs, RequestedGrant};
 use crate::http::error::correlation_id;
 
 /// The rmcp handler; one is made per MCP session and shares the [`App`].
@@ -158,7 +158,9 @@ uses run out.",
         Extension(parts): Extension<http::request::Parts>,
     ) -> Result<Json<GrantStatus>, ToolError> {
         let caller = identity(&parts)?;
-        Ok(Json(grants::revoke(&self.app, caller, &args.grant_id).await?))
+        Ok(Json(
+            grants::revoke(&self.app, caller, &args.grant_id).await?,
+        ))
     }
 
     #[tool(
@@ -237,7 +239,10 @@ impl ServerHandler for CustodianMcp {
 /// The authenticated caller of this request.
 fn identity(parts: &http::request::Parts) -> Result<&AgentIdentity, ToolError> {
     parts.extensions.get::<AgentIdentity>().ok_or_else(|| {
-        ToolError::Internal(internal("request reached a tool without an identity", &"missing"))
+        ToolError::Internal(internal(
+            "request reached a tool without an identity",
+            &"missing",
+        ))
     })
 }
 
@@ -291,15 +296,12 @@ impl IntoCallToolResult for ToolError {
 /// path (the returned message) works without it. Fire and forget: the approval itself happens at
 /// the IdP, whatever the client answers.
 fn offer_url_elicitation(context: &RequestContext<RoleServer>, requested: &RequestedGrant) {
-    let declared = context
-        .peer
-        .peer_info()
-        .is_some_and(|info| {
-            info.capabilities
-                .elicitation
-                .as_ref()
-                .is_some_and(|e| e.url.is_some())
-        });
+    let declared = context.peer.peer_info().is_some_and(|info| {
+        info.capabilities
+            .elicitation
+            .as_ref()
+            .is_some_and(|e| e.url.is_some())
+    });
     let Ok(url) = url::Url::parse(&requested.approval_url) else {
         return;
     };

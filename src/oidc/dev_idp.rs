@@ -87,7 +87,10 @@ impl DevIdp {
         let key_pair = rcgen::KeyPair::generate()?;
         let key = EncodingKey::from_ec_der(&key_pair.serialize_der());
         let point = key_pair.public_key_raw();
-        anyhow::ensure!(point.len() == 65 && point[0] == 4, "unexpected P-256 public key shape");
+        anyhow::ensure!(
+            point.len() == 65 && point[0] == 4,
+            "unexpected P-256 public key shape"
+        );
         let jwk = json!({
             "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "dev-1",
             "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
@@ -184,15 +187,18 @@ async fn device_authorization(
     }
     let device_code = URL_SAFE_NO_PAD.encode(random(32));
     let code = user_code();
-    idp.devices.lock().unwrap_or_else(|e| e.into_inner()).insert(
-        device_code.clone(),
-        DeviceEntry {
-            user_code: code.clone(),
-            client_id: form.client_id,
-            created: Instant::now(),
-            decision: Decision::Pending,
-        },
-    );
+    idp.devices
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(
+            device_code.clone(),
+            DeviceEntry {
+                user_code: code.clone(),
+                client_id: form.client_id,
+                created: Instant::now(),
+                decision: Decision::Pending,
+            },
+        );
     let verification = format!("{}/device", idp.issuer);
     Json(json!({
         "device_code": device_code,
@@ -269,8 +275,9 @@ struct CodeQuery {
 }
 
 async fn device_page(Query(query): Query<CodeQuery>) -> Response {
-    let code = html_escape::encode_double_quoted_attribute(query.user_code.as_deref().unwrap_or(""))
-        .into_owned();
+    let code =
+        html_escape::encode_double_quoted_attribute(query.user_code.as_deref().unwrap_or(""))
+            .into_owned();
     let page = format!(
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Custodian dev sign-in</title></head>\
          <body style=\"font-family:system-ui,sans-serif;max-width:32em;margin:2em auto\">\
@@ -310,17 +317,37 @@ fn decide(idp: &Inner, headers: &HeaderMap, user_code: &str, decision: Decision)
     match entry {
         Some(entry) => {
             entry.decision = decision;
-            let verb = if decision == Decision::Denied { "denied" } else { "approved" };
-            Html(format!("<!DOCTYPE html><p>Request {verb}. You can close this page.</p>")).into_response()
+            let verb = if decision == Decision::Denied {
+                "denied"
+            } else {
+                "approved"
+            };
+            Html(format!(
+                "<!DOCTYPE html><p>Request {verb}. You can close this page.</p>"
+            ))
+            .into_response()
         }
         None => (StatusCode::NOT_FOUND, "no pending request with that code").into_response(),
     }
 }
 
-async fn approve(State(idp): State<Arc<Inner>>, headers: HeaderMap, Form(form): Form<DecideForm>) -> Response {
-    decide(&idp, &headers, &form.user_code, Decision::Approved { at: now() })
+async fn approve(
+    State(idp): State<Arc<Inner>>,
+    headers: HeaderMap,
+    Form(form): Form<DecideForm>,
+) -> Response {
+    decide(
+        &idp,
+        &headers,
+        &form.user_code,
+        Decision::Approved { at: now() },
+    )
 }
 
-async fn deny(State(idp): State<Arc<Inner>>, headers: HeaderMap, Form(form): Form<DecideForm>) -> Response {
+async fn deny(
+    State(idp): State<Arc<Inner>>,
+    headers: HeaderMap,
+    Form(form): Form<DecideForm>,
+) -> Response {
     decide(&idp, &headers, &form.user_code, Decision::Denied)
 }

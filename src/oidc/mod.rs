@@ -213,7 +213,10 @@ impl Oidc {
             issuer: idp.issuer.clone(),
             reason,
         };
-        let discovered = self.metadata(&idp.issuer, false).await.map_err(unavailable)?;
+        let discovered = self
+            .metadata(&idp.issuer, false)
+            .await
+            .map_err(unavailable)?;
         let secret = client_secret(idp)?;
         let device_url = discovered
             .metadata
@@ -280,14 +283,30 @@ impl Oidc {
         if let Some(secret) = &secret {
             form.push(("client_secret", secret.expose_secret()));
         }
-        let response = match self.http.post(token_url.url().as_str()).form(&form).send().await {
+        let response = match self
+            .http
+            .post(token_url.url().as_str())
+            .form(&form)
+            .send()
+            .await
+        {
             Ok(r) => r,
-            Err(e) => return PollOutcome::Unavailable(format!("token endpoint unreachable: {}", without_url(e))),
+            Err(e) => {
+                return PollOutcome::Unavailable(format!(
+                    "token endpoint unreachable: {}",
+                    without_url(e)
+                ));
+            }
         };
         let status = response.status();
         let body = match response.bytes().await {
             Ok(b) => b,
-            Err(e) => return PollOutcome::Unavailable(format!("token response unreadable: {}", without_url(e))),
+            Err(e) => {
+                return PollOutcome::Unavailable(format!(
+                    "token response unreadable: {}",
+                    without_url(e)
+                ));
+            }
         };
         if status.is_server_error() {
             return PollOutcome::Unavailable(format!("token endpoint answered {status}"));

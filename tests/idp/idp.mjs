@@ -15,7 +15,8 @@
 //   "wrong_aud"    ID tokens are re-signed (with the provider's key) for another audience
 //   "garbage"      the token endpoint answers 200 with a body that is not JSON
 //   "down"         every endpoint answers 503
-// GET /test/polls lists the times (ms) of token requests seen.
+// GET /test/polls lists the times (ms) of token requests seen; GET /test/issued every device code
+// and token handed out.
 
 import http from 'node:http';
 import crypto from 'node:crypto';
@@ -37,6 +38,9 @@ const signingJwk = { ...(await jose.exportJWK(privateKey)), kid: 'test-key-1', a
 
 let mode = 'normal';
 const polls = [];
+// Every device code and token this provider hands out, so tests can look for them where they must
+// never appear (logs, database, tool results).
+const issued = [];
 
 const server = http.createServer();
 await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
@@ -46,6 +50,8 @@ const provider = new Provider(issuer, {
   clients: clients.map((id) => ({
     client_id: id,
     token_endpoint_auth_method: 'none',
+    // Custodian checks how recently the approver signed in; the IdP must say (OIDC auth_time).
+    require_auth_time: true,
     grant_types: ['urn:ietf:params:oauth:grant-type:device_code'],
     response_types: [],
     redirect_uris: [],
@@ -118,6 +124,12 @@ provider.use(async (ctx, next) => {
   await next();
   if (ctx.path === '/device/auth' && ctx.status === 200 && ctx.body) {
     ctx.body = { ...ctx.body, interval };
+    issued.push(ctx.body.device_code);
+  }
+  if (ctx.path === '/token' && ctx.status === 200 && ctx.body) {
+    for (const key of ['access_token', 'id_token', 'refresh_token']) {
+      if (ctx.body[key]) issued.push(ctx.body[key]);
+    }
   }
   if (ctx.path === '/token' && ctx.status === 200 && ctx.body?.id_token && mode === 'wrong_aud') {
     const claims = jose.decodeJwt(ctx.body.id_token);
@@ -142,6 +154,9 @@ server.on('request', async (req, res) => {
     }
     if (url.pathname === '/test/polls') {
       return send(res, 200, polls);
+    }
+    if (url.pathname === '/test/issued') {
+      return send(res, 200, issued);
     }
     if (match && mode !== 'down') {
       const details = await provider.interactionDetails(req, res);

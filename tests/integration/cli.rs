@@ -15,7 +15,16 @@ on_both_backends!(
 
 fn write_config(dir: &std::path::Path, port: u16, db_url: &str) -> String {
     let key = dir.join("master.key");
-    ok(custodian(&["admin", "master-key", "generate", "--out", key.to_str().unwrap()], &[]));
+    ok(custodian(
+        &[
+            "admin",
+            "master-key",
+            "generate",
+            "--out",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    ));
     let path = dir.join("custodian.toml");
     std::fs::write(
         &path,
@@ -81,9 +90,23 @@ async fn serve_answers_a_python_mcp_client_and_stops_on_sigterm(backend: Backend
     let seen = python_client(&python, &format!("{base}/t/acme/mcp"), &token);
     let tools = seen["tools"].as_array().unwrap();
     let names: Vec<&str> = tools.iter().map(|t| t["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["grant_status", "list_environments", "request_grant", "revoke_grant"]);
-    assert!(tools.iter().all(|t| t["has_output_schema"] == true), "{seen}");
-    let list = tools.iter().find(|t| t["name"] == "list_environments").unwrap();
+    assert_eq!(
+        names,
+        [
+            "grant_status",
+            "list_environments",
+            "request_grant",
+            "revoke_grant"
+        ]
+    );
+    assert!(
+        tools.iter().all(|t| t["has_output_schema"] == true),
+        "{seen}"
+    );
+    let list = tools
+        .iter()
+        .find(|t| t["name"] == "list_environments")
+        .unwrap();
     assert_eq!(list["read_only"], true);
     assert_eq!(seen["is_error"], false);
     let envs = &seen["structured"]["environments"];
@@ -254,7 +277,13 @@ async fn dev_prints_url_token_and_codex_snippet_that_a_real_client_can_use() {
     assert!(!second.contains(&token));
     // The previous start's token no longer works.
     let old = reqwest::Client::new()
-        .post(second.lines().find_map(|l| l.strip_prefix("MCP URL:")).unwrap().trim())
+        .post(
+            second
+                .lines()
+                .find_map(|l| l.strip_prefix("MCP URL:"))
+                .unwrap()
+                .trim(),
+        )
         .header("authorization", format!("Bearer {token}"))
         .send()
         .await

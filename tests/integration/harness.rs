@@ -8,6 +8,7 @@ use custodian::app::{App, Server};
 use custodian::clock::{Clock, OffsetClock};
 use custodian::config::Config;
 use custodian::environments::{self, Policy};
+use custodian::keys::MasterKey;
 use custodian::store::Db;
 use custodian::tenants::{self, TenantId};
 use secrecy::{ExposeSecret, SecretString};
@@ -28,6 +29,8 @@ fn pg_base() -> String {
 /// A fresh, empty database; dropped (PostgreSQL) or deleted (SQLite) with this value.
 pub struct TestDb {
     pub url: String,
+    /// The master key every gateway on this database uses (base64).
+    pub master_key: String,
     pg_name: Option<String>,
     _dir: tempfile::TempDir,
 }
@@ -40,6 +43,7 @@ impl TestDb {
         match backend {
             Backend::Sqlite => Some(Self {
                 url: format!("sqlite://{}", dir.path().join("custodian.db").display()),
+                master_key: MasterKey::generate().to_base64().to_string(),
                 pg_name: None,
                 _dir: dir,
             }),
@@ -60,6 +64,7 @@ impl TestDb {
                 admin.close().await;
                 Some(Self {
                     url: format!("{}/{name}", pg_base()),
+                    master_key: MasterKey::generate().to_base64().to_string(),
                     pg_name: Some(name),
                     _dir: dir,
                 })
@@ -100,21 +105,65 @@ pub struct TestApp {
     pub clock: Arc<OffsetClock>,
     pub base_url: String,
     server: Option<Server>,
-    _db: TestDb,
+    database: Arc<TestDb>,
 }
 
 /// Builder for [`TestApp`].
 pub struct TestAppBuilder {
     backend: Backend,
+    database: Option<Arc<TestDb>>,
 }
 
 impl TestApp {
     pub fn builder(backend: Backend) -> TestAppBuilder {
-        TestAppBuilder { backend }
+        TestAppBuilder {
+            backend,
+            database: None,
+        }
     }
 
     pub fn db(&self) -> &Db {
         &self.app.db
+    }
+
+    /// The database this gateway runs on, to start another gateway on it.
+    pub fn database(&self) -> Arc<TestDb> {
+        self.database.clone()
+    }
+
+    /// Creates a tenant that approves grants at `issuer` as client `custodian`.
+    pub async fn tenant_with_idp(&self, id: &str, issuer: &str) -> TenantId {
+        let tenant = self.tenant(id).await;
+        tenants::set_idp(
+            self.db(),
+            &tenant,
+            &tenants::IdpSettings {
+                issuer: issuer.to_owned(),
+                client_id: "custodian".to_owned(),
+                client_secret: None,
+                scopes: "openid email groups".to_owned(),
+                approver_claim: "email".to_owned(),
+                groups_claim: "groups".to_owned(),
+            },
+        )
+        .await
+        .expect("set idp");
+        tenant
+    }
+
+    /// Creates an environment with the given policy.
+    pub async fn environment_with(&self, tenant: &TenantId, name: &str, policy: &Policy) {
+        environments::create(
+            self.db(),
+            tenant,
+            name,
+            &format!("{name} environment"),
+            &["API_KEY".to_owned()],
+            policy,
+            self.clock.now(),
+        )
+        .await
+        .expect("create environment");
     }
 
     pub fn mcp_url(&self, tenant: &str) -> String {
@@ -171,8 +220,17 @@ impl TestApp {
 }
 
 impl TestAppBuilder {
+    /// Shares the database of another test gateway (restarts, several replicas).
+    pub fn on_database(mut self, database: Arc<TestDb>) -> Self {
+        self.database = Some(database);
+        self
+    }
+
     pub async fn start(self) -> Option<TestApp> {
-        let db = TestDb::new(self.backend).await?;
+        let db = match self.database {
+            Some(db) => db,
+            None => Arc::new(TestDb::new(self.backend).await?),
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -184,12 +242,13 @@ impl TestAppBuilder {
         let config = Config::from_toml(&toml, std::iter::empty()).expect("valid test config");
         let clock = OffsetClock::new();
         let database = Db::connect(&config.database.url, 5).await.expect("connect");
+        // Several gateways may share one database; migrating is idempotent.
         database.migrate().await.expect("migrate");
         let app = Arc::new(App::new(
             config,
             database,
             clock.clone(),
-            custodian::keys::MasterKey::generate(),
+            MasterKey::from_base64(&db.master_key).expect("test key"),
         ));
         let server = Server::start_on(app.clone(), listener).expect("start server");
         Some(TestApp {
@@ -197,7 +256,7 @@ impl TestAppBuilder {
             clock,
             base_url: format!("http://{addr}"),
             server: Some(server),
-            _db: db,
+            database: db,
         })
     }
 }
@@ -340,4 +399,60 @@ pub async fn snapshot(db: &Db) -> Vec<String> {
         rows.extend(found.into_iter().map(|(r,)| r));
     }
     rows
+}
+
+/// Every text column the gateway stores, concatenated, to look for values that must not be there.
+pub async fn dump_all_text(db: &Db) -> String {
+    let mut out = snapshot(db).await.join("\n");
+    for query in [
+        "SELECT id || '|' || environment || '|' || purpose || '|' || state || '|' || \
+         COALESCE(user_code, '') || '|' || COALESCE(verification_uri, '') || '|' || \
+         COALESCE(verification_uri_complete, '') || '|' || COALESCE(device_code_sealed, '') || '|' || \
+         COALESCE(lease_owner, '') || '|' || COALESCE(approver_sub, '') || '|' || \
+         COALESCE(approver_name, '') || '|' || COALESCE(approver_email, '') || '|' || \
+         COALESCE(approver_groups, '') || '|' || COALESCE(end_reason, '') || '|' || \
+         COALESCE(trace_context, '') FROM grants",
+        "SELECT grant_id || '|' || kind || '|' || detail FROM grant_events",
+        "SELECT id || '|' || COALESCE(idp_client_id, '') || '|' || COALESCE(idp_client_secret_ref, '') FROM tenants",
+        "SELECT id || '|' || secret_hash FROM agent_tokens",
+    ] {
+        let rows: Vec<(String,)> = sqlx::query_as(query)
+            .fetch_all(db.pool())
+            .await
+            .expect("dump query");
+        for (row,) in rows {
+            out.push('\n');
+            out.push_str(&row);
+        }
+    }
+    out
+}
+
+/// Captures every log line of this test process (debug level and up, all crates).
+pub fn capture_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = buffer.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_ansi(false)
+            .with_writer(move || LogWriter(sink.clone()))
+            .try_init()
+            .expect("no other subscriber in this process");
+        buffer
+    })
+    .clone()
+}
+
+struct LogWriter(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

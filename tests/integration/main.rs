@@ -9,6 +9,8 @@ mod auth;
 mod bad_input;
 mod cli;
 mod config;
+mod grants;
 mod harness;
+mod idp;
 mod mcp_clients;
 mod processes;

@@ -66,14 +66,15 @@ pub fn read_until(child: &mut Child, marker: &str) -> String {
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-        let mut stderr = String::new();
-        if let Some(mut err) = child.stderr.take() {
-            let _ = child.kill();
-            let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
-        }
-        panic!("the process did not print `{marker_copy}`; stderr:\n{stderr}")
-    })
+    rx.recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| {
+            let mut stderr = String::new();
+            if let Some(mut err) = child.stderr.take() {
+                let _ = child.kill();
+                let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
+            }
+            panic!("the process did not print `{marker_copy}`; stderr:\n{stderr}")
+        })
 }
 
 /// Spawns `custodian ARGS` with piped stdout/stderr.

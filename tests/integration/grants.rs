@@ -1,0 +1,576 @@
+//! Task grants against a real OpenID Provider (`oidc-provider`, device flow), on SQLite and
+//! PostgreSQL: approval, denial, expiry, slow_down, policy, bad tokens, outages, restarts, races.
+
+use std::time::Duration;
+
+use rmcp::model::CallToolRequestParams;
+use serde_json::{Value, json};
+
+use crate::harness::{Backend, TestApp};
+use crate::idp::{Login, TestIdp};
+use crate::mcp_clients::connect;
+use crate::on_both_backends;
+use custodian::environments::{Approvers, Policy};
+use custodian::grants::store;
+
+on_both_backends!(
+    approval_at_the_idp_activates_the_grant_with_the_approver,
+    denial_at_the_idp_denies_the_grant,
+    an_unapproved_request_expires_with_the_device_code,
+    slow_down_adds_five_seconds_to_the_interval,
+    approver_outside_the_policy_is_denied_with_the_reason,
+    stale_sign_in_is_denied_when_fresh_login_is_required,
+    id_token_for_another_audience_is_rejected,
+    idp_outage_keeps_the_grant_pending_until_it_recovers,
+    a_restarted_gateway_completes_a_pending_grant,
+    two_gateways_on_one_database_approve_exactly_once,
+    approve_racing_revoke_ends_in_exactly_one_terminal_state,
+    requests_over_policy_or_for_others_get_specific_refusals,
+    idp_secrets_appear_in_no_result_log_or_column,
+);
+
+type Client = rmcp::service::RunningService<rmcp::RoleClient, rmcp::model::ClientConfig>;
+
+/// Calls a tool; returns `Ok(structured)` or `Err(text)` for a refusal (`isError`).
+async fn call(client: &Client, tool: &'static str, args: Value) -> Result<Value, String> {
+    let result = client
+        .call_tool(
+            CallToolRequestParams::new(tool).with_arguments(args.as_object().unwrap().clone()),
+        )
+        .await
+        .expect("the call itself succeeds");
+    if result.is_error == Some(true) {
+        let text = serde_json::to_value(&result.content).unwrap();
+        return Err(text[0]["text"].as_str().unwrap_or_default().to_owned());
+    }
+    Ok(result.structured_content.expect("structured result"))
+}
+
+struct Setup {
+    t: TestApp,
+    idp: TestIdp,
+    client: Client,
+}
+
+async fn setup(backend: Backend, device_ttl: u64, policy: Policy) -> Option<Setup> {
+    let idp = TestIdp::start(device_ttl)?;
+    let t = TestApp::builder(backend).start().await?;
+    let acme = t.tenant_with_idp("acme", &idp.issuer).await;
+    t.environment_with(&acme, "staging", &policy).await;
+    let token = t.token(&acme, "codex").await;
+    let client = connect(&t.mcp_url("acme"), &token).await;
+    Some(Setup { t, idp, client })
+}
+
+async fn request(client: &Client) -> Value {
+    call(
+        client,
+        "request_grant",
+        json!({"environment": "staging", "purpose": "run the staging migration"}),
+    )
+    .await
+    .expect("request_grant succeeds")
+}
+
+async fn wait_state(client: &Client, grant: &Value, seconds: u64) -> Value {
+    call(
+        client,
+        "grant_status",
+        json!({"grant_id": grant["grant_id"], "wait_seconds": seconds}),
+    )
+    .await
+    .expect("grant_status")
+}
+
+async fn wait_until(client: &Client, grant: &Value, state: &str) -> Value {
+    for _ in 0..20 {
+        let status = wait_state(client, grant, 5).await;
+        if status["state"] == state {
+            return status;
+        }
+    }
+    panic!("grant never became {state}");
+}
+
+fn user_code(grant: &Value) -> &str {
+    grant["user_code"].as_str().unwrap()
+}
+
+async fn event_kinds(t: &TestApp, grant: &Value) -> Vec<String> {
+    let tenant = custodian::tenants::TenantId::parse("acme").unwrap();
+    store::events(t.db(), &tenant, grant["grant_id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect()
+}
+
+async fn approval_at_the_idp_activates_the_grant_with_the_approver(backend: Backend) {
+    let Some(s) = setup(backend, 600, Policy::default()).await else {
+        return;
+    };
+    let grant = request(&s.client).await;
+    assert_eq!(grant["state"], "pending");
+    let approval_url = grant["approval_url"].as_str().unwrap();
+    assert!(
+        approval_url.starts_with(&format!("{}/approve/gr_", s.t.base_url)),
+        "{approval_url}"
+    );
+    assert!(
+        grant["message"]
+            .as_str()
+            .unwrap()
+            .contains(user_code(&grant))
+    );
+
+    // The approval page shows the request, escaped and not frameable.
+    let page = reqwest::get(approval_url).await.unwrap();
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
+    assert_eq!(page.headers()["cache-control"], "no-store");
+    assert!(
+        page.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("frame-ancestors 'none'")
+    );
+    let html = page.text().await.unwrap();
+    for shown in [
+        "staging",
+        "codex",
+        "run the staging migration",
+        "API_KEY",
+        user_code(&grant),
+    ] {
+        assert!(html.contains(shown), "approval page lacks {shown}");
+    }
+
+    s.idp.approve(user_code(&grant), Login::as_("alice")).await;
+    let status = wait_until(&s.client, &grant, "active").await;
+    assert_eq!(status["approver"], "alice@example.com");
+    assert_eq!(status["uses_left"], 10);
+    let tenant = custodian::tenants::TenantId::parse("acme").unwrap();
+    let row = store::get(s.t.db(), &tenant, grant["grant_id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.approver_sub.as_deref(), Some("alice"));
+    assert_eq!(row.approver_groups, ["platform", "developers"]);
+    assert!(row.auth_time.is_some());
+    assert_eq!(row.expires_at, row.approved_at.unwrap() + 900);
+    assert_eq!(event_kinds(&s.t, &grant).await, ["requested", "approved"]);
+
+    // Revoking ends it; a second revoke says so.
+    let revoked = call(
+        &s.client,
+        "revoke_grant",
+        json!({"grant_id": grant["grant_id"]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(revoked["state"], "revoked");
+    let again = call(
+        &s.client,
+        "revoke_grant",
+        json!({"grant_id": grant["grant_id"]}),
+    )
+    .await
+    .unwrap_err();
+    assert!(again.contains("is already revoked"), "{again}");
+    s.t.stop().await;
+}
+
+async fn denial_at_the_idp_denies_the_grant(backend: Backend) {
+    let Some(s) = setup(backend, 600, Policy::default()).await else {
+        return;
+    };
+    let grant = request(&s.client).await;
+    s.idp.deny(user_code(&grant)).await;
+    let status = wait_until(&s.client, &grant, "denied").await;
+    assert!(
+        status["reason"].as_str().unwrap().contains("declined"),
+        "{status}"
+    );
+    assert_eq!(status["uses_left"], 0);
+    s.t.stop().await;
+}
+
+async fn an_unapproved_request_expires_with_the_device_code(backend: Backend) {
+    let Some(s) = setup(backend, 3, Policy::default()).await else {
+        return;
+    };
+    let grant = request(&s.client).await;
+    let status = wait_until(&s.client, &grant, "expired").await;
+    assert!(
+        status["reason"].as_str().unwrap().contains("expired"),
+        "{status}"
+    );
+    s.t.stop().await;
+}
+
+async fn slow_down_adds_five_seconds_to_the_interval(backend: Backend) {
+    let Some(s) = setup(backend, 600, Policy::default()).await else {
+        return;
+    };
+    let grant = request(&s.client).await;
+    // Let a normal poll or two happen at the announced 1 s interval, then ask to slow down.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    s.idp.set_mode("slow_down").await;
+    let slowed_at = s.idp.polls().await.len();
+    tokio::time::sleep(Duration::from_millis(8000)).await;
+    let polls = s.idp.polls().await;
+    assert!(polls.len() >= slowed_at + 2, "polling continued: {polls:?}");
+    // The poll answered `slow_down` is polls[slowed_at]; the next one comes ≥ 6 s later.
+    let gap = polls[slowed_at + 1] - polls[slowed_at];
+    assert!(gap >= 6000, "gap after slow_down was {gap} ms");
+    let tenant = custodian::tenants::TenantId::parse("acme").unwrap();
+    let row = store::get(s.t.db(), &tenant, grant["grant_id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.poll_interval_ms, 6000);
+    assert_eq!(row.state, custodian::grants::GrantState::Pending);
+    s.t.stop().await;
+}
+
+async fn approver_outside_the_policy_is_denied_with_the_reason(backend: Backend) {
+    let policy = Policy {
+        approvers: Approvers {
+            subjects: vec![],
+            emails: vec![],
+            groups: vec!["platform".into()],
+        },
+        ..Policy::default()
+    };
+    let Some(s) = setup(backend, 600, policy).await else {
+        return;
+    };
+    let grant = request(&s.client).await;
+    s.idp.approve(user_code(&grant), Login::as_("bob")).await;
+    let status = wait_until(&s.client, &grant, "denied").await;
+    assert_eq!(
+        status["reason"],
+        "bob@example.com is not allowed to approve grants for this environment"
+    );
+    assert_eq!(
+        status["approver"],
+        Value::Null,
+        "a refused approver is not recorded as the approver"
+    );
+    s.t.stop().await;
+}
+
+async fn stale_sign_in_is_denied_when_fresh_login_is_required(backend: Backend) {
+    let Some(s) = setup(backend, 600, Policy::default()).await else {
+        return;
+    };
+    let grant = request(&s.client).await;
+    let stale = Login {
+        auth_age_seconds: 3600,
+        ..Login::as_("alice")
+    };
+    s.idp.approve(user_code(&grant), stale).await;
+    let status = wait_until(&s.client, &grant, "denied").await;
+    assert!(
+        status["reason"]
+            .as_str()
+            .unwrap()
+            .contains("requires a sign-in within 300 s"),
+        "{status}"
+    );
+    s.t.stop().await;
+}
+
+async fn id_token_for_another_audience_is_rejected(backend: Backend) {
+    let Some(s) = setup(backend, 600, Policy::default()).await else {
+        return;
+    };
+    let grant = request(&s.client).await;
+    s.idp.set_mode("wrong_aud").await;
+    s.idp.approve(user_code(&grant), Login::as_("alice")).await;
+    let status = wait_until(&s.client, &grant, "denied").await;
+    let reason = status["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("does not verify") && reason.contains("audience"),
+        "{reason}"
+    );
+    s.t.stop().await;
+}
+
+async fn idp_outage_keeps_the_grant_pending_until_it_recovers(backend: Backend) {
+    let Some(s) = setup(backend, 600, Policy::default()).await else {
+        return;
+    };
+    let grant = request(&s.client).await;
+    s.idp.set_mode("down").await;
+    let during = wait_state(&s.client, &grant, 3).await;
+    assert_eq!(during["state"], "pending");
+    // Garbage from the token endpoint does not end it either.
+    s.idp.set_mode("garbage").await;
+    assert_eq!(wait_state(&s.client, &grant, 2).await["state"], "pending");
+    // A request while the IdP is down is refused cleanly and stores nothing.
+    s.idp.set_mode("down").await;
+    let refused = call(
+        &s.client,
+        "request_grant",
+        json!({"environment": "staging", "purpose": "x"}),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        refused.contains("unavailable") || refused.contains("refused"),
+        "{refused}"
+    );
+    let tenant = custodian::tenants::TenantId::parse("acme").unwrap();
+    assert_eq!(
+        store::list(s.t.db(), &tenant, None, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // Back up: the approval completes.
+    s.idp.set_mode("normal").await;
+    s.idp.approve(user_code(&grant), Login::as_("alice")).await;
+    wait_until(&s.client, &grant, "active").await;
+    s.t.stop().await;
+}
+
+async fn a_restarted_gateway_completes_a_pending_grant(backend: Backend) {
+    let Some(s) = setup(backend, 600, Policy::default()).await else {
+        return;
+    };
+    let grant = request(&s.client).await;
+    let database = s.t.database();
+    let token_client = s.client;
+    drop(token_client);
+    s.t.stop().await;
+    // Approved while no gateway runs.
+    s.idp.approve(user_code(&grant), Login::as_("alice")).await;
+    let restarted = TestApp::builder(backend)
+        .on_database(database)
+        .start()
+        .await
+        .unwrap();
+    let tenant = custodian::tenants::TenantId::parse("acme").unwrap();
+    let id = grant["grant_id"].as_str().unwrap();
+    for _ in 0..50 {
+        let row = store::get(restarted.db(), &tenant, id)
+            .await
+            .unwrap()
+            .unwrap();
+        if row.state == custodian::grants::GrantState::Active {
+            assert_eq!(row.approver_name.as_deref(), Some("alice@example.com"));
+            restarted.stop().await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let row = store::get(restarted.db(), &tenant, id)
+        .await
+        .unwrap()
+        .unwrap();
+    panic!("the restarted gateway did not complete the grant: {row:?}");
+}
+
+async fn two_gateways_on_one_database_approve_exactly_once(backend: Backend) {
+    let Some(s) = setup(backend, 600, Policy::default()).await else {
+        return;
+    };
+    let second = TestApp::builder(backend)
+        .on_database(s.t.database())
+        .start()
+        .await
+        .unwrap();
+    let mut grants = Vec::new();
+    for _ in 0..4 {
+        grants.push(request(&s.client).await);
+    }
+    for grant in &grants {
+        s.idp.approve(user_code(grant), Login::as_("alice")).await;
+    }
+    for grant in &grants {
+        wait_until(&s.client, grant, "active").await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for grant in &grants {
+        let kinds = event_kinds(&s.t, grant).await;
+        assert_eq!(
+            kinds,
+            ["requested", "approved"],
+            "exactly one approval event"
+        );
+    }
+    second.stop().await;
+    s.t.stop().await;
+}
+
+async fn approve_racing_revoke_ends_in_exactly_one_terminal_state(backend: Backend) {
+    let Some(s) = setup(backend, 600, Policy::default()).await else {
+        return;
+    };
+    for _ in 0..3 {
+        let grant = request(&s.client).await;
+        let (_, revoked) = tokio::join!(
+            s.idp.approve(user_code(&grant), Login::as_("alice")),
+            async {
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                call(
+                    &s.client,
+                    "revoke_grant",
+                    json!({"grant_id": grant["grant_id"]}),
+                )
+                .await
+            }
+        );
+        assert_eq!(
+            revoked.expect("revocation of a live grant succeeds")["state"],
+            "revoked"
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let kinds = event_kinds(&s.t, &grant).await;
+        let terminal: Vec<_> = kinds
+            .iter()
+            .filter(|k| !matches!(k.as_str(), "requested" | "approved"))
+            .collect();
+        assert_eq!(terminal, ["revoked"], "{kinds:?}");
+        // If the approval landed, it landed before the revocation, never after.
+        assert!(
+            kinds == ["requested", "revoked"] || kinds == ["requested", "approved", "revoked"],
+            "{kinds:?}"
+        );
+        assert_eq!(wait_state(&s.client, &grant, 0).await["state"], "revoked");
+    }
+    s.t.stop().await;
+}
+
+async fn requests_over_policy_or_for_others_get_specific_refusals(backend: Backend) {
+    let Some(s) = setup(
+        backend,
+        600,
+        Policy {
+            max_ttl_seconds: 600,
+            max_uses: 5,
+            ..Policy::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let refusal = |args: Value| call(&s.client, "request_grant", args);
+    let cases = [
+        (
+            json!({"environment": "staging", "purpose": "x", "ttl_seconds": 601}),
+            "ttl_seconds: 601 is over this environment's limit of 600",
+        ),
+        (
+            json!({"environment": "staging", "purpose": "x", "max_uses": 6}),
+            "max_uses: 6 is over this environment's limit of 5",
+        ),
+        (
+            json!({"environment": "staging", "purpose": "   "}),
+            "purpose: must say what the credentials are for",
+        ),
+        (
+            json!({"environment": "prod", "purpose": "x"}),
+            "no environment `prod` in this tenant",
+        ),
+    ];
+    for (args, expected) in cases {
+        let message = refusal(args.clone()).await.unwrap_err();
+        assert!(message.contains(expected), "{args}: {message}");
+    }
+    let grant = request(&s.client).await;
+    // Another agent token of the same tenant, and another tenant, see nothing of it.
+    let acme = custodian::tenants::TenantId::parse("acme").unwrap();
+    let other_token = s.t.token(&acme, "other-agent").await;
+    let other = connect(&s.t.mcp_url("acme"), &other_token).await;
+    let globex = s.t.tenant_with_idp("globex", &s.idp.issuer).await;
+    let globex_token = s.t.token(&globex, "codex").await;
+    let foreign = connect(&s.t.mcp_url("globex"), &globex_token).await;
+    let id = grant["grant_id"].as_str().unwrap();
+    for client in [&other, &foreign] {
+        for tool in ["grant_status", "revoke_grant"] {
+            let message = call(client, tool, json!({"grant_id": id}))
+                .await
+                .unwrap_err();
+            assert_eq!(message, format!("no grant `{id}` for this agent"));
+        }
+    }
+    let unknown = call(
+        &s.client,
+        "grant_status",
+        json!({"grant_id": "gr_00000000000000000000000000000000"}),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        unknown,
+        "no grant `gr_00000000000000000000000000000000` for this agent"
+    );
+    assert!(
+        call(
+            &s.client,
+            "grant_status",
+            json!({"grant_id": id, "wait_seconds": 241})
+        )
+        .await
+        .unwrap_err()
+        .contains("at most 240")
+    );
+    // The approval page of an unknown id is a bare 404.
+    let missing = reqwest::get(format!(
+        "{}/approve/gr_00000000000000000000000000000000",
+        s.t.base_url
+    ))
+    .await
+    .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert!(!missing.text().await.unwrap().contains("gr_0000"));
+    // Still pending and untouched.
+    assert_eq!(wait_state(&s.client, &grant, 0).await["state"], "pending");
+    s.t.stop().await;
+}
+
+async fn idp_secrets_appear_in_no_result_log_or_column(backend: Backend) {
+    let logs = crate::harness::capture_logs();
+    let Some(s) = setup(backend, 600, Policy::default()).await else {
+        return;
+    };
+    let grant = request(&s.client).await;
+    let mut seen = vec![grant.to_string()];
+    s.idp.approve(user_code(&grant), Login::as_("alice")).await;
+    seen.push(wait_until(&s.client, &grant, "active").await.to_string());
+    seen.push(
+        call(
+            &s.client,
+            "revoke_grant",
+            json!({"grant_id": grant["grant_id"]}),
+        )
+        .await
+        .unwrap()
+        .to_string(),
+    );
+    let issued = s.idp.issued().await;
+    assert!(
+        issued.len() >= 3,
+        "the IdP handed out a device code and tokens: {issued:?}"
+    );
+    let dump = crate::harness::dump_all_text(s.t.db()).await;
+    let log_text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(log_text.contains("grant approved"), "logs were captured");
+    for secret in &issued {
+        for (place, text) in [
+            ("tool results", seen.join("\n")),
+            ("database", dump.clone()),
+            ("logs", log_text.clone()),
+        ] {
+            assert!(
+                !text.contains(secret.as_str()),
+                "an IdP secret appears in the {place}"
+            );
+        }
+    }
+    s.t.stop().await;
+}

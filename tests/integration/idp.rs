@@ -1,0 +1,224 @@
+//! The real OpenID Provider for tests: `oidc-provider` (npm) with the device flow, run by Node on a
+//! loopback port. Approval goes through the provider's own device pages and its interaction
+//! endpoints, as a person's browser would.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::processes::Proc;
+
+pub struct TestIdp {
+    pub issuer: String,
+    _process: Proc,
+}
+
+/// How the approver signs in.
+#[derive(Debug, Clone, Default)]
+pub struct Login {
+    pub account: &'static str,
+    /// How long ago the approver signed in (sets `auth_time`).
+    pub auth_age_seconds: u64,
+    pub acr: Option<&'static str>,
+    pub amr: Vec<&'static str>,
+}
+
+impl Login {
+    pub fn as_(account: &'static str) -> Self {
+        Self {
+            account,
+            ..Self::default()
+        }
+    }
+}
+
+fn idp_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/idp")
+}
+
+impl TestIdp {
+    /// Starts a provider, or `None` outside CI when its npm packages are not installed.
+    pub fn start(device_ttl_seconds: u64) -> Option<Self> {
+        if !idp_dir().join("node_modules/oidc-provider").exists() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "the test IdP is required in CI; run .ci/run (npm ci in tests/idp)"
+            );
+            eprintln!("skipping: tests/idp has no node_modules (run `npm ci --prefix tests/idp`)");
+            return None;
+        }
+        let mut child = Command::new("node")
+            .arg("idp.mjs")
+            .current_dir(idp_dir())
+            .env("CLIENTS", r#"["custodian","other-client"]"#)
+            .env("DEVICE_TTL", device_ttl_seconds.to_string())
+            .env("INTERVAL", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start node");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("idp banner");
+        let banner: serde_json::Value = serde_json::from_str(&line).expect("idp prints JSON");
+        Some(Self {
+            issuer: banner["issuer"].as_str().expect("issuer").to_owned(),
+            _process: Proc(child),
+        })
+    }
+
+    pub async fn set_mode(&self, mode: &str) {
+        let response = reqwest::Client::new()
+            .post(format!("{}/test/mode", self.issuer))
+            .json(&serde_json::json!({ "mode": mode }))
+            .send()
+            .await
+            .expect("set mode");
+        assert!(response.status().is_success());
+    }
+
+    /// Times (ms) of the token requests the provider saw.
+    pub async fn polls(&self) -> Vec<i64> {
+        reqwest::get(format!("{}/test/polls", self.issuer))
+            .await
+            .expect("polls")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    /// Every device code and token the provider handed out.
+    pub async fn issued(&self) -> Vec<String> {
+        reqwest::get(format!("{}/test/issued", self.issuer))
+            .await
+            .expect("issued")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    fn browser() -> reqwest::Client {
+        reqwest::Client::builder()
+            .cookie_store(true)
+            .build()
+            .expect("client")
+    }
+
+    /// Enters and confirms `user_code` on the provider's device page; returns the browser and the
+    /// interaction it was sent to.
+    async fn confirm_code(
+        &self,
+        user_code: &str,
+        abort: bool,
+    ) -> (reqwest::Client, reqwest::Response) {
+        let browser = Self::browser();
+        let page = browser
+            .get(format!("{}/device?user_code={user_code}", self.issuer))
+            .send()
+            .await
+            .expect("device page")
+            .text()
+            .await
+            .expect("html");
+        let confirm_page = browser
+            .post(format!("{}/device", self.issuer))
+            .form(&hidden_inputs(&page))
+            .send()
+            .await
+            .expect("submit code")
+            .text()
+            .await
+            .expect("html");
+        let mut fields = hidden_inputs(&confirm_page);
+        assert!(
+            fields.iter().any(|(k, _)| k == "confirm"),
+            "no confirm form: {confirm_page}"
+        );
+        if abort {
+            fields.retain(|(k, _)| k != "confirm");
+            fields.push(("abort".to_owned(), "yes".to_owned()));
+        }
+        let response = browser
+            .post(format!("{}/device", self.issuer))
+            .form(&fields)
+            .send()
+            .await
+            .expect("confirm code");
+        (browser, response)
+    }
+
+    /// Approves as `login` (login, then consent), like a person at the IdP.
+    pub async fn approve(&self, user_code: &str, login: Login) {
+        let (browser, interaction) = self.confirm_code(user_code, false).await;
+        let details: serde_json::Value = interaction.json().await.expect("interaction details");
+        assert_eq!(details["prompt"], "login", "{details}");
+        let mut body = serde_json::json!({
+            "account": login.account,
+            "auth_age_seconds": login.auth_age_seconds,
+            "amr": login.amr,
+        });
+        if let Some(acr) = login.acr {
+            body["acr"] = acr.into();
+        }
+        let mut next = self.finish(&browser, &details, "login", body).await;
+        // Consent, when the provider asks for it.
+        if next["prompt"] == "consent" {
+            next = self
+                .finish(&browser, &next, "consent", serde_json::json!({}))
+                .await;
+        }
+        assert_eq!(next["done"], true, "approval did not complete: {next}");
+    }
+
+    /// Declines at the device confirmation page.
+    pub async fn deny(&self, user_code: &str) {
+        let (_, response) = self.confirm_code(user_code, true).await;
+        let _ = response.text().await;
+    }
+
+    async fn finish(
+        &self,
+        browser: &reqwest::Client,
+        details: &serde_json::Value,
+        action: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let uid = details["uid"].as_str().expect("uid");
+        let answer: serde_json::Value = browser
+            .post(format!("{}/interaction/{uid}/{action}", self.issuer))
+            .json(&body)
+            .send()
+            .await
+            .expect("interaction")
+            .json()
+            .await
+            .expect("json");
+        let redirect = answer["redirectTo"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{answer}"));
+        let followed = browser.get(redirect).send().await.expect("follow");
+        let text = followed.text().await.expect("body");
+        if text.contains("device-flow-success") {
+            return serde_json::json!({ "done": true });
+        }
+        serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({ "page": text }))
+    }
+}
+
+/// The hidden inputs of the forms in an HTML page, in order.
+fn hidden_inputs(html: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for chunk in html.split("<input").skip(1) {
+        let attr = |name: &str| {
+            let start = chunk.find(&format!("{name}=\""))? + name.len() + 2;
+            let end = chunk[start..].find('"')? + start;
+            Some(chunk[start..end].to_owned())
+        };
+        if let (Some(name), Some(value)) = (attr("name"), attr("value")) {
+            out.push((name, value));
+        }
+    }
+    out
+}
