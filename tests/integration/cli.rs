@@ -5,7 +5,8 @@ use std::time::Duration;
 use crate::harness::{Backend, TestDb};
 use crate::on_both_backends;
 use crate::processes::{
-    custodian, free_port, python, python_client, read_until, spawn, wait_healthy,
+    CUSTODIAN, custodian, free_port, python, python_client, python_client_approving, read_until,
+    spawn, wait_healthy,
 };
 
 on_both_backends!(
@@ -246,10 +247,31 @@ async fn dev_prints_url_token_and_codex_snippet_that_a_real_client_can_use() {
         Some("approve")
     );
 
-    let seen = python_client(&python, &url, &token);
+    // request_grant → `custodian dev approve CODE` → grant_status, all through the Python SDK.
+    let approve = [
+        CUSTODIAN,
+        "dev",
+        "approve",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let seen = python_client_approving(&python, &url, &token, &approve);
     assert_eq!(
         seen["structured"]["environments"][0]["name"], "demo",
         "{seen}"
+    );
+    assert_eq!(seen["status"]["state"], "active", "{seen}");
+    assert_eq!(seen["status"]["approver"], "approver@custodian.dev");
+    let approval_url = seen["grant"]["approval_url"].as_str().unwrap();
+    let page = reqwest::get(approval_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("This request is <strong>active</strong>"),
+        "{page}"
     );
     assert_eq!(
         seen["structured"]["environments"][0]["secret_names"],

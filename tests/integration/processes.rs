@@ -134,10 +134,21 @@ pub fn python() -> Option<PathBuf> {
 
 /// Runs the Python SDK client against `url` with `token` and returns its JSON report.
 pub fn python_client(python: &Path, url: &str, token: &str) -> serde_json::Value {
+    python_client_approving(python, url, token, &[])
+}
+
+/// Like [`python_client`], and also requests a grant approved by running `approve` + user code.
+pub fn python_client_approving(
+    python: &Path,
+    url: &str,
+    token: &str,
+    approve: &[&str],
+) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/python_client.py");
     let output = Command::new(python)
         .arg(script)
         .arg(url)
+        .args(approve)
         .env("CUSTODIAN_TOKEN", token)
         .output()
         .expect("run python client");
