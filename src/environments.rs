@@ -320,3 +320,19 @@ pub async fn get(
 fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("plain data serializes to JSON")
 }
+
+/// Replaces the declared secret names of an environment (inside the caller's transaction).
+pub async fn set_secret_names(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    tenant: &TenantId,
+    name: &str,
+    secret_names: &[String],
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE environments SET secret_names = $1 WHERE tenant_id = $2 AND name = $3")
+        .bind(to_json(&secret_names))
+        .bind(tenant.as_str())
+        .bind(name)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}

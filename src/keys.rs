@@ -25,12 +25,18 @@ const NONCE_BYTES: usize = 12;
 pub enum Purpose {
     /// Device codes of pending grants (they let anyone holding them collect the approver's tokens).
     DeviceCode,
+    /// Tenant data keys (which in turn seal secret values).
+    DataKeyWrap,
+    /// The master key's public fingerprint.
+    KeyId,
 }
 
 impl Purpose {
     fn label(self) -> &'static [u8] {
         match self {
             Purpose::DeviceCode => b"custodian/device-code/v1",
+            Purpose::DataKeyWrap => b"custodian/data-key-wrap/v1",
+            Purpose::KeyId => b"custodian/key-id/v1",
         }
     }
 }
@@ -113,32 +119,23 @@ impl MasterKey {
         Self::from_base64(&value)
     }
 
-    fn cipher(&self, purpose: Purpose) -> Aes256Gcm {
+    fn subkey(&self, purpose: Purpose) -> Zeroizing<[u8; KEY_BYTES]> {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_slice())
             .expect("HMAC takes keys of any length");
         mac.update(purpose.label());
         let mut subkey = Zeroizing::new([0u8; KEY_BYTES]);
         subkey.copy_from_slice(&mac.finalize().into_bytes());
-        Aes256Gcm::new_from_slice(subkey.as_slice()).expect("a 32-byte key")
+        subkey
+    }
+
+    /// A public fingerprint of this key (which key wraps what), safe to store and show.
+    pub fn id(&self) -> String {
+        hex::encode(&self.subkey(Purpose::KeyId)[..8])
     }
 
     /// Encrypts `plaintext` bound to `aad`; returns base64(nonce || ciphertext).
     pub fn seal(&self, purpose: Purpose, aad: &str, plaintext: &[u8]) -> String {
-        let mut nonce = [0u8; NONCE_BYTES];
-        rand::rng().fill_bytes(&mut nonce);
-        let ciphertext = self
-            .cipher(purpose)
-            .encrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: aad.as_bytes(),
-                },
-            )
-            .expect("AES-GCM encryption of a small value cannot fail");
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&ciphertext);
-        STANDARD.encode(out)
+        seal_with(&self.subkey(purpose), aad, plaintext)
     }
 
     /// Decrypts what [`MasterKey::seal`] produced with the same purpose and `aad`.
@@ -148,23 +145,86 @@ impl MasterKey {
         aad: &str,
         sealed: &str,
     ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        let raw = STANDARD.decode(sealed).map_err(|_| KeyError::Open)?;
-        if raw.len() < NONCE_BYTES {
-            return Err(KeyError::Open);
-        }
-        let (nonce, ciphertext) = raw.split_at(NONCE_BYTES);
-        let nonce: [u8; NONCE_BYTES] = nonce.try_into().map_err(|_| KeyError::Open)?;
-        self.cipher(purpose)
-            .decrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: aad.as_bytes(),
-                },
-            )
-            .map(Zeroizing::new)
-            .map_err(|_| KeyError::Open)
+        open_with(&self.subkey(purpose), aad, sealed)
     }
+}
+
+/// A tenant's data key: seals secret values; stored only wrapped by the master key.
+pub struct DataKey(Zeroizing<[u8; KEY_BYTES]>);
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataKey(..)")
+    }
+}
+
+impl DataKey {
+    pub fn generate() -> Self {
+        let mut key = Zeroizing::new([0u8; KEY_BYTES]);
+        rand::rng().fill_bytes(key.as_mut_slice());
+        Self(key)
+    }
+
+    /// The data key sealed under the master key, bound to `aad`.
+    pub fn wrap(&self, master: &MasterKey, aad: &str) -> String {
+        master.seal(Purpose::DataKeyWrap, aad, self.0.as_slice())
+    }
+
+    pub fn unwrap_with(master: &MasterKey, aad: &str, wrapped: &str) -> Result<Self, KeyError> {
+        let bytes = master.open(Purpose::DataKeyWrap, aad, wrapped)?;
+        let array: [u8; KEY_BYTES] = bytes.as_slice().try_into().map_err(|_| KeyError::Open)?;
+        Ok(Self(Zeroizing::new(array)))
+    }
+
+    pub fn seal(&self, aad: &str, plaintext: &[u8]) -> String {
+        seal_with(&self.0, aad, plaintext)
+    }
+
+    pub fn open(&self, aad: &str, sealed: &str) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        open_with(&self.0, aad, sealed)
+    }
+}
+
+fn seal_with(key: &[u8; KEY_BYTES], aad: &str, plaintext: &[u8]) -> String {
+    let mut nonce = [0u8; NONCE_BYTES];
+    rand::rng().fill_bytes(&mut nonce);
+    let ciphertext = Aes256Gcm::new_from_slice(key)
+        .expect("a 32-byte key")
+        .encrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: plaintext,
+                aad: aad.as_bytes(),
+            },
+        )
+        .expect("AES-GCM encryption of a small value cannot fail");
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&ciphertext);
+    STANDARD.encode(out)
+}
+
+fn open_with(
+    key: &[u8; KEY_BYTES],
+    aad: &str,
+    sealed: &str,
+) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    let raw = STANDARD.decode(sealed).map_err(|_| KeyError::Open)?;
+    if raw.len() < NONCE_BYTES {
+        return Err(KeyError::Open);
+    }
+    let (nonce, ciphertext) = raw.split_at(NONCE_BYTES);
+    let nonce: [u8; NONCE_BYTES] = nonce.try_into().map_err(|_| KeyError::Open)?;
+    Aes256Gcm::new_from_slice(key)
+        .expect("a 32-byte key")
+        .decrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: ciphertext,
+                aad: aad.as_bytes(),
+            },
+        )
+        .map(Zeroizing::new)
+        .map_err(|_| KeyError::Open)
 }
 
 #[cfg(test)]

@@ -12,5 +12,6 @@ pub mod http;
 pub mod keys;
 pub mod mcp;
 pub mod oidc;
+pub mod secrets;
 pub mod store;
 pub mod tenants;

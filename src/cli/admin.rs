@@ -28,6 +28,24 @@ pub enum AdminCommand {
     /// The master key that protects secrets at rest.
     #[command(subcommand, name = "master-key")]
     MasterKey(MasterKeyCommand),
+    /// Secret values of environments (set from stdin only; never shown).
+    #[command(subcommand)]
+    Secret(SecretCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Store a new version of a secret; the value is read from stdin (one trailing newline is
+    /// dropped), never from the command line.
+    Set {
+        /// TENANT/ENVIRONMENT
+        place: String,
+        name: String,
+    },
+    /// List an environment's secrets: names, versions, when set. Never values.
+    List { place: String },
+    /// Delete every version of a secret.
+    Delete { place: String, name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +71,12 @@ pub enum MasterKeyCommand {
     Generate {
         #[arg(long)]
         out: std::path::PathBuf,
+    },
+    /// Re-wrap every tenant data key from the configured master key to the key in NEW_KEY_FILE;
+    /// then point secrets.master_key_file at the new file.
+    Rotate {
+        #[arg(long)]
+        new_key_file: std::path::PathBuf,
     },
 }
 
@@ -207,7 +231,19 @@ async fn dispatch(app: &App, command: AdminCommand, now: clock::UnixSeconds) -> 
             println!("tenant {tenant} now approves grants at {}", idp.issuer);
         }
         AdminCommand::Grants(command) => grants_command(app, command, now).await?,
-        AdminCommand::MasterKey(_) => unreachable!("handled before opening the database"),
+        AdminCommand::MasterKey(MasterKeyCommand::Rotate { new_key_file }) => {
+            let new = crate::keys::MasterKey::load(Some(&new_key_file), "", std::iter::empty())?;
+            let count = crate::secrets::rotate_master_key(db, &app.master_key, &new).await?;
+            println!(
+                "re-wrapped {count} tenant data keys under master key {}; now set secrets.master_key_file to {}",
+                new.id(),
+                new_key_file.display()
+            );
+        }
+        AdminCommand::MasterKey(MasterKeyCommand::Generate { .. }) => {
+            unreachable!("handled before opening the database")
+        }
+        AdminCommand::Secret(command) => secret_command(app, command, now).await?,
         AdminCommand::Tenant(TenantCommand::List) => {
             println!("{:<24} {:<32} ISSUER", "ID", "NAME");
             for t in tenants::list(db).await? {
@@ -403,5 +439,52 @@ pub(crate) fn write_master_key(path: &std::path::Path) -> anyhow::Result<()> {
         "wrote a new master key to {}; set secrets.master_key_file to this path",
         path.display()
     );
+    Ok(())
+}
+
+fn place(text: &str) -> anyhow::Result<(TenantId, String)> {
+    let (tenant, env) = text
+        .split_once('/')
+        .ok_or_else(|| anyhow::anyhow!("`{text}` is not TENANT/ENVIRONMENT"))?;
+    Ok((TenantId::parse(tenant)?, env.to_owned()))
+}
+
+async fn secret_command(
+    app: &App,
+    command: SecretCommand,
+    now: clock::UnixSeconds,
+) -> anyhow::Result<()> {
+    match command {
+        SecretCommand::Set { place: at, name } => {
+            let (tenant, env) = place(&at)?;
+            let mut value = zeroize::Zeroizing::new(Vec::new());
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut value)?;
+            if value.last() == Some(&b'\n') {
+                value.pop();
+                if value.last() == Some(&b'\r') {
+                    value.pop();
+                }
+            }
+            let info =
+                crate::secrets::set(&app.db, &app.master_key, &tenant, &env, &name, &value, now)
+                    .await?;
+            println!(
+                "stored {tenant}/{env} {} version {}",
+                info.name, info.version
+            );
+        }
+        SecretCommand::List { place: at } => {
+            let (tenant, env) = place(&at)?;
+            println!("{:<32} {:>7} SET_AT", "NAME", "VERSION");
+            for s in crate::secrets::list(&app.db, &tenant, &env).await? {
+                println!("{:<32} {:>7} {}", s.name, s.version, s.set_at);
+            }
+        }
+        SecretCommand::Delete { place: at, name } => {
+            let (tenant, env) = place(&at)?;
+            crate::secrets::delete(&app.db, &tenant, &env, &name).await?;
+            println!("deleted {tenant}/{env} {name}");
+        }
+    }
     Ok(())
 }

@@ -179,6 +179,61 @@ async fn admin_and_migrate_manage_the_database(backend: Backend) {
     ]));
     assert!(ok(run(&["admin", "env", "list", "acme"])).contains("API_KEY,DB_URL"));
 
+    // Secret values come from stdin only and are never printed back.
+    let canary = "cli-canary-secret-value-91";
+    let mut child = std::process::Command::new(crate::processes::CUSTODIAN)
+        .args([
+            "admin",
+            "--config",
+            &config,
+            "secret",
+            "set",
+            "acme/prod",
+            "DB_URL",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        child.stdin.as_mut().unwrap(),
+        format!("{canary}\n").as_bytes(),
+    )
+    .unwrap();
+    let set = child.wait_with_output().unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&set.stdout),
+        String::from_utf8_lossy(&set.stderr)
+    );
+    assert!(set.status.success(), "{printed}");
+    assert!(
+        printed.contains("DB_URL version 1") && !printed.contains(canary),
+        "{printed}"
+    );
+    let listed = ok(run(&["admin", "secret", "list", "acme/prod"]));
+    assert!(
+        listed.contains("DB_URL") && !listed.contains(canary),
+        "{listed}"
+    );
+    let short = std::process::Command::new(crate::processes::CUSTODIAN)
+        .args([
+            "admin",
+            "--config",
+            &config,
+            "secret",
+            "set",
+            "acme/prod",
+            "PIN",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&short.stderr).contains("cannot be redacted safely"));
+    ok(run(&["admin", "secret", "delete", "acme/prod", "DB_URL"]));
+    assert!(!ok(run(&["admin", "secret", "list", "acme/prod"])).contains("DB_URL"));
+
     let created = run(&["admin", "agent-token", "create", "acme", "ci-bot"]);
     let token = ok(created).trim().to_owned();
     assert!(token.starts_with("cst_"));

@@ -14,3 +14,4 @@ mod harness;
 mod idp;
 mod mcp_clients;
 mod processes;
+mod secrets;
