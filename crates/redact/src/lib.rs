@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use zeroize::Zeroizing;
@@ -111,6 +111,8 @@ impl Redactor {
             Some(
                 AhoCorasickBuilder::new()
                     .match_kind(MatchKind::LeftmostLongest)
+                    // A full DFA: more memory (fine for a few thousand patterns), fastest scans.
+                    .kind(Some(AhoCorasickKind::DFA))
                     .build(patterns.iter().map(|p| p.as_slice()))
                     .map_err(|e| RedactError::Build(e.to_string()))?,
             )
