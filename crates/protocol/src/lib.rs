@@ -105,3 +105,70 @@ mod tests {
         }
     }
 }
+
+/// Path of the runner's exec endpoint.
+pub const EXEC_PATH: &str = "/v1/exec";
+
+/// One command to run with secrets, sent by the gateway over mTLS.
+///
+/// `secrets` carries values: receivers move each into zeroizing memory at once and never log,
+/// echo or store this type (its `Debug` prints names only).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct ExecRequest {
+    /// For logs and traces on the runner.
+    pub grant_id: String,
+    pub tenant: String,
+    /// The program and its arguments (`["/bin/sh", "-c", cmd]` for shell commands).
+    pub argv: Vec<String>,
+    /// Written to the child's stdin, then closed.
+    pub stdin: Option<String>,
+    pub timeout_ms: u64,
+    /// Output kept per stream, after redaction.
+    pub max_output_bytes: usize,
+    pub secrets: Vec<SecretEnv>,
+    /// W3C trace context of the gateway's span.
+    pub traceparent: Option<String>,
+}
+
+impl fmt::Debug for ExecRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecRequest")
+            .field("grant_id", &self.grant_id)
+            .field("tenant", &self.tenant)
+            .field("argv0", &self.argv.first())
+            .field(
+                "secrets",
+                &self.secrets.iter().map(|s| &s.name).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// A secret as an environment variable of the child.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct SecretEnv {
+    pub name: String,
+    pub value: String,
+}
+
+/// What came of an [`ExecRequest`]; output is already redacted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExecResponse {
+    /// The exit code, or `None` when the child was killed by a signal.
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    /// Replacements per secret name.
+    pub redactions: std::collections::BTreeMap<String, u64>,
+    /// Whether output beyond `max_output_bytes` was dropped.
+    pub truncated: bool,
+    pub timed_out: bool,
+    pub duration_ms: u64,
+}
+
+/// A refusal by the runner (wrong request, sandbox failure); never contains secret material.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExecError {
+    pub error: String,
+}
