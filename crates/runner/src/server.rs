@@ -60,7 +60,7 @@ pub async fn serve(
                 .and_then(|certs| certs.first())
                 .map(crate::tls::uri_names)
                 .unwrap_or_default();
-            if !identity.iter().any(|id| *id == gateway) {
+            if !identity.contains(&gateway) {
                 tracing::warn!(peer = %peer, identity = ?identity, "refused a client that is not this trust domain's gateway");
                 return;
             }
