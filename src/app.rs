@@ -12,6 +12,8 @@ use crate::grants::Limits;
 use crate::http::auth::SessionBindings;
 use crate::keys::MasterKey;
 use crate::oidc::Oidc;
+use crate::runners::Dispatcher;
+use crate::runners::tls::ClientMaterial;
 use crate::store::Db;
 
 /// Everything a request handler may need, shared as `Arc<App>`.
@@ -37,12 +39,27 @@ pub struct App {
     pub poller_wake: tokio::sync::Notify,
     /// This replica's name in polling leases.
     pub instance_id: String,
+    /// Sends execs to runners over mTLS.
+    pub dispatcher: Dispatcher,
 }
 
 impl App {
     pub fn new(config: Config, db: Db, clock: Arc<dyn Clock>, master_key: MasterKey) -> Self {
         let sessions = SessionBindings::new(config.server.session_idle_timeout);
+        let runners = &config.runners;
+        let material = match (&runners.ca_file, &runners.cert_file, &runners.key_file) {
+            (Some(ca), Some(cert), Some(key)) => match ClientMaterial::load(ca, cert, key) {
+                Ok(material) => Some(material),
+                Err(e) => {
+                    tracing::error!(error = %e, "runner TLS material unusable; `run` will be refused");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let dispatcher = Dispatcher::new(runners.trust_domain.clone(), material);
         Self {
+            dispatcher,
             config,
             db,
             clock,

@@ -27,6 +27,22 @@ pub struct Config {
     pub log: LogConfig,
     pub secrets: SecretsConfig,
     pub grants: GrantsConfig,
+    pub runners: RunnersConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunnersConfig {
+    /// SPIFFE trust domain of gateway and runner identities.
+    pub trust_domain: String,
+    /// CA that issued the runners' certificates.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The gateway's client certificate (identity spiffe://<trust_domain>/gateway) and key.
+    pub cert_file: Option<std::path::PathBuf>,
+    pub key_file: Option<std::path::PathBuf>,
+    /// Longest `timeout_seconds` a run may ask for.
+    pub max_timeout_seconds: u64,
+    /// Output kept per stream after redaction.
+    pub max_output_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -218,6 +234,45 @@ impl Config {
                 &mut problems,
             ),
         };
+        let mut section = Section::new(&mut root, "runners", RUNNERS_KEYS, &mut problems);
+        let trust_domain: String = section
+            .take("trust_domain")
+            .unwrap_or_else(|| "custodian.local".to_owned());
+        let ca_file = section.take::<String>("ca_file").map(Into::into);
+        let cert_file = section.take::<String>("cert_file").map(Into::into);
+        let key_file = section.take::<String>("key_file").map(Into::into);
+        let max_timeout = section.take("max_timeout_seconds");
+        let max_output = section.take("max_output_bytes");
+        section.finish();
+        if custodian_protocol::Identity::parse(&format!("spiffe://{trust_domain}/gateway")).is_err()
+        {
+            problems.push(format!(
+                "runners.trust_domain: `{trust_domain}` is not a valid trust domain"
+            ));
+        }
+        let tls_set = [ca_file.is_some(), cert_file.is_some(), key_file.is_some()];
+        if tls_set.iter().any(|s| *s) && !tls_set.iter().all(|s| *s) {
+            problems.push("runners: set ca_file, cert_file and key_file together".to_owned());
+        }
+        let runners = RunnersConfig {
+            trust_domain,
+            ca_file,
+            cert_file,
+            key_file,
+            max_timeout_seconds: positive(
+                "runners.max_timeout_seconds",
+                max_timeout,
+                600,
+                &mut problems,
+            ),
+            max_output_bytes: usize::try_from(positive(
+                "runners.max_output_bytes",
+                max_output,
+                1 << 20,
+                &mut problems,
+            ))
+            .unwrap_or(1 << 20),
+        };
         let mut section = Section::new(&mut root, "log", LOG_KEYS, &mut problems);
         let log = LogConfig {
             format: section.take("format").unwrap_or(LogFormat::Text),
@@ -226,7 +281,7 @@ impl Config {
         section.finish();
         for other in root.keys() {
             problems.push(format!(
-                "{other}: unknown section (expected server, database, log, secrets or grants)"
+                "{other}: unknown section (expected server, database, log, secrets, grants or runners)"
             ));
         }
 
@@ -239,6 +294,7 @@ impl Config {
                 log,
                 secrets,
                 grants,
+                runners,
             }),
             _ => Err(ConfigError { problems }),
         }
@@ -258,6 +314,14 @@ const DATABASE_KEYS: &[&str] = &["url", "max_connections"];
 const LOG_KEYS: &[&str] = &["format", "filter"];
 const SECRETS_KEYS: &[&str] = &["master_key_file", "master_key_env"];
 const GRANTS_KEYS: &[&str] = &["requests_per_minute", "concurrent_waits_per_token"];
+const RUNNERS_KEYS: &[&str] = &[
+    "trust_domain",
+    "ca_file",
+    "cert_file",
+    "key_file",
+    "max_timeout_seconds",
+    "max_output_bytes",
+];
 
 /// The file's values before validation.
 struct RawServer {

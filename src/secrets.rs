@@ -35,6 +35,8 @@ pub enum SecretError {
     TooShort(usize),
     #[error("the value is over {MAX_VALUE_LEN} bytes")]
     TooLong,
+    #[error("the value must be UTF-8 text without NUL bytes (it becomes an environment variable)")]
+    NotText,
     #[error("no secret `{0}` in this environment")]
     NotFound(String),
     #[error(transparent)]
@@ -138,6 +140,9 @@ pub async fn set(
     }
     if value.len() > MAX_VALUE_LEN {
         return Err(SecretError::TooLong);
+    }
+    if std::str::from_utf8(value).is_err() || value.contains(&0) {
+        return Err(SecretError::NotText);
     }
     let Some(environment) = environments::get(db, tenant, env).await? else {
         return Err(SecretError::UnknownEnvironment(env.to_owned()));

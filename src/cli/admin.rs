@@ -31,6 +31,65 @@ pub enum AdminCommand {
     /// Secret values of environments (set from stdin only; never shown).
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Runners registered for a tenant.
+    #[command(subcommand)]
+    Runner(RunnerCommand),
+    /// A development/test CA and certificates with SPIFFE identities (rcgen).
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunnerCommand {
+    /// Register a runner; it must present spiffe://<trust-domain>/tenant/<tenant>/runner/<name>.
+    Add {
+        tenant: String,
+        name: String,
+        #[arg(long, default_value = "default")]
+        pool: String,
+        /// https://host:port of the runner.
+        #[arg(long)]
+        url: String,
+    },
+    List {
+        tenant: String,
+    },
+    Remove {
+        tenant: String,
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Create a CA (ca.pem, ca.key) in DIR.
+    Init {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value = "custodian.local")]
+        trust_domain: String,
+    },
+    /// Issue a certificate signed by the CA in DIR: OUT.pem and OUT.key.
+    Issue {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value = "custodian.local")]
+        trust_domain: String,
+        /// The gateway's identity (spiffe://<trust-domain>/gateway).
+        #[arg(long, conflicts_with = "runner")]
+        gateway: bool,
+        /// A runner's identity: TENANT/NAME.
+        #[arg(long)]
+        runner: Option<String>,
+        /// DNS name or IP the certificate also serves (repeatable; runners need the host they are
+        /// reached at).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[arg(long, default_value_t = 90)]
+        days: i64,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -183,6 +242,9 @@ pub async fn run(config: Config, command: AdminCommand) -> anyhow::Result<()> {
     if let AdminCommand::MasterKey(MasterKeyCommand::Generate { out }) = &command {
         return write_master_key(out);
     }
+    if let AdminCommand::Pki(pki) = &command {
+        return pki_command(pki);
+    }
     let app = App::from_config(config, std::env::vars()).await?;
     let now = app.clock.now();
     let result = dispatch(&app, command, now).await;
@@ -244,6 +306,35 @@ async fn dispatch(app: &App, command: AdminCommand, now: clock::UnixSeconds) -> 
             unreachable!("handled before opening the database")
         }
         AdminCommand::Secret(command) => secret_command(app, command, now).await?,
+        AdminCommand::Pki(_) => unreachable!("handled before opening the database"),
+        AdminCommand::Runner(RunnerCommand::Add {
+            tenant,
+            name,
+            pool,
+            url,
+        }) => {
+            let tenant = TenantId::parse(&tenant)?;
+            let runner = crate::runners::add(db, &tenant, &name, &pool, &url, now).await?;
+            println!(
+                "registered runner {} (pool {}) at {}; it must present {}",
+                runner.name,
+                runner.pool,
+                runner.url,
+                app.dispatcher.identity_of(&runner)
+            );
+        }
+        AdminCommand::Runner(RunnerCommand::List { tenant }) => {
+            let tenant = TenantId::parse(&tenant)?;
+            println!("{:<24} {:<16} URL", "NAME", "POOL");
+            for r in crate::runners::list(db, &tenant).await? {
+                println!("{:<24} {:<16} {}", r.name, r.pool, r.url);
+            }
+        }
+        AdminCommand::Runner(RunnerCommand::Remove { tenant, name }) => {
+            let tenant = TenantId::parse(&tenant)?;
+            crate::runners::remove(db, &tenant, &name).await?;
+            println!("removed runner {name}");
+        }
         AdminCommand::Tenant(TenantCommand::List) => {
             println!("{:<24} {:<32} ISSUER", "ID", "NAME");
             for t in tenants::list(db).await? {
@@ -484,6 +575,46 @@ async fn secret_command(
             let (tenant, env) = place(&at)?;
             crate::secrets::delete(&app.db, &tenant, &env, &name).await?;
             println!("deleted {tenant}/{env} {name}");
+        }
+    }
+    Ok(())
+}
+
+fn pki_command(command: &PkiCommand) -> anyhow::Result<()> {
+    use custodian_protocol::Identity;
+    match command {
+        PkiCommand::Init { dir, trust_domain } => {
+            crate::pki::init(dir, trust_domain)?;
+            println!("created CA for {trust_domain} in {}", dir.display());
+        }
+        PkiCommand::Issue {
+            dir,
+            trust_domain,
+            gateway,
+            runner,
+            hosts,
+            days,
+            out,
+        } => {
+            let identity = match (gateway, runner) {
+                (true, _) => Identity::Gateway {
+                    trust_domain: trust_domain.clone(),
+                },
+                (false, Some(runner)) => {
+                    let (tenant, name) = runner
+                        .split_once('/')
+                        .ok_or_else(|| anyhow::anyhow!("--runner takes TENANT/NAME"))?;
+                    Identity::Runner {
+                        trust_domain: trust_domain.clone(),
+                        tenant: tenant.to_owned(),
+                        name: name.to_owned(),
+                    }
+                }
+                (false, None) => anyhow::bail!("say --gateway or --runner TENANT/NAME"),
+            };
+            Identity::parse(&identity.to_string())?;
+            let (cert, key) = crate::pki::issue(dir, &identity, hosts, *days, out)?;
+            println!("issued {identity}: {} {}", cert.display(), key.display());
         }
     }
     Ok(())

@@ -40,6 +40,8 @@ enum DevAction {
 }
 
 const IDP_URL_FILE: &str = "dev-idp.url";
+const DEV_RUNNER: &str = "local";
+const TRUST_DOMAIN: &str = "custodian.local";
 const MASTER_KEY_FILE: &str = "master.key";
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
@@ -68,10 +70,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if !key_path.exists() {
         super::admin::write_master_key(&key_path)?;
     }
+    let pki = dev_pki(&args.data_dir)?;
     let toml = format!(
-        "[server]\nlisten = \"{addr}\"\npublic_url = \"http://{addr}\"\n\n[database]\nurl = \"sqlite://{}\"\n\n[secrets]\nmaster_key_file = \"{}\"\n\n[log]\nfilter = \"warn,custodian=info\"\n",
+        "[server]\nlisten = \"{addr}\"\npublic_url = \"http://{addr}\"\n\n[database]\nurl = \"sqlite://{}\"\n\n[secrets]\nmaster_key_file = \"{}\"\n\n[runners]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n[log]\nfilter = \"warn,custodian=info,custodian_runner=info\"\n",
         db_path.display(),
-        key_path.display()
+        key_path.display(),
+        pki.join("ca.pem").display(),
+        pki.join("gateway.pem").display(),
+        pki.join("gateway.key").display(),
     );
     let config = Config::from_toml(&toml, std::iter::empty())?;
     super::init_logging(&config.log);
@@ -83,7 +89,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     )
     .await?;
     std::fs::write(args.data_dir.join(IDP_URL_FILE), &idp.issuer)?;
-    let token = seed(&app, &idp.issuer).await?;
+    let runner_stop = tokio_util::sync::CancellationToken::new();
+    let runner_url = start_runner(&pki, runner_stop.clone()).await?;
+    let token = seed(&app, &idp.issuer, &runner_url).await?;
     let server = Server::start_on(app.clone(), listener)?;
 
     let url = format!("http://{addr}/t/{DEV_TENANT}/mcp");
@@ -110,6 +118,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     shutdown_signal().await;
     idp.stop();
+    runner_stop.cancel();
     server.shutdown(grace).await?;
     app.db.close().await;
     Ok(())
@@ -117,7 +126,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
 /// Makes sure tenant `dev` (approving at the dev IdP) and environment `demo` exist, and creates a
 /// fresh agent token.
-async fn seed(app: &App, issuer: &str) -> anyhow::Result<secrecy::SecretString> {
+async fn seed(app: &App, issuer: &str, runner_url: &str) -> anyhow::Result<secrecy::SecretString> {
     let now = app.clock.now();
     let tenant = TenantId::parse(DEV_TENANT)?;
     if tenants::get(&app.db, DEV_TENANT).await?.is_none() {
@@ -147,6 +156,27 @@ async fn seed(app: &App, issuer: &str) -> anyhow::Result<secrecy::SecretString> 
             "Demo environment with a sample API key, for trying Custodian out",
             &["DEMO_API_KEY".to_owned()],
             &Policy::default(),
+            now,
+        )
+        .await?;
+    }
+    // The local runner, at this start's port.
+    let _ = crate::runners::remove(&app.db, &tenant, DEV_RUNNER).await;
+    crate::runners::add(&app.db, &tenant, DEV_RUNNER, "default", runner_url, now).await?;
+    if crate::secrets::list(&app.db, &tenant, DEV_ENVIRONMENT)
+        .await?
+        .is_empty()
+    {
+        let mut sample = [0u8; 12];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut sample);
+        let value = zeroize::Zeroizing::new(format!("demo-{}", hex::encode(sample)));
+        crate::secrets::set(
+            &app.db,
+            &app.master_key,
+            &tenant,
+            DEV_ENVIRONMENT,
+            "DEMO_API_KEY",
+            value.as_bytes(),
             now,
         )
         .await?;
@@ -190,4 +220,57 @@ async fn approve(data_dir: &std::path::Path, user_code: &str) -> anyhow::Result<
         reqwest::StatusCode::NOT_FOUND => anyhow::bail!("no pending request with code {user_code}"),
         s => anyhow::bail!("the dev identity provider answered {s}"),
     }
+}
+
+/// A dev CA with gateway and runner certificates under `DATA_DIR/pki` (made once).
+fn dev_pki(data_dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    use custodian_protocol::Identity;
+    let dir = data_dir.join("pki");
+    if !dir.join("ca.key").exists() {
+        crate::pki::init(&dir, TRUST_DOMAIN)?;
+        let gateway = Identity::Gateway {
+            trust_domain: TRUST_DOMAIN.to_owned(),
+        };
+        crate::pki::issue(&dir, &gateway, &[], 3650, &dir.join("gateway"))?;
+        let runner = Identity::Runner {
+            trust_domain: TRUST_DOMAIN.to_owned(),
+            tenant: DEV_TENANT.to_owned(),
+            name: DEV_RUNNER.to_owned(),
+        };
+        crate::pki::issue(
+            &dir,
+            &runner,
+            &["127.0.0.1".to_owned()],
+            3650,
+            &dir.join("runner"),
+        )?;
+    }
+    Ok(dir)
+}
+
+/// Starts the local runner on a loopback port (real mTLS, real sandbox); returns its URL.
+async fn start_runner(
+    pki: &std::path::Path,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let config = custodian_runner::config::RunnerConfig {
+        listen: addr,
+        trust_domain: TRUST_DOMAIN.to_owned(),
+        tenant: DEV_TENANT.to_owned(),
+        name: DEV_RUNNER.to_owned(),
+        cert_file: pki.join("runner.pem"),
+        key_file: pki.join("runner.key"),
+        ca_file: pki.join("ca.pem"),
+        work_root: std::env::temp_dir(),
+        max_body_bytes: 1 << 20,
+    };
+    let helper = std::env::current_exe()?;
+    tokio::spawn(async move {
+        if let Err(e) = custodian_runner::run(config, listener, helper, stop).await {
+            tracing::error!(error = %e, "the local runner stopped");
+        }
+    });
+    Ok(format!("https://{addr}"))
 }

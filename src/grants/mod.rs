@@ -236,6 +236,12 @@ pub enum GrantError {
     IdentityProvider(String),
     #[error("grant `{id}` is already {state}")]
     AlreadyEnded { id: String, state: &'static str },
+    #[error("grant `{id}` is {state}: {hint}")]
+    NotUsable {
+        id: String,
+        state: &'static str,
+        hint: &'static str,
+    },
     #[error("internal error")]
     Internal(#[from] InternalError),
 }
@@ -603,6 +609,44 @@ pub async fn wait(
         }
         progress(started.elapsed().as_secs().min(total), total).await;
     }
+}
+
+/// Takes one run of the caller's active grant, atomically; refuses (before anything else happens)
+/// if the grant is not the caller's, not active, expired or used up.
+pub async fn consume(app: &App, caller: &AgentIdentity, id: &str) -> Result<Grant, GrantError> {
+    let grant = own_grant(app, caller, id).await?;
+    let taken = store::consume_use(
+        &app.db,
+        &caller.tenant,
+        &grant.id,
+        &caller.token_id,
+        app.clock.now_ms(),
+    )
+    .await?;
+    if taken {
+        let now = store::get(&app.db, &caller.tenant, &grant.id)
+            .await?
+            .unwrap_or(grant);
+        if now.state == GrantState::Exhausted {
+            app.grant_changed.notify_waiters();
+        }
+        return Ok(now);
+    }
+    // Not taken: say why, from the state as it is now.
+    let now = own_grant(app, caller, id).await?;
+    let hint = match now.state {
+        GrantState::Pending => "wait until grant_status says active",
+        GrantState::Active => "it has no runs left or just expired; request a new grant",
+        GrantState::Exhausted => "all of its runs were used; request a new grant",
+        GrantState::Expired => "its time ran out; request a new grant",
+        GrantState::Revoked => "it was revoked; request a new grant",
+        GrantState::Denied => "the approver did not approve it",
+    };
+    Err(GrantError::NotUsable {
+        id: now.id,
+        state: now.state.as_str(),
+        hint,
+    })
 }
 
 /// `revoke_grant` by the agent that requested it.

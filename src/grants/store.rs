@@ -343,3 +343,60 @@ pub async fn expired_active(
     .fetch_all(db.pool())
     .await?)
 }
+
+/// Uses one run of an active, unexpired grant of `agent_token_id` (atomically); the use that spends
+/// the last one also ends the grant as exhausted. Returns whether a use was taken.
+pub async fn consume_use(
+    db: &Db,
+    tenant: &TenantId,
+    id: &str,
+    agent_token_id: &str,
+    now_ms: UnixMillis,
+) -> Result<bool, StoreError> {
+    let now = now_ms.div_euclid(1000);
+    let mut tx = db.pool().begin().await?;
+    let done = sqlx::query(
+        "UPDATE grants SET uses = uses + 1, \
+         state = CASE WHEN uses + 1 >= max_uses THEN 'exhausted' ELSE state END, \
+         end_reason = CASE WHEN uses + 1 >= max_uses THEN 'all of its runs were used' ELSE end_reason END, \
+         ended_at = CASE WHEN uses + 1 >= max_uses THEN $1 ELSE ended_at END \
+         WHERE tenant_id = $2 AND id = $3 AND agent_token_id = $4 AND state = 'active' \
+         AND expires_at > $1 AND uses < max_uses",
+    )
+    .bind(now)
+    .bind(tenant.as_str())
+    .bind(id)
+    .bind(agent_token_id)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() != 1 {
+        return Ok(false);
+    }
+    let (state,): (String,) =
+        sqlx::query_as("SELECT state FROM grants WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant.as_str())
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+    if state == GrantState::Exhausted.as_str() {
+        let detail = serde_json::json!({ "reason": "all of its runs were used" });
+        append_event(&mut tx, tenant.as_str(), id, now_ms, "exhausted", &detail).await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Records a step that is not a transition (e.g. an exec) on the grant's timeline.
+pub async fn record(
+    db: &Db,
+    tenant: &TenantId,
+    id: &str,
+    kind: &str,
+    detail: &Value,
+    now_ms: UnixMillis,
+) -> Result<(), StoreError> {
+    let mut tx = db.pool().begin().await?;
+    append_event(&mut tx, tenant.as_str(), id, now_ms, kind, detail).await?;
+    tx.commit().await?;
+    Ok(())
+}

@@ -29,6 +29,7 @@ use crate::app::App;
 use crate::environments::{self, EnvironmentSummary};
 use crate::grants::{self, GrantError, GrantStatus, RequestArgs, RequestedGrant};
 use crate::http::error::correlation_id;
+use crate::runs::{self, RunArgs, RunError, RunResult};
 
 /// The rmcp handler; one is made per MCP session and shares the [`App`].
 #[derive(Clone)]
@@ -47,8 +48,9 @@ pub struct EnvironmentList {
 const SERVER_INSTRUCTIONS: &str = "Custodian runs commands that need credentials without giving you the \
 credentials. Call list_environments to see which environments exist and which secret names each \
 provides, request_grant to ask your human for access to one of them for this task (relay the \
-message it returns), grant_status with wait_seconds until the grant is active, then revoke_grant \
-when done. Secret values are never shown to you.";
+message it returns), grant_status with wait_seconds until the grant is active, run to execute \
+commands with the environment's secrets as environment variables, then revoke_grant when done. \
+Secret values are never shown to you.";
 
 #[tool_router]
 impl CustodianMcp {
@@ -137,6 +139,33 @@ grant expires and how many runs are left.",
         )
         .await?;
         Ok(Json(status))
+    }
+
+    #[tool(
+        name = "run",
+        description = "Run one command with an active grant's credentials. The environment's \
+secrets are set as environment variables of the command (names from list_environments), so refer \
+to them as $NAME inside `command` or let the program read them; you never see their values. Give \
+`argv` (a list: program and arguments) or `command` (one shell line, run with /bin/sh -c), \
+optionally `stdin` and `timeout_seconds`. Each call uses one of the grant's runs. The command runs \
+in a fresh, empty working directory that is deleted afterwards: nothing persists between runs. \
+Returns exit_code, stdout, stderr, and how many times each secret was found and replaced by \
+[REDACTED:NAME] in the output.",
+        annotations(
+            title = "Run a command with a grant",
+            read_only_hint = false,
+            destructive_hint = true,
+            idempotent_hint = false,
+            open_world_hint = true
+        )
+    )]
+    async fn run(
+        &self,
+        Parameters(args): Parameters<RunArgs>,
+        Extension(parts): Extension<http::request::Parts>,
+    ) -> Result<Json<RunResult>, ToolError> {
+        let caller = identity(&parts)?;
+        Ok(Json(runs::run(&self.app, caller, args).await?))
     }
 
     #[tool(
@@ -276,6 +305,23 @@ impl From<GrantError> for ToolError {
     fn from(error: GrantError) -> Self {
         match error {
             GrantError::Internal(e) => ToolError::Internal(internal("grant operation failed", &e)),
+            refused => ToolError::Refused(refused.to_string()),
+        }
+    }
+}
+
+impl From<RunError> for ToolError {
+    fn from(error: RunError) -> Self {
+        match error {
+            RunError::Grant(e) => e.into(),
+            RunError::Secrets(e) => {
+                ToolError::Internal(internal("opening secrets for a run failed", &e))
+            }
+            RunError::Dispatch(e) => {
+                // The runner's name and the reason are safe to show; log them too.
+                tracing::warn!(error = %e, "dispatch to a runner failed");
+                ToolError::Refused(e.to_string())
+            }
             refused => ToolError::Refused(refused.to_string()),
         }
     }

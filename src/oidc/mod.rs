@@ -195,7 +195,7 @@ impl Oidc {
         let issuer_url = IssuerUrl::new(issuer.to_owned()).map_err(|e| e.to_string())?;
         let metadata = Metadata::discover_async(issuer_url, &HttpClient(self.http.clone()))
             .await
-            .map_err(|e| error_chain(&e))?;
+            .map_err(|e| crate::error_chain(&e))?;
         let found = std::sync::Arc::new(Discovered {
             metadata,
             fetched: Instant::now(),
@@ -243,7 +243,7 @@ impl Oidc {
             .await
             .map_err(|e| OidcError::Refused {
                 issuer: idp.issuer.clone(),
-                reason: error_chain(&e),
+                reason: crate::error_chain(&e),
             })?;
         Ok(DeviceAuthorization {
             device_code: SecretString::from(details.device_code().secret().to_owned()),
@@ -454,19 +454,7 @@ fn client_secret(idp: &IdpSettings) -> Result<Option<SecretString>, OidcError> {
         .transpose()
 }
 
-/// The error and its causes on one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// A reqwest error without the URL (which could carry query parameters).
 fn without_url(error: reqwest::Error) -> String {
-    error_chain(&error.without_url())
+    crate::error_chain(&error.without_url())
 }

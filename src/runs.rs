@@ -1,0 +1,199 @@
+//! `run`: one command under a grant, on a runner of the environment's pool.
+//!
+//! Order, each step refusing before the next: arguments → one use of the caller's active grant
+//! (atomic) → a runner of the pool → secrets opened into zeroizing memory → one exec over mTLS →
+//! the output redacted again here (defence in depth) → an event on the grant's timeline.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use custodian_protocol::{ExecRequest, SecretEnv};
+use custodian_redact::Redactor;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
+
+use crate::agent_tokens::AgentIdentity;
+use crate::app::App;
+use crate::environments;
+use crate::grants::{self, GrantError};
+use crate::runners::{self, DispatchError};
+use crate::secrets::{self, SecretError};
+
+/// Default and bounds of `timeout_seconds`.
+pub const DEFAULT_TIMEOUT_SECONDS: u64 = 60;
+
+/// Arguments of `run`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunArgs {
+    /// An active grant from request_grant.
+    pub grant_id: String,
+    /// The program and its arguments, e.g. ["psql", "-c", "select 1"]. Give argv or command.
+    pub argv: Option<Vec<String>>,
+    /// A shell command line, run with /bin/sh -c. Give argv or command.
+    pub command: Option<String>,
+    /// Text written to the command's standard input.
+    pub stdin: Option<String>,
+    /// Seconds before the command (and everything it started) is killed; default 60.
+    pub timeout_seconds: Option<u64>,
+}
+
+/// What `run` answers. Secret values never appear: the runner and the gateway both replace them.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct RunResult {
+    /// Exit code; null when the command was killed by a signal (see `signal`).
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    /// How many times each secret was found in the output and replaced by [REDACTED:NAME].
+    pub redactions: BTreeMap<String, u64>,
+    /// Whether output over the limit was dropped.
+    pub truncated: bool,
+    /// Whether the command was killed for running past its timeout.
+    pub timed_out: bool,
+    pub duration_ms: u64,
+    /// Runs left on the grant.
+    pub uses_left: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{field}: {message}")]
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
+    #[error(transparent)]
+    Grant(#[from] GrantError),
+    #[error("no runner is registered for pool `{0}` of this environment; ask a Custodian admin")]
+    NoRunner(String),
+    #[error(transparent)]
+    Dispatch(#[from] DispatchError),
+    #[error("the environment's secrets cannot be opened")]
+    Secrets(#[source] SecretError),
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> RunError {
+    RunError::InvalidArgument {
+        field,
+        message: message.into(),
+    }
+}
+
+fn command_line(args: &RunArgs) -> Result<Vec<String>, RunError> {
+    match (&args.argv, &args.command) {
+        (Some(_), Some(_)) => Err(invalid("argv", "give either argv or command, not both")),
+        (None, None) => Err(invalid(
+            "argv",
+            "give argv (a list) or command (a shell line)",
+        )),
+        (Some(argv), None) if argv.is_empty() || argv[0].is_empty() => {
+            Err(invalid("argv", "must name a program"))
+        }
+        (Some(argv), None) => Ok(argv.clone()),
+        (None, Some(command)) if command.trim().is_empty() => Err(invalid("command", "is empty")),
+        (None, Some(command)) => Ok(vec!["/bin/sh".to_owned(), "-c".to_owned(), command.clone()]),
+    }
+}
+
+/// Runs one command under the caller's grant.
+#[tracing::instrument(skip_all, fields(tenant.id = %caller.tenant, grant.id = %args.grant_id))]
+pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<RunResult, RunError> {
+    let argv = command_line(&args)?;
+    let max = app.config.runners.max_timeout_seconds;
+    let timeout = args
+        .timeout_seconds
+        .unwrap_or(DEFAULT_TIMEOUT_SECONDS.min(max));
+    if timeout == 0 || timeout > max {
+        return Err(invalid(
+            "timeout_seconds",
+            format!("must be between 1 and {max}, got {timeout}"),
+        ));
+    }
+    // Where it would run, before a use is spent.
+    let seen = grants::status(app, caller, &args.grant_id).await?;
+    let env = environments::get(&app.db, &caller.tenant, &seen.environment)
+        .await
+        .map_err(GrantError::from)?
+        .ok_or_else(|| GrantError::UnknownEnvironment(seen.environment.clone()))?;
+    let pool = runners::in_pool(&app.db, &caller.tenant, &env.policy.runner_pool)
+        .await
+        .map_err(GrantError::from)?;
+    if pool.is_empty() {
+        return Err(RunError::NoRunner(env.policy.runner_pool));
+    }
+    let grant = grants::consume(app, caller, &args.grant_id).await?;
+    let runner = pool[usize::try_from(grant.uses).unwrap_or(0) % pool.len()].clone();
+    let opened = secrets::load_for_run(&app.db, &app.master_key, &caller.tenant, &env.name)
+        .await
+        .map_err(RunError::Secrets)?;
+    let redactor = Redactor::new(opened.iter().map(|s| (s.name.as_str(), s.value.as_slice())))
+        .map_err(|e| RunError::Secrets(SecretError::InvalidName(e.to_string())))?;
+    let mut request = ExecRequest {
+        grant_id: grant.id.clone(),
+        tenant: caller.tenant.as_str().to_owned(),
+        argv,
+        stdin: args.stdin,
+        timeout_ms: timeout * 1000,
+        max_output_bytes: app.config.runners.max_output_bytes,
+        secrets: opened
+            .iter()
+            .map(|s| SecretEnv {
+                name: s.name.clone(),
+                value: String::from_utf8_lossy(&s.value).into_owned(),
+            })
+            .collect(),
+        traceparent: None,
+    };
+    drop(opened);
+    let sent = app
+        .dispatcher
+        .exec(&runner, &request, Duration::from_secs(timeout + 10))
+        .await;
+    for secret in &mut request.secrets {
+        secret.value.zeroize();
+    }
+    let response = sent?;
+
+    // Defence in depth: redact again with the same secrets.
+    let (stdout, out_counts) = redactor.redact(response.stdout.as_bytes());
+    let (stderr, err_counts) = redactor.redact(response.stderr.as_bytes());
+    let mut redactions = response.redactions;
+    for (name, n) in out_counts.into_iter().chain(err_counts) {
+        *redactions.entry(name).or_default() += n;
+    }
+    let (shown_argv, _) = redactor.redact(request.argv.join(" ").as_bytes());
+    let detail = serde_json::json!({
+        "runner": runner.name,
+        "argv": String::from_utf8_lossy(&shown_argv),
+        "exit_code": response.exit_code,
+        "signal": response.signal,
+        "timed_out": response.timed_out,
+        "duration_ms": response.duration_ms,
+        "redactions": redactions,
+    });
+    grants::store::record(
+        &app.db,
+        &caller.tenant,
+        &grant.id,
+        "exec",
+        &detail,
+        app.clock.now_ms(),
+    )
+    .await
+    .map_err(GrantError::from)?;
+    tracing::info!(runner.id = %runner.name, exit_code = ?response.exit_code, duration_ms = response.duration_ms, "run finished");
+    Ok(RunResult {
+        exit_code: response.exit_code,
+        signal: response.signal,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        redactions,
+        truncated: response.truncated,
+        timed_out: response.timed_out,
+        duration_ms: response.duration_ms,
+        uses_left: (grant.max_uses - grant.uses).max(0),
+    })
+}
