@@ -95,7 +95,7 @@ impl ServerCertVerifier for IdentityVerifier {
         let names: Vec<String> = webpki::EndEntityCert::try_from(end_entity)
             .map(|ee| ee.valid_uri_names().map(str::to_owned).collect())
             .unwrap_or_default();
-        if names.iter().any(|n| *n == self.identity) {
+        if names.contains(&self.identity) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
