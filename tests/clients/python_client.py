@@ -6,7 +6,7 @@ The agent token is read from CUSTODIAN_TOKEN, as Codex would.
 Runs initialize -> tools/list -> tools/call list_environments and prints one JSON document with
 what the client saw. With an APPROVE_COMMAND it then asks for a grant on the first environment,
 runs the command with the user code appended (the human approving), and waits for the grant with
-grant_status. Exits non-zero if any step fails.
+grant_status, then runs one command with it. Exits non-zero if any step fails.
 """
 
 import asyncio
@@ -27,7 +27,7 @@ async def main(url: str, approve: list[str]) -> None:
         async with Client(streamable_http_client(url, http_client=http)) as client:
             tools = await client.list_tools()
             result = await client.call_tool("list_environments", {})
-            grant = status = None
+            grant = status = run = None
             if approve:
                 env = result.structured_content["environments"][0]["name"]
                 requested = await client.call_tool(
@@ -41,6 +41,11 @@ async def main(url: str, approve: list[str]) -> None:
                 )
                 assert not waited.is_error, waited.content
                 status = waited.structured_content
+                ran = await client.call_tool(
+                    "run", {"grant_id": grant["grant_id"], "command": 'echo "key=$DEMO_API_KEY"'}
+                )
+                assert not ran.is_error, ran.content
+                run = ran.structured_content
             print(
                 json.dumps(
                     {
@@ -56,6 +61,7 @@ async def main(url: str, approve: list[str]) -> None:
                         "structured": result.structured_content,
                         "grant": grant,
                         "status": status,
+                        "run": run,
                     }
                 )
             )

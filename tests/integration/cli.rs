@@ -317,6 +317,13 @@ async fn dev_prints_url_token_and_codex_snippet_that_a_real_client_can_use() {
     );
     assert_eq!(seen["status"]["state"], "active", "{seen}");
     assert_eq!(seen["status"]["approver"], "approver@custodian.dev");
+    // The sample secret reached the command and came back redacted.
+    assert_eq!(
+        seen["run"]["stdout"], "key=[REDACTED:DEMO_API_KEY]\n",
+        "{seen}"
+    );
+    assert_eq!(seen["run"]["redactions"]["DEMO_API_KEY"], 1);
+    assert_eq!(seen["run"]["exit_code"], 0);
     let approval_url = seen["grant"]["approval_url"].as_str().unwrap();
     let page = reqwest::get(approval_url)
         .await

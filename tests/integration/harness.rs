@@ -112,6 +112,7 @@ pub struct TestApp {
 pub struct TestAppBuilder {
     backend: Backend,
     database: Option<Arc<TestDb>>,
+    extra_toml: String,
 }
 
 impl TestApp {
@@ -119,6 +120,7 @@ impl TestApp {
         TestAppBuilder {
             backend,
             database: None,
+            extra_toml: String::new(),
         }
     }
 
@@ -201,6 +203,65 @@ impl TestApp {
         .expect("create environment");
     }
 
+    /// Creates an agent token and returns its id and value.
+    pub async fn token_with_id(&self, tenant: &TenantId, name: &str) -> (String, String) {
+        let (token, secret) = agent_tokens::create(self.db(), tenant, name, self.clock.now())
+            .await
+            .expect("create token");
+        (token.id, secret.expose_secret().to_owned())
+    }
+
+    /// Stores an already approved grant for `token_id` (tests of what happens after approval).
+    pub async fn active_grant(
+        &self,
+        tenant: &TenantId,
+        token_id: &str,
+        env: &str,
+        max_uses: i64,
+        ttl: i64,
+    ) -> String {
+        use custodian::grants::{GrantId, store};
+        let id = GrantId::generate();
+        let now_ms = self.clock.now_ms();
+        store::insert(
+            self.db(),
+            &store::NewGrant {
+                tenant,
+                id: &id,
+                environment: env,
+                agent_token_id: token_id,
+                agent_name: "codex",
+                purpose: "test",
+                ttl_seconds: ttl,
+                max_uses,
+                expires_at: self.clock.now() + 600,
+                user_code: "TEST-CODE",
+                verification_uri: "https://idp.example/device",
+                verification_uri_complete: None,
+                device_code_sealed: "not-used",
+                poll_interval_ms: 3_600_000,
+            },
+            now_ms,
+        )
+        .await
+        .expect("insert grant");
+        let approver = custodian::oidc::Approver {
+            subject: "alice".into(),
+            name: Some("alice@example.com".into()),
+            email: Some("alice@example.com".into()),
+            groups: vec![],
+            auth_time: Some(self.clock.now()),
+            acr: None,
+            amr: vec![],
+        };
+        assert!(
+            store::approve(self.db(), tenant, id.as_str(), &approver, now_ms)
+                .await
+                .expect("approve")
+        );
+        id.as_str().to_owned()
+    }
+
     /// Creates an agent token and returns its value.
     pub async fn token(&self, tenant: &TenantId, name: &str) -> String {
         let (_, secret) = agent_tokens::create(self.db(), tenant, name, self.clock.now())
@@ -220,6 +281,22 @@ impl TestApp {
 }
 
 impl TestAppBuilder {
+    /// Configures mTLS towards runners.
+    pub fn runner_tls(
+        mut self,
+        ca: &std::path::Path,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Self {
+        self.extra_toml = format!(
+            "\n[runners]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nmax_output_bytes = 4096\n",
+            ca.display(),
+            cert.display(),
+            key.display()
+        );
+        self
+    }
+
     /// Shares the database of another test gateway (restarts, several replicas).
     pub fn on_database(mut self, database: Arc<TestDb>) -> Self {
         self.database = Some(database);
@@ -236,8 +313,8 @@ impl TestAppBuilder {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let toml = format!(
-            "[server]\nlisten = \"{addr}\"\npublic_url = \"http://{addr}\"\n\n[database]\nurl = \"{}\"\nmax_connections = 5\n",
-            db.url
+            "[server]\nlisten = \"{addr}\"\npublic_url = \"http://{addr}\"\n\n[database]\nurl = \"{}\"\nmax_connections = 5\n{}",
+            db.url, self.extra_toml
         );
         let config = Config::from_toml(&toml, std::iter::empty()).expect("valid test config");
         let clock = OffsetClock::new();

@@ -14,4 +14,5 @@ mod harness;
 mod idp;
 mod mcp_clients;
 mod processes;
+mod runners;
 mod secrets;

@@ -26,9 +26,10 @@ fn secrets() -> Vec<(String, Vec<u8>)> {
 fn bench(c: &mut Criterion) {
     let data = data();
     let secrets = secrets();
-    let redactor = Redactor::new(secrets.iter().map(|(n, v)| (n.as_str(), v.as_slice()))).unwrap();
+    let redactor = Redactor::new(secrets.iter().map(|(n, v)| (n.as_str(), v.as_slice())))
+        .expect("valid secrets");
     // The baseline scans for the raw values only, with the crate's default settings.
-    let plain = AhoCorasick::new(secrets.iter().map(|(_, v)| v.as_slice())).unwrap();
+    let plain = AhoCorasick::new(secrets.iter().map(|(_, v)| v.as_slice())).expect("patterns");
     eprintln!(
         "{} secrets -> {} patterns",
         secrets.len(),

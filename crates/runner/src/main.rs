@@ -50,6 +50,7 @@ async fn cli(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
                         .unwrap_or_else(|_| "info".into()),
                 )
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             let config =
                 custodian_runner::config::RunnerConfig::from_toml(&std::fs::read_to_string(path)?)?;

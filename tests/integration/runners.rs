@@ -1,0 +1,548 @@
+//! `run` end to end with a real `custodian-runner` process, real certificates and real mTLS:
+//! exfiltration attempts, grant checks, identity checks, and the sandbox.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rmcp::model::CallToolRequestParams;
+use serde_json::{Value, json};
+
+use crate::harness::{Backend, TestApp};
+use crate::mcp_clients::connect;
+use crate::on_both_backends;
+use crate::processes::{CUSTODIAN, Proc};
+use custodian::tenants::TenantId;
+use custodian_protocol::Identity;
+
+on_both_backends!(
+    exfiltration_attempts_never_return_the_canary,
+    grants_that_cannot_run_are_refused_before_any_secret_leaves,
+    runners_and_gateways_must_prove_their_identities,
+    timeouts_kill_the_whole_tree_and_leave_nothing_behind,
+);
+
+const TD: &str = "custodian.local";
+/// Contains characters that base64, percent-encoding and hex all change.
+const CANARY: &str = "cAnArY-7f3a/9+Qx=zz~k";
+
+type Client = rmcp::service::RunningService<rmcp::RoleClient, rmcp::model::ClientConfig>;
+
+/// A CA and certificates in a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        custodian::pki::init(dir.path(), TD).unwrap();
+        Self { dir }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn issue(&self, identity: Identity, days: i64, file: &str) -> (PathBuf, PathBuf) {
+        custodian::pki::issue(
+            self.dir.path(),
+            &identity,
+            &["127.0.0.1".to_owned()],
+            days,
+            &self.dir.path().join(file),
+        )
+        .unwrap()
+    }
+
+    fn gateway(&self) -> (PathBuf, PathBuf) {
+        self.issue(
+            Identity::Gateway {
+                trust_domain: TD.into(),
+            },
+            30,
+            "gateway",
+        )
+    }
+
+    fn runner(&self, tenant: &str, name: &str) -> (PathBuf, PathBuf) {
+        self.issue(
+            Identity::Runner {
+                trust_domain: TD.into(),
+                tenant: tenant.into(),
+                name: name.into(),
+            },
+            30,
+            &format!("runner-{tenant}-{name}"),
+        )
+    }
+}
+
+/// A `custodian-runner` process.
+struct TestRunner {
+    url: String,
+    log: PathBuf,
+    work_root: tempfile::TempDir,
+    _process: Proc,
+    _dir: tempfile::TempDir,
+}
+
+fn runner_binary() -> Option<PathBuf> {
+    let path = Path::new(CUSTODIAN).with_file_name("custodian-runner");
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "custodian-runner must be built in CI (cargo nextest run --workspace builds it)"
+    );
+    eprintln!(
+        "skipping: {} is not built (cargo build --workspace)",
+        path.display()
+    );
+    None
+}
+
+impl TestRunner {
+    async fn start(ca: &Path, cert: &(PathBuf, PathBuf), tenant: &str, name: &str) -> Option<Self> {
+        let binary = runner_binary()?;
+        let dir = tempfile::tempdir().unwrap();
+        let work_root = tempfile::tempdir().unwrap();
+        let port = crate::processes::free_port();
+        let config = dir.path().join("runner.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\ntrust_domain = \"{TD}\"\ntenant = \"{tenant}\"\nname = \"{name}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\nwork_root = \"{}\"\n",
+                cert.0.display(),
+                cert.1.display(),
+                ca.display(),
+                work_root.path().display()
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("runner.log");
+        let process = Proc(
+            Command::new(binary)
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", "debug")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Some(Self {
+                    url: format!("https://127.0.0.1:{port}"),
+                    log,
+                    work_root,
+                    _process: process,
+                    _dir: dir,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "the runner did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Exec requests the runner accepted.
+    fn execs(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(" exec ") || l.ends_with(" exec"))
+            .filter(|l| l.contains("secrets="))
+            .count()
+    }
+
+    fn leftover_files(&self) -> Vec<String> {
+        std::fs::read_dir(self.work_root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
+struct Setup {
+    t: TestApp,
+    pki: Pki,
+    runner: TestRunner,
+    client: Client,
+    token_id: String,
+    acme: TenantId,
+}
+
+async fn setup(backend: Backend) -> Option<Setup> {
+    runner_binary()?;
+    let pki = Pki::new();
+    let (cert, key) = pki.gateway();
+    let t = TestApp::builder(backend)
+        .runner_tls(&pki.ca(), &cert, &key)
+        .start()
+        .await?;
+    let acme = t.tenant("acme").await;
+    t.environment(&acme, "staging", &[]).await;
+    custodian::secrets::set(
+        t.db(),
+        &t.app.master_key,
+        &acme,
+        "staging",
+        "CANARY",
+        CANARY.as_bytes(),
+        1,
+    )
+    .await
+    .unwrap();
+    let runner = TestRunner::start(&pki.ca(), &pki.runner("acme", "r1"), "acme", "r1").await?;
+    custodian::runners::add(t.db(), &acme, "r1", "default", &runner.url, 1)
+        .await
+        .unwrap();
+    let (token_id, token) = t.token_with_id(&acme, "codex").await;
+    let client = connect(&t.mcp_url("acme"), &token).await;
+    Some(Setup {
+        t,
+        pki,
+        runner,
+        client,
+        token_id,
+        acme,
+    })
+}
+
+async fn run(client: &Client, args: Value) -> Result<Value, String> {
+    let result = client
+        .call_tool(
+            CallToolRequestParams::new("run").with_arguments(args.as_object().unwrap().clone()),
+        )
+        .await
+        .expect("the call itself succeeds");
+    if result.is_error == Some(true) {
+        return Err(serde_json::to_value(&result.content).unwrap()[0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned());
+    }
+    Ok(result.structured_content.unwrap())
+}
+
+async fn exfiltration_attempts_never_return_the_canary(backend: Backend) {
+    let logs = crate::harness::capture_logs();
+    let Some(s) = setup(backend).await else {
+        return;
+    };
+    let grant =
+        s.t.active_grant(&s.acme, &s.token_id, "staging", 100, 600)
+            .await;
+    let attempts = [
+        "echo \"$CANARY\"",
+        "printf %s \"$CANARY\" | base64",
+        "printf 'xx%s' \"$CANARY\" | base64 -w0",
+        "printf 'x%s' \"$CANARY\" | base64 | tr '+/' '-_'",
+        "printf %s \"$CANARY\" | od -An -tx1 | tr -d ' \\n'",
+        "printf %s \"$CANARY\" | od -An -tx1 | tr -d ' \\n' | tr a-f A-F",
+        "python3 -c 'import urllib.parse,os;print(urllib.parse.quote(os.environ[\"CANARY\"], safe=\"\"))'",
+        "python3 -c 'import json,os;print(json.dumps({\"k\": os.environ[\"CANARY\"]}))'",
+        "env",
+        "printenv CANARY",
+        "cat /proc/self/environ | tr '\\0' '\\n'",
+        "printf %s \"$CANARY\" | head -c 6; sleep 0.2; printf %s \"$CANARY\" | tail -c +7",
+        "echo \"$CANARY\" >&2",
+        "printf %s \"$CANARY\" > stash.txt; cat stash.txt",
+        "(sleep 0.3; echo \"late: $CANARY\") & echo parent-done",
+    ];
+    let mut seen = String::new();
+    for command in attempts {
+        let result = run(&s.client, json!({"grant_id": grant, "command": command}))
+            .await
+            .unwrap();
+        let text = result.to_string();
+        assert!(!text.contains(CANARY), "{command} leaked: {text}");
+        seen.push_str(&text);
+        if !command.starts_with("(sleep") {
+            assert!(text.contains("[REDACTED:CANARY]"), "{command}: {text}");
+        }
+    }
+    // A file written by one run is gone by the next.
+    let later = run(
+        &s.client,
+        json!({"grant_id": grant, "command": "cat stash.txt ../*/stash.txt 2>&1; ls -a"}),
+    )
+    .await
+    .unwrap();
+    assert!(
+        later["stdout"].as_str().unwrap().contains("No such file"),
+        "{later}"
+    );
+    // The background child was killed with its group: its line never came.
+    assert!(!seen.contains("late:"), "{seen}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing is left in the runner's work root, and no log holds the canary.
+    assert_eq!(s.runner.leftover_files(), Vec::<String>::new());
+    assert!(!s.runner.log().contains(CANARY), "runner log");
+    let gateway_logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(gateway_logs.contains("run finished"));
+    assert!(!gateway_logs.contains(CANARY), "gateway log");
+    // The timeline records each exec with redacted argv and no output.
+    let events = custodian::grants::store::events(s.t.db(), &s.acme, &grant)
+        .await
+        .unwrap();
+    assert_eq!(
+        events.iter().filter(|e| e.kind == "exec").count(),
+        attempts.len() + 1
+    );
+    assert!(events.iter().all(|e| !e.detail.contains(CANARY)));
+    s.t.stop().await;
+}
+
+async fn grants_that_cannot_run_are_refused_before_any_secret_leaves(backend: Backend) {
+    let Some(s) = setup(backend).await else {
+        return;
+    };
+    let one_use =
+        s.t.active_grant(&s.acme, &s.token_id, "staging", 1, 600)
+            .await;
+    assert_eq!(
+        run(&s.client, json!({"grant_id": one_use, "argv": ["true"]}))
+            .await
+            .unwrap()["uses_left"],
+        0
+    );
+    let sent = s.runner.execs();
+    assert_eq!(sent, 1);
+    let refusals: Vec<(String, &str)> = {
+        let short =
+            s.t.active_grant(&s.acme, &s.token_id, "staging", 5, 60)
+                .await;
+        s.t.clock.advance(120);
+        let revoked =
+            s.t.active_grant(&s.acme, &s.token_id, "staging", 5, 600)
+                .await;
+        custodian::grants::revoke_as_admin(&s.t.app, &s.acme, &revoked)
+            .await
+            .unwrap();
+        let (other_id, _) = s.t.token_with_id(&s.acme, "other-agent").await;
+        let others =
+            s.t.active_grant(&s.acme, &other_id, "staging", 5, 600)
+                .await;
+        let globex = s.t.tenant("globex").await;
+        s.t.environment(&globex, "staging", &[]).await;
+        let (foreign_id, _) = s.t.token_with_id(&globex, "codex").await;
+        let foreign =
+            s.t.active_grant(&globex, &foreign_id, "staging", 5, 600)
+                .await;
+        vec![
+            (one_use.clone(), "is exhausted"),
+            (short, "is expired"),
+            (revoked, "is revoked"),
+            (others.clone(), "no grant"),
+            (foreign.clone(), "no grant"),
+            ("gr_nonsense".to_owned(), "no grant"),
+        ]
+    };
+    for (grant, expected) in refusals {
+        let message = run(
+            &s.client,
+            json!({"grant_id": grant, "command": "echo $CANARY"}),
+        )
+        .await
+        .unwrap_err();
+        assert!(message.contains(expected), "{grant}: {message}");
+    }
+    // Bad arguments are refused before a use is spent.
+    let fresh =
+        s.t.active_grant(&s.acme, &s.token_id, "staging", 5, 600)
+            .await;
+    for (args, expected) in [
+        (
+            json!({"grant_id": fresh, "argv": ["true"], "command": "true"}),
+            "argv: give either argv or command",
+        ),
+        (json!({"grant_id": fresh}), "argv: give argv"),
+        (
+            json!({"grant_id": fresh, "argv": []}),
+            "argv: must name a program",
+        ),
+        (
+            json!({"grant_id": fresh, "command": "true", "timeout_seconds": 100000}),
+            "timeout_seconds: must be between 1 and 600",
+        ),
+    ] {
+        assert!(
+            run(&s.client, args).await.unwrap_err().contains(expected),
+            "{expected}"
+        );
+    }
+    assert_eq!(s.runner.execs(), sent, "no refused run reached the runner");
+    let status = custodian::grants::store::get(s.t.db(), &s.acme, &fresh)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.uses, 0);
+    s.t.stop().await;
+}
+
+async fn runners_and_gateways_must_prove_their_identities(backend: Backend) {
+    let Some(s) = setup(backend).await else {
+        return;
+    };
+    let grant =
+        s.t.active_grant(&s.acme, &s.token_id, "staging", 100, 600)
+            .await;
+    assert_eq!(
+        run(&s.client, json!({"grant_id": grant, "argv": ["true"]}))
+            .await
+            .unwrap()["exit_code"],
+        0
+    );
+
+    // A runner whose certificate names another runner, or another tenant's runner, registered here:
+    // the gateway ends the handshake before sending anything.
+    for (tenant, name) in [("acme", "impostor"), ("globex", "r1")] {
+        let wrong = TestRunner::start(&s.pki.ca(), &s.pki.runner(tenant, name), tenant, name)
+            .await
+            .unwrap();
+        custodian::runners::remove(s.t.db(), &s.acme, "r1")
+            .await
+            .ok();
+        custodian::runners::remove(s.t.db(), &s.acme, "r2")
+            .await
+            .ok();
+        custodian::runners::add(s.t.db(), &s.acme, "r2", "default", &wrong.url, 1)
+            .await
+            .unwrap();
+        let message = run(
+            &s.client,
+            json!({"grant_id": grant, "command": "echo $CANARY"}),
+        )
+        .await
+        .unwrap_err();
+        assert!(message.contains("cannot reach runner r2"), "{message}");
+        assert_eq!(
+            wrong.execs(),
+            0,
+            "no request reached a runner with the wrong identity"
+        );
+    }
+
+    // Gateways with a certificate from another CA, with a runner's identity, or expired: the
+    // runner refuses them.
+    let other_ca = Pki::new();
+    let cases = [
+        ("other CA", other_ca.gateway()),
+        ("not the gateway identity", s.pki.runner("acme", "r9")),
+        (
+            "expired",
+            s.pki.issue(
+                Identity::Gateway {
+                    trust_domain: TD.into(),
+                },
+                -1,
+                "expired-gateway",
+            ),
+        ),
+    ];
+    for (what, (cert, key)) in cases {
+        let material =
+            custodian::runners::tls::ClientMaterial::load(&s.pki.ca(), &cert, &key).unwrap();
+        let dispatcher = custodian::runners::Dispatcher::new(TD.into(), Some(material));
+        let registered = custodian::runners::Runner {
+            tenant_id: "acme".into(),
+            name: "r1".into(),
+            pool: "default".into(),
+            url: s.runner.url.clone(),
+            created_at: 0,
+        };
+        let request = custodian_protocol::ExecRequest {
+            grant_id: "gr_test".into(),
+            tenant: "acme".into(),
+            argv: vec!["true".into()],
+            stdin: None,
+            timeout_ms: 1000,
+            max_output_bytes: 100,
+            secrets: vec![],
+            traceparent: None,
+        };
+        let before = s.runner.execs();
+        let outcome = dispatcher
+            .exec(&registered, &request, Duration::from_secs(5))
+            .await;
+        assert!(outcome.is_err(), "{what}: the runner served it");
+        assert_eq!(s.runner.execs(), before, "{what}");
+    }
+    // No client certificate at all.
+    let bare = reqwest::Client::builder()
+        .tls_danger_accept_invalid_certs(true)
+        .build()
+        .unwrap()
+        .post(format!("{}/v1/exec", s.runner.url))
+        .body("{}")
+        .send()
+        .await;
+    assert!(
+        bare.is_err(),
+        "a client without a certificate got an answer"
+    );
+    s.t.stop().await;
+}
+
+async fn timeouts_kill_the_whole_tree_and_leave_nothing_behind(backend: Backend) {
+    let Some(s) = setup(backend).await else {
+        return;
+    };
+    let grant =
+        s.t.active_grant(&s.acme, &s.token_id, "staging", 100, 600)
+            .await;
+    let marker = format!("31.{}", std::process::id());
+    let result = run(
+        &s.client,
+        json!({"grant_id": grant, "command": format!("sleep {marker} & sleep {marker}; echo never"), "timeout_seconds": 1}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(result["timed_out"], true);
+    assert_eq!(result["exit_code"], Value::Null);
+    assert!(!result["stdout"].as_str().unwrap().contains("never"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let left = Command::new("pgrep")
+        .args(["-f", &format!("sleep {marker}")])
+        .output()
+        .unwrap();
+    assert!(left.stdout.is_empty(), "processes survived the timeout");
+    // Core dumps are off, privileges cannot be regained, writes outside the work dir fail.
+    let limits = run(
+        &s.client,
+        json!({"grant_id": grant, "command": "ulimit -c; grep NoNewPrivs /proc/self/status; touch /tmp/custodian-escape 2>&1; echo rc=$?"}),
+    )
+    .await
+    .unwrap();
+    let out = limits["stdout"].as_str().unwrap();
+    assert!(out.starts_with("0\n"), "{out}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(
+        out.contains("rc=1") && !Path::new("/tmp/custodian-escape").exists(),
+        "{out}"
+    );
+    // Output is capped after redaction.
+    let big = run(
+        &s.client,
+        json!({"grant_id": grant, "command": "yes $CANARY | head -c 100000"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(big["truncated"], true);
+    assert_eq!(big["stdout"].as_str().unwrap().len(), 4096);
+    assert!(!big.to_string().contains(CANARY));
+    assert_eq!(s.runner.leftover_files(), Vec::<String>::new());
+    s.t.stop().await;
+}
