@@ -99,7 +99,7 @@ async fn malformed_messages_get_specific_errors_and_change_nothing(backend: Back
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_secret","arguments":{}}}"#,
             200,
             -32602,
-            "unknown tool `get_secret`; available tools: grant_status, list_environments, request_grant, revoke_grant",
+            "unknown tool `get_secret`; available tools: grant_status, list_environments, request_grant, revoke_grant, run",
         ),
         case(
             "arguments not an object",

@@ -97,7 +97,8 @@ async fn serve_answers_a_python_mcp_client_and_stops_on_sigterm(backend: Backend
             "grant_status",
             "list_environments",
             "request_grant",
-            "revoke_grant"
+            "revoke_grant",
+            "run"
         ]
     );
     assert!(
