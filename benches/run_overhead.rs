@@ -1,0 +1,212 @@
+//! Load benchmark: what a `run` costs beyond the child's own time. Measured in the same run, on
+//! loopback with a warm mTLS connection:
+//!
+//! 1. baseline: spawning `true` directly (tokio::process);
+//! 2. sandbox: the runner's exec path for `true` (helper re-exec, rlimits, Landlock, seccomp,
+//!    work directory, redaction);
+//! 3. full: `tools/call run {argv: ["true"]}` through the gateway (MCP, auth, grant use, secrets,
+//!    mTLS dispatch to a runner, redaction twice, timeline event).
+//!
+//! `cargo bench --bench run_overhead [-- --calls N]` prints p50/p99 and the extra milliseconds over
+//! the baseline. Budgets: sandbox spawn ≤ 5 ms p50 over fork/exec; gateway overhead ≤ 1 ms p50.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use custodian::app::{App, Server};
+use custodian::clock::SystemClock;
+use custodian::config::Config;
+use custodian::environments::{self, Policy};
+use custodian::keys::MasterKey;
+use custodian::store::Db;
+use custodian::tenants::{self, TenantId};
+use custodian_protocol::{ExecRequest, Identity, SecretEnv};
+use rmcp::ServiceExt;
+use rmcp::model::{CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use secrecy::ExposeSecret;
+
+const HELPER: &str = env!("CARGO_BIN_EXE_custodian");
+
+fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    (
+        ms(samples[samples.len() / 2]),
+        ms(samples[samples.len() * 99 / 100]),
+    )
+}
+
+async fn time<F, Fut>(calls: usize, mut f: F) -> (f64, f64)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for _ in 0..20 {
+        f().await;
+    }
+    let mut samples = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let start = Instant::now();
+        f().await;
+        samples.push(start.elapsed());
+    }
+    percentiles(samples)
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let calls = arg("--calls", 300);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let td = "custodian.local";
+        custodian::pki::init(dir.path(), td).expect("ca");
+        let gateway = Identity::Gateway { trust_domain: td.into() };
+        let runner_id = Identity::Runner { trust_domain: td.into(), tenant: "bench".into(), name: "r1".into() };
+        let (gw_cert, gw_key) = custodian::pki::issue(dir.path(), &gateway, &[], 1, &dir.path().join("gw")).expect("gw");
+        let (r_cert, r_key) =
+            custodian::pki::issue(dir.path(), &runner_id, &["127.0.0.1".into()], 1, &dir.path().join("r1")).expect("runner");
+
+        // The runner, in this process, with this workspace's `custodian` binary as sandbox helper.
+        let work_root = tempfile::tempdir().expect("work root");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let runner_addr = listener.local_addr().expect("addr");
+        let runner_config = custodian_runner::config::RunnerConfig {
+            listen: runner_addr,
+            trust_domain: td.into(),
+            tenant: "bench".into(),
+            name: "r1".into(),
+            cert_file: r_cert,
+            key_file: r_key,
+            ca_file: dir.path().join("ca.pem"),
+            work_root: work_root.path().to_owned(),
+            max_body_bytes: 1 << 20,
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(custodian_runner::run(runner_config, listener, HELPER.into(), stop.clone()));
+
+        // The gateway on SQLite with one environment, one secret, one runner, one active grant.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let toml = format!(
+            "[server]\nlisten = \"{addr}\"\npublic_url = \"http://{addr}\"\n[database]\nurl = \"sqlite://{}/bench.db\"\n[runners]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            dir.path().display(),
+            dir.path().join("ca.pem").display(),
+            gw_cert.display(),
+            gw_key.display()
+        );
+        let config = Config::from_toml(&toml, std::iter::empty()).expect("config");
+        let db = Db::connect(&config.database.url, 10).await.expect("db");
+        db.migrate().await.expect("migrate");
+        let key = MasterKey::generate();
+        let tenant = TenantId::parse("bench").expect("id");
+        tenants::create(&db, &tenant, "Bench", None, 0).await.expect("tenant");
+        environments::create(&db, &tenant, "staging", "bench", &[], &Policy { max_uses: 100_000, ..Policy::default() }, 0)
+            .await
+            .expect("env");
+        custodian::secrets::set(&db, &key, &tenant, "staging", "API_KEY", b"bench-secret-value-123", 0).await.expect("secret");
+        custodian::runners::add(&db, &tenant, "r1", "default", &format!("https://{runner_addr}"), 0).await.expect("runner");
+        let (token, secret) = custodian::agent_tokens::create(&db, &tenant, "bench", 0).await.expect("token");
+        let app = Arc::new(App::new(config, db, Arc::new(SystemClock), key));
+        let grant = custodian::grants::GrantId::generate();
+        let now_ms = app.clock.now_ms();
+        custodian::grants::store::insert(
+            &app.db,
+            &custodian::grants::store::NewGrant {
+                tenant: &tenant,
+                id: &grant,
+                environment: "staging",
+                agent_token_id: &token.id,
+                agent_name: "bench",
+                purpose: "bench",
+                ttl_seconds: 3600,
+                max_uses: 100_000,
+                expires_at: app.clock.now() + 3600,
+                user_code: "BENCH",
+                verification_uri: "https://idp.example/device",
+                verification_uri_complete: None,
+                device_code_sealed: "unused",
+                poll_interval_ms: 3_600_000,
+            },
+            now_ms,
+        )
+        .await
+        .expect("grant");
+        let approver = custodian::oidc::Approver {
+            subject: "bench".into(),
+            name: None,
+            email: None,
+            groups: vec![],
+            auth_time: Some(app.clock.now()),
+            acr: None,
+            amr: vec![],
+        };
+        custodian::grants::store::approve(&app.db, &tenant, grant.as_str(), &approver, now_ms).await.expect("approve");
+        let server = Server::start_on(app.clone(), listener).expect("serve");
+        let transport = StreamableHttpClientTransport::with_client(
+            reqwest::Client::new(),
+            StreamableHttpClientTransportConfig::with_uri(format!("http://{addr}/t/bench/mcp"))
+                .auth_header(secret.expose_secret().to_owned()),
+        );
+        let client = ClientConfig::new(ClientCapabilities::default(), Implementation::new("bench", "1"))
+            .serve(transport)
+            .await
+            .expect("connect");
+
+        let baseline = time(calls, || async {
+            tokio::process::Command::new("true").status().await.expect("true");
+        })
+        .await;
+        let sandbox = time(calls, || async {
+            let request = ExecRequest {
+                grant_id: "bench".into(),
+                tenant: "bench".into(),
+                argv: vec!["true".into()],
+                stdin: None,
+                timeout_ms: 10_000,
+                max_output_bytes: 1 << 20,
+                secrets: vec![SecretEnv { name: "API_KEY".into(), value: "bench-secret-value-123".into() }],
+                traceparent: None,
+            };
+            custodian_runner::exec::run(HELPER.as_ref(), work_root.path(), request).await.expect("exec");
+        })
+        .await;
+        let args = serde_json::json!({"grant_id": grant.as_str(), "argv": ["true"]});
+        let full = time(calls, || async {
+            let result = client
+                .call_tool(CallToolRequestParams::new("run").with_arguments(args.as_object().expect("object").clone()))
+                .await
+                .expect("run");
+            assert_eq!(result.is_error, Some(false));
+        })
+        .await;
+
+        println!("`true` over loopback, {calls} calls each (p50 / p99, ms)");
+        for (name, (p50, p99)) in [("spawn `true` directly", baseline), ("runner sandbox exec", sandbox), ("gateway tools/call run", full)] {
+            println!("{name:<28} {p50:>8.2} {p99:>8.2}");
+        }
+        println!(
+            "sandbox extra over fork/exec: p50 {:+.2} ms; gateway + mTLS extra over the sandbox: p50 {:+.2} ms; total extra: p50 {:+.2} ms (×{:.1})",
+            sandbox.0 - baseline.0,
+            full.0 - sandbox.0,
+            full.0 - baseline.0,
+            full.0 / baseline.0
+        );
+        client.cancel().await.ok();
+        stop.cancel();
+        server.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    });
+}
