@@ -125,6 +125,7 @@ fn main() {
         let now_ms = app.clock.now_ms();
         custodian::grants::store::insert(
             &app.db,
+            &app.audit_key,
             &custodian::grants::store::NewGrant {
                 tenant: &tenant,
                 id: &grant,
@@ -154,7 +155,7 @@ fn main() {
             acr: None,
             amr: vec![],
         };
-        custodian::grants::store::approve(&app.db, &tenant, grant.as_str(), &approver, now_ms).await.expect("approve");
+        custodian::grants::store::approve(&app.db, &app.audit_key, &tenant, grant.as_str(), &approver, now_ms).await.expect("approve");
         let server = Server::start_on(app.clone(), listener).expect("serve");
         let transport = StreamableHttpClientTransport::with_client(
             reqwest::Client::new(),

@@ -6,6 +6,7 @@ use anyhow::Context;
 use axum::serve::ListenerExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::AuditKey;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::grants::Limits;
@@ -41,6 +42,8 @@ pub struct App {
     pub instance_id: String,
     /// Sends execs to runners over mTLS.
     pub dispatcher: Dispatcher,
+    /// MACs the audit chain (a dedicated key, or one derived from the master key).
+    pub audit_key: AuditKey,
 }
 
 impl App {
@@ -58,7 +61,16 @@ impl App {
             _ => None,
         };
         let dispatcher = Dispatcher::new(runners.trust_domain.clone(), material);
+        let audit_key = match &config.secrets.audit_key_file {
+            Some(file) => AuditKey::load(file).unwrap_or_else(|e| {
+                // Validated at start-up by from_config; a test App falls back to the derived key.
+                tracing::error!(error = %e, "audit key unusable; using the key derived from the master key");
+                AuditKey::derived_from(&master_key)
+            }),
+            None => AuditKey::derived_from(&master_key),
+        };
         Self {
+            audit_key,
             dispatcher,
             config,
             db,
@@ -84,6 +96,9 @@ impl App {
             &config.secrets.master_key_env,
             env,
         )?;
+        if let Some(file) = &config.secrets.audit_key_file {
+            AuditKey::load(file).context("loading the audit key")?;
+        }
         let db = Db::connect(&config.database.url, config.database.max_connections)
             .await
             .context("connecting to the database")?;

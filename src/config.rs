@@ -51,6 +51,9 @@ pub struct SecretsConfig {
     pub master_key_file: Option<std::path::PathBuf>,
     /// Environment variable holding the base64 master key when no file is given.
     pub master_key_env: String,
+    /// A dedicated key for the audit chain (same format as the master key); without it the audit
+    /// key is derived from the master key under its own label.
+    pub audit_key_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -214,6 +217,7 @@ impl Config {
             master_key_env: section
                 .take("master_key_env")
                 .unwrap_or_else(|| "CUSTODIAN_MASTER_KEY".to_owned()),
+            audit_key_file: section.take::<String>("audit_key_file").map(Into::into),
         };
         section.finish();
         let mut section = Section::new(&mut root, "grants", GRANTS_KEYS, &mut problems);
@@ -312,7 +316,7 @@ const SERVER_KEYS: &[&str] = &[
 ];
 const DATABASE_KEYS: &[&str] = &["url", "max_connections"];
 const LOG_KEYS: &[&str] = &["format", "filter"];
-const SECRETS_KEYS: &[&str] = &["master_key_file", "master_key_env"];
+const SECRETS_KEYS: &[&str] = &["master_key_file", "master_key_env", "audit_key_file"];
 const GRANTS_KEYS: &[&str] = &["requests_per_minute", "concurrent_waits_per_token"];
 const RUNNERS_KEYS: &[&str] = &[
     "trust_domain",

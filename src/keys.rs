@@ -29,6 +29,8 @@ pub enum Purpose {
     DataKeyWrap,
     /// The master key's public fingerprint.
     KeyId,
+    /// The MAC key of the audit chain.
+    Audit,
 }
 
 impl Purpose {
@@ -37,6 +39,7 @@ impl Purpose {
             Purpose::DeviceCode => b"custodian/device-code/v1",
             Purpose::DataKeyWrap => b"custodian/data-key-wrap/v1",
             Purpose::KeyId => b"custodian/key-id/v1",
+            Purpose::Audit => b"custodian/audit-chain/v1",
         }
     }
 }
@@ -119,7 +122,7 @@ impl MasterKey {
         Self::from_base64(&value)
     }
 
-    fn subkey(&self, purpose: Purpose) -> Zeroizing<[u8; KEY_BYTES]> {
+    pub(crate) fn subkey(&self, purpose: Purpose) -> Zeroizing<[u8; KEY_BYTES]> {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.0.as_slice())
             .expect("HMAC takes keys of any length");
         mac.update(purpose.label());

@@ -3,6 +3,7 @@
 
 pub mod agent_tokens;
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -124,8 +124,17 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
     if pool.is_empty() {
         return Err(RunError::NoRunner(env.policy.runner_pool));
     }
-    let grant = grants::consume(app, caller, &args.grant_id).await?;
-    let runner = pool[usize::try_from(grant.uses).unwrap_or(0) % pool.len()].clone();
+    // Written with the use, in one transaction, before anything is decrypted or sent.
+    let runner =
+        pool[usize::try_from(seen.max_uses - seen.uses_left).unwrap_or(0) % pool.len()].clone();
+    let shown: String = argv.join(" ").chars().take(2000).collect();
+    let audited = serde_json::json!({
+        "runner": runner.name,
+        "agent": caller.token_name,
+        "argv": shown,
+        "timeout_seconds": timeout,
+    });
+    let grant = grants::consume(app, caller, &args.grant_id, &audited).await?;
     let opened = secrets::load_for_run(&app.db, &app.master_key, &caller.tenant, &env.name)
         .await
         .map_err(RunError::Secrets)?;
@@ -164,26 +173,28 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
     for (name, n) in out_counts.into_iter().chain(err_counts) {
         *redactions.entry(name).or_default() += n;
     }
-    let (shown_argv, _) = redactor.redact(request.argv.join(" ").as_bytes());
     let detail = serde_json::json!({
         "runner": runner.name,
-        "argv": String::from_utf8_lossy(&shown_argv),
         "exit_code": response.exit_code,
         "signal": response.signal,
         "timed_out": response.timed_out,
         "duration_ms": response.duration_ms,
         "redactions": redactions,
     });
-    grants::store::record(
+    if let Err(e) = grants::store::record(
         &app.db,
+        &app.audit_key,
         &caller.tenant,
         &grant.id,
-        "exec",
+        "exec.finished",
         &detail,
         app.clock.now_ms(),
     )
     .await
-    .map_err(GrantError::from)?;
+    {
+        // The exec itself was recorded before it ran; losing its outcome is logged, not hidden.
+        tracing::error!(error = %e, "recording the outcome of an exec failed");
+    }
     tracing::info!(runner.id = %runner.name, exit_code = ?response.exit_code, duration_ms = response.duration_ms, "run finished");
     Ok(RunResult {
         exit_code: response.exit_code,

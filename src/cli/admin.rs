@@ -37,6 +37,21 @@ pub enum AdminCommand {
     /// A development/test CA and certificates with SPIFFE identities (rcgen).
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// The tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check every tenant's chain (or one); fails naming the first changed, deleted, reordered or
+    /// inserted record.
+    Verify {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Write a tenant's records as JSON lines (for a SIEM).
+    Export { tenant: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -307,6 +322,37 @@ async fn dispatch(app: &App, command: AdminCommand, now: clock::UnixSeconds) -> 
         }
         AdminCommand::Secret(command) => secret_command(app, command, now).await?,
         AdminCommand::Pki(_) => unreachable!("handled before opening the database"),
+        AdminCommand::Audit(AuditCommand::Verify { tenant }) => {
+            let tenants = match tenant {
+                Some(t) => vec![TenantId::parse(&t)?],
+                None => crate::audit::tenants(db)
+                    .await?
+                    .iter()
+                    .map(|t| TenantId::parse(t))
+                    .collect::<Result<_, _>>()?,
+            };
+            let mut failed = Vec::new();
+            for tenant in tenants {
+                match crate::audit::verify(db, &app.audit_key, &tenant).await? {
+                    Ok(n) => println!("tenant {tenant}: {n} records verified"),
+                    Err(problem) => {
+                        println!("{problem}");
+                        failed.push(problem);
+                    }
+                }
+            }
+            anyhow::ensure!(
+                failed.is_empty(),
+                "the audit log of {} tenant(s) does not verify",
+                failed.len()
+            );
+        }
+        AdminCommand::Audit(AuditCommand::Export { tenant }) => {
+            let tenant = TenantId::parse(&tenant)?;
+            for entry in crate::audit::all(db, &tenant).await? {
+                println!("{}", serde_json::to_string(&entry)?);
+            }
+        }
         AdminCommand::Runner(RunnerCommand::Add {
             tenant,
             name,

@@ -478,6 +478,7 @@ pub async fn request(
         .max(1000);
     store::insert(
         &app.db,
+        &app.audit_key,
         &store::NewGrant {
             tenant: &caller.tenant,
             id: &id,
@@ -545,6 +546,7 @@ async fn expire_if_due(app: &App, grant: Grant) -> Result<Grant, GrantError> {
             .map_err(|_| StoreError::Corrupt("tenant id".into()))?;
         store::end(
             &app.db,
+            &app.audit_key,
             &tenant,
             &grant.id,
             &[GrantState::Active],
@@ -613,13 +615,20 @@ pub async fn wait(
 
 /// Takes one run of the caller's active grant, atomically; refuses (before anything else happens)
 /// if the grant is not the caller's, not active, expired or used up.
-pub async fn consume(app: &App, caller: &AgentIdentity, id: &str) -> Result<Grant, GrantError> {
+pub async fn consume(
+    app: &App,
+    caller: &AgentIdentity,
+    id: &str,
+    exec: &serde_json::Value,
+) -> Result<Grant, GrantError> {
     let grant = own_grant(app, caller, id).await?;
     let taken = store::consume_use(
         &app.db,
+        &app.audit_key,
         &caller.tenant,
         &grant.id,
         &caller.token_id,
+        exec,
         app.clock.now_ms(),
     )
     .await?;
@@ -676,6 +685,7 @@ async fn end_by(app: &App, grant: Grant, reason: &str) -> Result<GrantStatus, Gr
         TenantId::parse(&grant.tenant_id).map_err(|_| StoreError::Corrupt("tenant id".into()))?;
     let ended = store::end(
         &app.db,
+        &app.audit_key,
         &tenant,
         &grant.id,
         &[GrantState::Pending, GrantState::Active],

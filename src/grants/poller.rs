@@ -71,6 +71,7 @@ pub async fn run_once(app: &Arc<App>) -> Result<(), crate::store::StoreError> {
             .map_err(|_| crate::store::StoreError::Corrupt("tenant id".into()))?;
         if store::end(
             &app.db,
+            &app.audit_key,
             &tenant,
             &id,
             &[GrantState::Active],
@@ -188,8 +189,15 @@ async fn poll_one(app: &App, tenant: &str, id: &str) -> Result<(), super::Intern
             };
             match check_approver(&env.policy, &approver, app.clock.now()) {
                 Ok(()) => {
-                    if store::approve(&app.db, &tenant_id, id, &approver, app.clock.now_ms())
-                        .await?
+                    if store::approve(
+                        &app.db,
+                        &app.audit_key,
+                        &tenant_id,
+                        id,
+                        &approver,
+                        app.clock.now_ms(),
+                    )
+                    .await?
                     {
                         tracing::info!(
                             tenant.id = %tenant, grant.id = %id,
@@ -217,6 +225,7 @@ async fn finish(
     let now_ms = app.clock.now_ms();
     if store::end(
         &app.db,
+        &app.audit_key,
         tenant,
         id,
         &[GrantState::Pending],

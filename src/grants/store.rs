@@ -4,6 +4,7 @@
 use serde_json::Value;
 
 use super::{Grant, GrantId, GrantState};
+use crate::audit::AuditKey;
 use crate::clock::{UnixMillis, UnixSeconds};
 use crate::oidc::Approver;
 use crate::store::{Db, StoreError};
@@ -27,15 +28,6 @@ pub struct NewGrant<'a> {
     pub poll_interval_ms: i64,
 }
 
-/// One entry of a grant's timeline.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
-pub struct Event {
-    pub seq: i64,
-    pub at_ms: i64,
-    pub kind: String,
-    pub detail: String,
-}
-
 macro_rules! select_grants {
     ($clause:literal) => {
         concat!(
@@ -48,31 +40,13 @@ macro_rules! select_grants {
     };
 }
 
-async fn append_event(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    tenant: &str,
-    grant: &str,
-    now_ms: UnixMillis,
-    kind: &str,
-    detail: &Value,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO grant_events (tenant_id, grant_id, seq, at_ms, kind, detail) \
-         SELECT $1, $2, COALESCE(MAX(seq), 0) + 1, $3, $4, $5 FROM grant_events \
-         WHERE tenant_id = $1 AND grant_id = $2",
-    )
-    .bind(tenant)
-    .bind(grant)
-    .bind(now_ms)
-    .bind(kind)
-    .bind(detail.to_string())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
 /// Stores a new pending grant and its `requested` event.
-pub async fn insert(db: &Db, new: &NewGrant<'_>, now_ms: UnixMillis) -> Result<(), StoreError> {
+pub async fn insert(
+    db: &Db,
+    audit: &AuditKey,
+    new: &NewGrant<'_>,
+    now_ms: UnixMillis,
+) -> Result<(), StoreError> {
     let mut tx = db.pool().begin().await?;
     sqlx::query(
         "INSERT INTO grants (tenant_id, id, environment, agent_token_id, agent_name, purpose, \
@@ -105,13 +79,14 @@ pub async fn insert(db: &Db, new: &NewGrant<'_>, now_ms: UnixMillis) -> Result<(
         "ttl_seconds": new.ttl_seconds,
         "max_uses": new.max_uses,
     });
-    append_event(
+    crate::audit::append(
         &mut tx,
+        audit,
         new.tenant.as_str(),
         new.id.as_str(),
-        now_ms,
-        "requested",
+        "grant.requested",
         &detail,
+        now_ms,
     )
     .await?;
     tx.commit().await?;
@@ -155,21 +130,19 @@ pub async fn list(
     rows.into_iter().map(Grant::try_from).collect()
 }
 
-/// The grant's timeline, oldest first.
-pub async fn events(db: &Db, tenant: &TenantId, id: &str) -> Result<Vec<Event>, StoreError> {
-    Ok(sqlx::query_as::<_, Event>(
-        "SELECT seq, at_ms, kind, detail FROM grant_events \
-         WHERE tenant_id = $1 AND grant_id = $2 ORDER BY seq",
-    )
-    .bind(tenant.as_str())
-    .bind(id)
-    .fetch_all(db.pool())
-    .await?)
+/// The grant's timeline (its audit records), oldest first.
+pub async fn events(
+    db: &Db,
+    tenant: &TenantId,
+    id: &str,
+) -> Result<Vec<crate::audit::Entry>, StoreError> {
+    crate::audit::for_grant(db, tenant, id).await
 }
 
 /// pending → active, recording the approver. Returns whether this call made the transition.
 pub async fn approve(
     db: &Db,
+    audit: &AuditKey,
     tenant: &TenantId,
     id: &str,
     approver: &Approver,
@@ -205,15 +178,29 @@ pub async fn approve(
         "acr": approver.acr,
         "amr": approver.amr,
     });
-    append_event(&mut tx, tenant.as_str(), id, now_ms, "approved", &detail).await?;
+    crate::audit::append(
+        &mut tx,
+        audit,
+        tenant.as_str(),
+        id,
+        "grant.approved",
+        &detail,
+        now_ms,
+    )
+    .await?;
     tx.commit().await?;
     Ok(true)
 }
 
 /// Ends a grant that is in `from` (one or two states) with `to` and a reason. Returns whether this
 /// call made the transition.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "a transition names its grant, its states and its reason"
+)]
 pub async fn end(
     db: &Db,
+    audit: &AuditKey,
     tenant: &TenantId,
     id: &str,
     from: &[GrantState],
@@ -245,7 +232,16 @@ pub async fn end(
         return Ok(false);
     }
     let detail = serde_json::json!({ "reason": reason });
-    append_event(&mut tx, tenant.as_str(), id, now_ms, to.as_str(), &detail).await?;
+    crate::audit::append(
+        &mut tx,
+        audit,
+        tenant.as_str(),
+        id,
+        &format!("grant.{}", to.as_str()),
+        &detail,
+        now_ms,
+    )
+    .await?;
     tx.commit().await?;
     Ok(true)
 }
@@ -344,13 +340,16 @@ pub async fn expired_active(
     .await?)
 }
 
-/// Uses one run of an active, unexpired grant of `agent_token_id` (atomically); the use that spends
-/// the last one also ends the grant as exhausted. Returns whether a use was taken.
+/// Uses one run of an active, unexpired grant of `agent_token_id` (atomically) and records the exec
+/// in the audit log in the same transaction; the use that spends the last one also ends the grant
+/// as exhausted. Returns whether a use was taken.
 pub async fn consume_use(
     db: &Db,
+    audit: &AuditKey,
     tenant: &TenantId,
     id: &str,
     agent_token_id: &str,
+    exec: &Value,
     now_ms: UnixMillis,
 ) -> Result<bool, StoreError> {
     let now = now_ms.div_euclid(1000);
@@ -372,6 +371,8 @@ pub async fn consume_use(
     if done.rows_affected() != 1 {
         return Ok(false);
     }
+    // No record, no exec: the caller dispatches only after this transaction commits.
+    crate::audit::append(&mut tx, audit, tenant.as_str(), id, "exec", exec, now_ms).await?;
     let (state,): (String,) =
         sqlx::query_as("SELECT state FROM grants WHERE tenant_id = $1 AND id = $2")
             .bind(tenant.as_str())
@@ -380,7 +381,16 @@ pub async fn consume_use(
             .await?;
     if state == GrantState::Exhausted.as_str() {
         let detail = serde_json::json!({ "reason": "all of its runs were used" });
-        append_event(&mut tx, tenant.as_str(), id, now_ms, "exhausted", &detail).await?;
+        crate::audit::append(
+            &mut tx,
+            audit,
+            tenant.as_str(),
+            id,
+            "grant.exhausted",
+            &detail,
+            now_ms,
+        )
+        .await?;
     }
     tx.commit().await?;
     Ok(true)
@@ -389,6 +399,7 @@ pub async fn consume_use(
 /// Records a step that is not a transition (e.g. an exec) on the grant's timeline.
 pub async fn record(
     db: &Db,
+    audit: &AuditKey,
     tenant: &TenantId,
     id: &str,
     kind: &str,
@@ -396,7 +407,7 @@ pub async fn record(
     now_ms: UnixMillis,
 ) -> Result<(), StoreError> {
     let mut tx = db.pool().begin().await?;
-    append_event(&mut tx, tenant.as_str(), id, now_ms, kind, detail).await?;
+    crate::audit::append(&mut tx, audit, tenant.as_str(), id, kind, detail, now_ms).await?;
     tx.commit().await?;
     Ok(())
 }

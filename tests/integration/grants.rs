@@ -158,7 +158,10 @@ async fn approval_at_the_idp_activates_the_grant_with_the_approver(backend: Back
     assert_eq!(row.approver_groups, ["platform", "developers"]);
     assert!(row.auth_time.is_some());
     assert_eq!(row.expires_at, row.approved_at.unwrap() + 900);
-    assert_eq!(event_kinds(&s.t, &grant).await, ["requested", "approved"]);
+    assert_eq!(
+        event_kinds(&s.t, &grant).await,
+        ["grant.requested", "grant.approved"]
+    );
 
     // Revoking ends it; a second revoke says so.
     let revoked = call(
@@ -397,7 +400,7 @@ async fn two_gateways_on_one_database_approve_exactly_once(backend: Backend) {
         let kinds = event_kinds(&s.t, grant).await;
         assert_eq!(
             kinds,
-            ["requested", "approved"],
+            ["grant.requested", "grant.approved"],
             "exactly one approval event"
         );
     }
@@ -431,12 +434,13 @@ async fn approve_racing_revoke_ends_in_exactly_one_terminal_state(backend: Backe
         let kinds = event_kinds(&s.t, &grant).await;
         let terminal: Vec<_> = kinds
             .iter()
-            .filter(|k| !matches!(k.as_str(), "requested" | "approved"))
+            .filter(|k| !matches!(k.as_str(), "grant.requested" | "grant.approved"))
             .collect();
-        assert_eq!(terminal, ["revoked"], "{kinds:?}");
+        assert_eq!(terminal, ["grant.revoked"], "{kinds:?}");
         // If the approval landed, it landed before the revocation, never after.
         assert!(
-            kinds == ["requested", "revoked"] || kinds == ["requested", "approved", "revoked"],
+            kinds == ["grant.requested", "grant.revoked"]
+                || kinds == ["grant.requested", "grant.approved", "grant.revoked"],
             "{kinds:?}"
         );
         assert_eq!(wait_state(&s.client, &grant, 0).await["state"], "revoked");

@@ -225,6 +225,7 @@ impl TestApp {
         let now_ms = self.clock.now_ms();
         store::insert(
             self.db(),
+            &self.app.audit_key,
             &store::NewGrant {
                 tenant,
                 id: &id,
@@ -255,9 +256,16 @@ impl TestApp {
             amr: vec![],
         };
         assert!(
-            store::approve(self.db(), tenant, id.as_str(), &approver, now_ms)
-                .await
-                .expect("approve")
+            store::approve(
+                self.db(),
+                &self.app.audit_key,
+                tenant,
+                id.as_str(),
+                &approver,
+                now_ms
+            )
+            .await
+            .expect("approve")
         );
         id.as_str().to_owned()
     }
@@ -489,7 +497,7 @@ pub async fn dump_all_text(db: &Db) -> String {
          COALESCE(approver_name, '') || '|' || COALESCE(approver_email, '') || '|' || \
          COALESCE(approver_groups, '') || '|' || COALESCE(end_reason, '') || '|' || \
          COALESCE(trace_context, '') FROM grants",
-        "SELECT grant_id || '|' || kind || '|' || detail FROM grant_events",
+        "SELECT grant_id || '|' || kind || '|' || detail FROM audit_log",
         "SELECT id || '|' || COALESCE(idp_client_id, '') || '|' || COALESCE(idp_client_secret_ref, '') FROM tenants",
         "SELECT id || '|' || secret_hash FROM agent_tokens",
     ] {

@@ -5,6 +5,7 @@
     reason = "a test should fail loudly at the failing step"
 )]
 
+mod audit;
 mod auth;
 mod bad_input;
 mod cli;
