@@ -27,6 +27,7 @@ on_both_backends!(
     approve_racing_revoke_ends_in_exactly_one_terminal_state,
     requests_over_policy_or_for_others_get_specific_refusals,
     idp_secrets_appear_in_no_result_log_or_column,
+    clients_declaring_url_elicitation_are_offered_the_approval_page,
 );
 
 type Client = rmcp::service::RunningService<rmcp::RoleClient, rmcp::model::ClientConfig>;
@@ -576,5 +577,83 @@ async fn idp_secrets_appear_in_no_result_log_or_column(backend: Backend) {
             );
         }
     }
+    s.t.stop().await;
+}
+
+/// A client that declares URL-mode elicitation and records what it is asked to open.
+#[derive(Clone)]
+struct ElicitationRecorder(tokio::sync::mpsc::UnboundedSender<Value>);
+
+impl rmcp::ClientHandler for ElicitationRecorder {
+    fn get_info(&self) -> rmcp::model::ClientConfig {
+        let mut capabilities = rmcp::model::ClientCapabilities::default();
+        capabilities.elicitation = Some(
+            rmcp::model::ElicitationCapability::new()
+                .with_url(rmcp::model::UrlElicitationCapability::new()),
+        );
+        rmcp::model::ClientConfig::new(
+            capabilities,
+            rmcp::model::Implementation::new("elicit", "1"),
+        )
+    }
+
+    async fn create_elicitation(
+        &self,
+        request: rmcp::model::ElicitRequestParams,
+        _: rmcp::service::RequestContext<rmcp::RoleClient>,
+    ) -> Result<rmcp::model::ElicitResult, rmcp::ErrorData> {
+        let _ = self.0.send(serde_json::to_value(&request).unwrap());
+        Ok(rmcp::model::ElicitResult::new(
+            rmcp::model::ElicitationAction::Accept,
+        ))
+    }
+}
+
+async fn clients_declaring_url_elicitation_are_offered_the_approval_page(backend: Backend) {
+    let Some(s) = setup(backend, 600, Policy::default()).await else {
+        return;
+    };
+    let acme = custodian::tenants::TenantId::parse("acme").unwrap();
+    let token = s.t.token(&acme, "elicit-agent").await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let transport = rmcp::transport::StreamableHttpClientTransport::with_client(
+        reqwest::Client::new(),
+        rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig::with_uri(
+            s.t.mcp_url("acme"),
+        )
+        .auth_header(token),
+    );
+    let client = rmcp::ServiceExt::serve(ElicitationRecorder(tx), transport)
+        .await
+        .unwrap();
+    let grant = client
+        .call_tool(
+            CallToolRequestParams::new("request_grant").with_arguments(
+                json!({"environment": "staging", "purpose": "elicit"})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            ),
+        )
+        .await
+        .unwrap()
+        .structured_content
+        .unwrap();
+    let offered = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("an elicitation")
+        .unwrap();
+    assert_eq!(offered["mode"], "url", "{offered}");
+    assert_eq!(offered["url"], grant["approval_url"]);
+    assert_eq!(offered["elicitationId"], grant["grant_id"]);
+    assert!(
+        offered["message"]
+            .as_str()
+            .unwrap()
+            .contains(grant["user_code"].as_str().unwrap())
+    );
+    // A client without the capability (the rmcp client of `setup`) gets none and still works.
+    let plain = request(&s.client).await;
+    assert_eq!(plain["state"], "pending");
     s.t.stop().await;
 }
