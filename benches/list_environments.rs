@@ -5,6 +5,9 @@
 //! `cargo bench --bench list_environments [-- --calls N --clients C]` prints p50/p99 latency of
 //! sequential calls, throughput with C concurrent sessions, and the ratios gateway / bare.
 
+mod common;
+use common::arg;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -190,15 +193,6 @@ async fn start_gateway(dir: &std::path::Path) -> (Server, String, String) {
         format!("http://{addr}/t/bench/mcp"),
         token.expose_secret().to_owned(),
     )
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn main() {

@@ -10,6 +10,9 @@
 //! `cargo bench --bench run_overhead [-- --calls N]` prints p50/p99 and the extra milliseconds over
 //! the baseline. Budgets: sandbox spawn ≤ 5 ms p50 over fork/exec; gateway overhead ≤ 1 ms p50.
 
+mod common;
+use common::arg;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,15 +56,6 @@ where
         samples.push(start.elapsed());
     }
     percentiles(samples)
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn main() {
