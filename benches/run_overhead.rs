@@ -135,6 +135,7 @@ fn main() {
                 verification_uri_complete: None,
                 device_code_sealed: "unused",
                 poll_interval_ms: 3_600_000,
+                trace_context: None,
             },
             now_ms,
         )

@@ -18,6 +18,7 @@ pub mod runners;
 pub mod runs;
 pub mod secrets;
 pub mod store;
+pub mod telemetry;
 pub mod tenants;
 
 /// An error and its causes on one line (for log lines and safe error messages).

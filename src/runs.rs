@@ -11,6 +11,7 @@ use custodian_protocol::{ExecRequest, SecretEnv};
 use custodian_redact::Redactor;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 use zeroize::Zeroize;
 
 use crate::agent_tokens::AgentIdentity;
@@ -140,6 +141,15 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
         .map_err(RunError::Secrets)?;
     let redactor = Redactor::new(opened.iter().map(|s| (s.name.as_str(), s.value.as_slice())))
         .map_err(|e| RunError::Secrets(SecretError::InvalidName(e.to_string())))?;
+    let span = crate::grants::grant_span!(
+        "grant.exec",
+        &grant,
+        custodian.runner = %app.dispatcher.identity_of(&runner),
+        custodian.argv = %shown,
+        custodian.exit_code = tracing::field::Empty,
+        custodian.duration_ms = tracing::field::Empty,
+        custodian.redactions = tracing::field::Empty,
+    );
     let mut request = ExecRequest {
         grant_id: grant.id.clone(),
         tenant: caller.tenant.as_str().to_owned(),
@@ -154,12 +164,13 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
                 value: String::from_utf8_lossy(&s.value).into_owned(),
             })
             .collect(),
-        traceparent: None,
+        traceparent: crate::telemetry::traceparent(&span),
     };
     drop(opened);
     let sent = app
         .dispatcher
         .exec(&runner, &request, Duration::from_secs(timeout + 10))
+        .instrument(span.clone())
         .await;
     for secret in &mut request.secrets {
         secret.value.zeroize();
@@ -173,6 +184,13 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
     for (name, n) in out_counts.into_iter().chain(err_counts) {
         *redactions.entry(name).or_default() += n;
     }
+    span.record("custodian.exit_code", response.exit_code.unwrap_or(-1));
+    span.record("custodian.duration_ms", response.duration_ms);
+    span.record(
+        "custodian.redactions",
+        tracing::field::display(serde_json::to_string(&redactions).unwrap_or_default()),
+    );
+    drop(span);
     let detail = serde_json::json!({
         "runner": runner.name,
         "exit_code": response.exit_code,

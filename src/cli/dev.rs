@@ -80,7 +80,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         pki.join("gateway.key").display(),
     );
     let config = Config::from_toml(&toml, std::iter::empty())?;
-    super::init_logging(&config.log);
+    let telemetry = super::init_logging(&config.log);
     let grace = config.server.shutdown_grace;
     let app = Arc::new(App::from_config(config, std::env::vars()).await?);
     let idp = DevIdp::start(
@@ -121,6 +121,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     runner_stop.cancel();
     server.shutdown(grace).await?;
     app.db.close().await;
+    telemetry.shutdown();
     Ok(())
 }
 

@@ -76,12 +76,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(arg) => {
             let config = load_config(&arg)?;
-            init_logging(&config.log);
-            serve(config).await
+            let telemetry = init_logging(&config.log);
+            let served = serve(config).await;
+            telemetry.shutdown();
+            served
         }
         Command::Migrate(arg) => {
             let config = load_config(&arg)?;
-            init_logging(&config.log);
+            let _telemetry = init_logging(&config.log);
             let db = crate::store::Db::connect(&config.database.url, 1).await?;
             db.migrate().await?;
             db.close().await;
@@ -100,19 +102,30 @@ fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
     Ok(Config::load(arg.config.as_deref(), std::env::vars())?)
 }
 
-/// Installs the log subscriber; `RUST_LOG` overrides the configured filter.
-fn init_logging(log: &LogConfig) {
+/// Installs the log subscriber (and OTLP trace export when configured by the standard variables);
+/// `RUST_LOG` overrides the configured filter.
+pub(crate) fn init_logging(log: &LogConfig) -> crate::telemetry::Telemetry {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let telemetry = crate::telemetry::Telemetry::from_env(&env).unwrap_or_else(|e| {
+        eprintln!("warning: trace export is off: {e:#}");
+        crate::telemetry::Telemetry::default()
+    });
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(telemetry.layer());
     let _ = match log.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => registry.with(fmt.json()).try_init(),
+        LogFormat::Text => registry.with(fmt).try_init(),
     };
+    telemetry
 }
 
 /// Serves until SIGTERM/Ctrl-C, then shuts down gracefully.

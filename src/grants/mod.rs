@@ -14,6 +14,25 @@
 pub mod poller;
 pub mod store;
 
+/// A span of a grant's trace: a child of its `grant.request` span, whenever and wherever it is made.
+macro_rules! grant_span {
+    ($name:literal, $grant:expr $(, $($field:tt)*)?) => {{
+        let grant: &$crate::grants::Grant = $grant;
+        let span = tracing::info_span!(
+            parent: None,
+            $name,
+            custodian.tenant = %grant.tenant_id,
+            custodian.grant.id = %grant.id,
+            custodian.environment = %grant.environment,
+            custodian.agent.name = %grant.agent_name
+            $(, $($field)*)?
+        );
+        $crate::telemetry::attach(&span, grant.trace_context.as_deref());
+        span
+    }};
+}
+pub(crate) use grant_span;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -22,6 +41,7 @@ use rand::RngCore;
 use schemars::JsonSchema;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use crate::agent_tokens::AgentIdentity;
 use crate::app::App;
@@ -139,6 +159,8 @@ pub struct Grant {
     pub auth_time: Option<UnixSeconds>,
     pub end_reason: Option<String>,
     pub ended_at: Option<UnixSeconds>,
+    /// W3C traceparent of the grant's root span (one trace per grant).
+    pub trace_context: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -167,6 +189,7 @@ struct Row {
     auth_time: Option<i64>,
     end_reason: Option<String>,
     ended_at: Option<i64>,
+    trace_context: Option<String>,
 }
 
 impl TryFrom<Row> for Grant {
@@ -205,6 +228,7 @@ impl TryFrom<Row> for Grant {
             auth_time: row.auth_time,
             end_reason: row.end_reason,
             ended_at: row.ended_at,
+            trace_context: row.trace_context,
         })
     }
 }
@@ -458,12 +482,29 @@ pub async fn request(
     app.limits
         .admit_request(&caller.token_id, app.config.grants.requests_per_minute)?;
 
+    let id = GrantId::generate();
+    // The root of this grant's trace; every later step of the grant is a span under it.
+    let root = tracing::info_span!(
+        parent: None,
+        "grant.request",
+        custodian.tenant = %caller.tenant,
+        custodian.grant.id = %id.as_str(),
+        custodian.environment = %env.name,
+        custodian.agent.name = %caller.token_name,
+        custodian.grant.ttl_seconds = ttl_seconds,
+        custodian.grant.max_uses = max_uses,
+    );
+    let trace_context = crate::telemetry::traceparent(&root);
     let authorization = app
         .oidc
         .start(&idp)
+        .instrument(
+            tracing::info_span!(parent: &root, "grant.device_authorization",
+            custodian.grant.id = %id.as_str(),
+            idp.issuer = %idp.issuer),
+        )
         .await
         .map_err(|e| GrantError::IdentityProvider(e.to_string()))?;
-    let id = GrantId::generate();
     let now_ms = app.clock.now_ms();
     let expires_at = now_ms.div_euclid(1000)
         + i64::try_from(authorization.expires_in.as_secs()).unwrap_or(i64::MAX / 4);
@@ -494,6 +535,7 @@ pub async fn request(
             verification_uri_complete: authorization.verification_uri_complete.as_deref(),
             device_code_sealed: &sealed,
             poll_interval_ms: interval_ms,
+            trace_context: trace_context.as_deref(),
         },
         now_ms,
     )
@@ -638,6 +680,7 @@ pub async fn consume(
             .unwrap_or(grant);
         if now.state == GrantState::Exhausted {
             app.grant_changed.notify_waiters();
+            drop(grant_span!("grant.exhausted", &now));
         }
         return Ok(now);
     }
@@ -704,6 +747,7 @@ async fn end_by(app: &App, grant: Grant, reason: &str) -> Result<GrantStatus, Gr
         });
     }
     app.grant_changed.notify_waiters();
+    drop(grant_span!("grant.revoked", &now, custodian.reason = %reason));
     tracing::info!(tenant.id = %tenant, grant.id = %now.id, "grant revoked");
     Ok(GrantStatus::of(&now))
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
-use super::{GrantId, GrantState, check_approver, device_code_aad, store};
+use super::{Grant, GrantId, GrantState, check_approver, device_code_aad, grant_span, store};
 use crate::app::App;
 use crate::clock::UnixMillis;
 use crate::environments;
@@ -102,8 +102,7 @@ async fn poll_one(app: &App, tenant: &str, id: &str) -> Result<(), super::Intern
     if grant.expires_at <= now_ms.div_euclid(1000) {
         return finish(
             app,
-            &tenant_id,
-            id,
+            &grant,
             GrantState::Expired,
             "nobody approved before the request expired".to_owned(),
         )
@@ -113,8 +112,7 @@ async fn poll_one(app: &App, tenant: &str, id: &str) -> Result<(), super::Intern
     let Some(idp) = idp else {
         return finish(
             app,
-            &tenant_id,
-            id,
+            &grant,
             GrantState::Denied,
             "the tenant's identity provider was removed".to_owned(),
         )
@@ -155,8 +153,7 @@ async fn poll_one(app: &App, tenant: &str, id: &str) -> Result<(), super::Intern
         PollOutcome::Denied => {
             finish(
                 app,
-                &tenant_id,
-                id,
+                &grant,
                 GrantState::Denied,
                 "the approver declined at the identity provider".to_owned(),
             )
@@ -165,23 +162,19 @@ async fn poll_one(app: &App, tenant: &str, id: &str) -> Result<(), super::Intern
         PollOutcome::Expired => {
             finish(
                 app,
-                &tenant_id,
-                id,
+                &grant,
                 GrantState::Expired,
                 "the device code expired before approval".to_owned(),
             )
             .await?
         }
-        PollOutcome::Rejected(reason) => {
-            finish(app, &tenant_id, id, GrantState::Denied, reason).await?
-        }
+        PollOutcome::Rejected(reason) => finish(app, &grant, GrantState::Denied, reason).await?,
         PollOutcome::Approved(approver) => {
             let env = environments::get(&app.db, &tenant_id, &grant.environment).await?;
             let Some(env) = env else {
                 return finish(
                     app,
-                    &tenant_id,
-                    id,
+                    &grant,
                     GrantState::Denied,
                     "the environment no longer exists".to_owned(),
                 )
@@ -199,6 +192,16 @@ async fn poll_one(app: &App, tenant: &str, id: &str) -> Result<(), super::Intern
                     )
                     .await?
                     {
+                        let who = approver.name.as_deref().unwrap_or(&approver.subject);
+                        drop(grant_span!(
+                            "grant.approved",
+                            &grant,
+                            enduser.id = %who,
+                            custodian.approver.subject = %approver.subject,
+                            custodian.approver.email = approver.email.as_deref().unwrap_or(""),
+                            custodian.approver.groups = %approver.groups.join(","),
+                            custodian.approver.auth_age_seconds = approver.auth_time.map(|t| app.clock.now() - t),
+                        ));
                         tracing::info!(
                             tenant.id = %tenant, grant.id = %id,
                             enduser.id = %approver.name.as_deref().unwrap_or(&approver.subject),
@@ -207,7 +210,7 @@ async fn poll_one(app: &App, tenant: &str, id: &str) -> Result<(), super::Intern
                         app.grant_changed.notify_waiters();
                     }
                 }
-                Err(reason) => finish(app, &tenant_id, id, GrantState::Denied, reason).await?,
+                Err(reason) => finish(app, &grant, GrantState::Denied, reason).await?,
             }
         }
     }
@@ -217,26 +220,33 @@ async fn poll_one(app: &App, tenant: &str, id: &str) -> Result<(), super::Intern
 /// Ends a pending grant (first writer wins) and wakes waiters.
 async fn finish(
     app: &App,
-    tenant: &TenantId,
-    id: &str,
+    grant: &Grant,
     to: GrantState,
     reason: String,
 ) -> Result<(), super::InternalError> {
     let now_ms = app.clock.now_ms();
-    if store::end(
+    let tenant = TenantId::parse(&grant.tenant_id)
+        .map_err(|_| crate::store::StoreError::Corrupt("tenant id".into()))?;
+    let id = grant.id.as_str();
+    let ended = store::end(
         &app.db,
         &app.audit_key,
-        tenant,
+        &tenant,
         id,
         &[GrantState::Pending],
         to,
         &reason,
         now_ms,
     )
-    .await?
-    {
+    .await?;
+    if ended {
         tracing::info!(tenant.id = %tenant, grant.id = %id, state = to.as_str(), reason = %reason, "grant ended while pending");
         app.grant_changed.notify_waiters();
+        let span = match to {
+            GrantState::Denied => grant_span!("grant.denied", grant, custodian.reason = %reason),
+            _ => grant_span!("grant.expired", grant, custodian.reason = %reason),
+        };
+        drop(span);
     }
     Ok(())
 }

@@ -26,6 +26,8 @@ pub struct NewGrant<'a> {
     pub verification_uri_complete: Option<&'a str>,
     pub device_code_sealed: &'a str,
     pub poll_interval_ms: i64,
+    /// W3C traceparent of the grant's root span.
+    pub trace_context: Option<&'a str>,
 }
 
 macro_rules! select_grants {
@@ -34,7 +36,7 @@ macro_rules! select_grants {
             "SELECT tenant_id, id, environment, agent_token_id, agent_name, purpose, ttl_seconds, ",
             "max_uses, uses, state, created_at, expires_at, user_code, verification_uri, ",
             "verification_uri_complete, poll_interval_ms, approved_at, approver_sub, approver_name, ",
-            "approver_email, approver_groups, auth_time, end_reason, ended_at FROM grants ",
+            "approver_email, approver_groups, auth_time, end_reason, ended_at, trace_context FROM grants ",
             $clause
         )
     };
@@ -51,8 +53,8 @@ pub async fn insert(
     sqlx::query(
         "INSERT INTO grants (tenant_id, id, environment, agent_token_id, agent_name, purpose, \
          ttl_seconds, max_uses, uses, state, created_at, expires_at, user_code, verification_uri, \
-         verification_uri_complete, device_code_sealed, poll_interval_ms, next_poll_at_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, 'pending', $9, $10, $11, $12, $13, $14, $15, $16)",
+         verification_uri_complete, device_code_sealed, poll_interval_ms, next_poll_at_ms, trace_context) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, 'pending', $9, $10, $11, $12, $13, $14, $15, $16, $17)",
     )
     .bind(new.tenant.as_str())
     .bind(new.id.as_str())
@@ -70,6 +72,7 @@ pub async fn insert(
     .bind(new.device_code_sealed)
     .bind(new.poll_interval_ms)
     .bind(now_ms + new.poll_interval_ms)
+    .bind(new.trace_context)
     .execute(&mut *tx)
     .await?;
     let detail = serde_json::json!({

@@ -241,6 +241,7 @@ impl TestApp {
                 verification_uri_complete: None,
                 device_code_sealed: "not-used",
                 poll_interval_ms: 3_600_000,
+                trace_context: None,
             },
             now_ms,
         )

@@ -17,3 +17,4 @@ mod mcp_clients;
 mod processes;
 mod runners;
 mod secrets;
+mod telemetry;

@@ -10,6 +10,8 @@ use crate::on_both_backends;
 
 on_both_backends!(rmcp_client_lists_tools_and_environments);
 
+pub type Client = rmcp::service::RunningService<rmcp::RoleClient, ClientConfig>;
+
 pub async fn connect(
     url: &str,
     token: &str,

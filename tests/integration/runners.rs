@@ -29,18 +29,18 @@ const CANARY: &str = "cAnArY-7f3a/9+Qx=zz~k";
 type Client = rmcp::service::RunningService<rmcp::RoleClient, rmcp::model::ClientConfig>;
 
 /// A CA and certificates in a temporary directory.
-struct Pki {
+pub struct Pki {
     dir: tempfile::TempDir,
 }
 
 impl Pki {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         custodian::pki::init(dir.path(), TD).unwrap();
         Self { dir }
     }
 
-    fn ca(&self) -> PathBuf {
+    pub fn ca(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
     }
 
@@ -55,7 +55,7 @@ impl Pki {
         .unwrap()
     }
 
-    fn gateway(&self) -> (PathBuf, PathBuf) {
+    pub fn gateway(&self) -> (PathBuf, PathBuf) {
         self.issue(
             Identity::Gateway {
                 trust_domain: TD.into(),
@@ -65,7 +65,7 @@ impl Pki {
         )
     }
 
-    fn runner(&self, tenant: &str, name: &str) -> (PathBuf, PathBuf) {
+    pub fn runner(&self, tenant: &str, name: &str) -> (PathBuf, PathBuf) {
         self.issue(
             Identity::Runner {
                 trust_domain: TD.into(),
@@ -79,8 +79,8 @@ impl Pki {
 }
 
 /// A `custodian-runner` process.
-struct TestRunner {
-    url: String,
+pub struct TestRunner {
+    pub url: String,
     log: PathBuf,
     work_root: tempfile::TempDir,
     _process: Proc,
@@ -104,7 +104,12 @@ fn runner_binary() -> Option<PathBuf> {
 }
 
 impl TestRunner {
-    async fn start(ca: &Path, cert: &(PathBuf, PathBuf), tenant: &str, name: &str) -> Option<Self> {
+    pub async fn start(
+        ca: &Path,
+        cert: &(PathBuf, PathBuf),
+        tenant: &str,
+        name: &str,
+    ) -> Option<Self> {
         let binary = runner_binary()?;
         let dir = tempfile::tempdir().unwrap();
         let work_root = tempfile::tempdir().unwrap();
@@ -153,7 +158,7 @@ impl TestRunner {
         );
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
