@@ -541,6 +541,9 @@ async fn grants_command(
             if let Some(reason) = &g.end_reason {
                 println!("ended        {reason}");
             }
+            if let Some(trace) = g.trace_context.as_deref().and_then(|t| t.split('-').nth(1)) {
+                println!("trace id     {trace}  (look it up in Jaeger/Tempo)");
+            }
             println!("\ntimeline");
             for e in grants::store::events(&app.db, &tenant, &g.id).await? {
                 println!("  {:>3}  {}  {:<10} {}", e.seq, e.at_ms, e.kind, e.detail);
