@@ -524,6 +524,27 @@ async fn timeouts_kill_the_whole_tree_and_leave_nothing_behind(backend: Backend)
         .output()
         .unwrap();
     assert!(left.stdout.is_empty(), "processes survived the timeout");
+    // A daemon that leaves the process group (setsid) still dies with the command's pid namespace.
+    let daemon = format!("41.{}", std::process::id());
+    let started = run(
+        &s.client,
+        json!({"grant_id": grant, "command": format!("setsid sleep {daemon} > /dev/null 2>&1 < /dev/null & echo pid=$$")}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        started["stdout"], "pid=1\n",
+        "the command is process 1 of its own pid namespace"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let escaped = Command::new("pgrep")
+        .args(["-f", &format!("sleep {daemon}")])
+        .output()
+        .unwrap();
+    assert!(
+        escaped.stdout.is_empty(),
+        "a setsid daemon outlived the command"
+    );
     // Core dumps are off, privileges cannot be regained, writes outside the work dir fail.
     let limits = run(
         &s.client,

@@ -8,7 +8,11 @@
 //! - a seccomp deny-list (ptrace, process_vm_readv/writev, mount, bpf, keyctl, perf_event_open,
 //!   kexec, module loading, namespaces, …) answering `EPERM`.
 //!
-//! Not yet enforced: user/pid/mount/ipc namespaces. [`check`] reports what this kernel enforces.
+//! - new pid, mount, IPC and UTS namespaces (plus a user namespace when the runner is not root),
+//!   with the command as process 1 of its pid namespace, so nothing it starts outlives it.
+//!
+//! The network namespace is shared (commands reach databases and APIs). [`check`] reports what this
+//! kernel enforces.
 #![expect(
     unsafe_code,
     reason = "prctl and setrlimit are plain libc calls; each block states why it is sound"
@@ -149,8 +153,46 @@ fn seccomp() -> bool {
     seccompiler::apply_filter(&program).is_ok()
 }
 
+/// Enters new pid, mount, IPC and UTS namespaces (and a user namespace when not root), then forks:
+/// the child — process 1 of the new pid namespace — carries on; the parent waits and exits with
+/// the child's status. When process 1 exits, the kernel kills everything left in its namespace, so
+/// even a daemon that left the process group does not survive the command. The network namespace
+/// is kept: commands need to reach databases and APIs.
+fn enter_namespaces() -> bool {
+    // SAFETY: geteuid only reads the process's credentials.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut flags =
+        libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if !root {
+        flags |= libc::CLONE_NEWUSER;
+    }
+    // SAFETY: unshare takes flags only; the helper is single-threaded here (a fresh exec).
+    if unsafe { libc::unshare(flags) } != 0 {
+        return false;
+    }
+    // SAFETY: the helper is single-threaded, so fork duplicates only this thread; both sides only
+    // call async-signal-safe functions (waitpid, _exit) or carry on as a normal single process.
+    match unsafe { libc::fork() } {
+        -1 => false,
+        0 => true,
+        child => {
+            let mut status = 0;
+            // SAFETY: `status` outlives the call; waitpid writes only there.
+            while unsafe { libc::waitpid(child, &mut status, 0) } == -1 {}
+            let code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                128 + libc::WTERMSIG(status)
+            };
+            // SAFETY: ends this process without running destructors or atexit handlers.
+            unsafe { libc::_exit(code) }
+        }
+    }
+}
+
 /// Applies every restriction to the current process.
 fn restrict(work_dir: &Path, cpu_seconds: u64) -> Report {
+    let namespaces = enter_namespaces();
     let rlimits = [
         set_limit(libc::RLIMIT_CORE, 0),
         set_limit(libc::RLIMIT_CPU, cpu_seconds.max(1)),
@@ -171,7 +213,7 @@ fn restrict(work_dir: &Path, cpu_seconds: u64) -> Report {
         not_dumpable,
         landlock,
         seccomp,
-        namespaces: false,
+        namespaces,
     }
 }
 
