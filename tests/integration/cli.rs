@@ -258,11 +258,8 @@ async fn admin_and_migrate_manage_the_database(backend: Backend) {
     assert!(String::from_utf8_lossy(&again.stderr).contains("no active token `ci-bot`"));
 }
 
-#[tokio::test]
-async fn dev_prints_url_token_and_codex_snippet_that_a_real_client_can_use() {
-    let Some(python) = python() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+/// Starts `custodian dev` on a free loopback port with `data` and returns it with its banner.
+fn start_dev(data: &std::path::Path) -> (crate::processes::Proc, String) {
     let mut dev = spawn(&[
         "dev",
         "--listen",
@@ -271,6 +268,15 @@ async fn dev_prints_url_token_and_codex_snippet_that_a_real_client_can_use() {
         data.to_str().unwrap(),
     ]);
     let banner = read_until(&mut dev.0, "Press Ctrl-C");
+    (dev, banner)
+}
+
+#[tokio::test]
+async fn dev_prints_url_token_and_codex_snippet_that_a_real_client_can_use() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (dev, banner) = start_dev(&data);
     let field = |label: &str| {
         banner
             .lines()
@@ -351,14 +357,7 @@ async fn dev_prints_url_token_and_codex_snippet_that_a_real_client_can_use() {
     assert!(dev.terminate(Duration::from_secs(10)).success());
 
     // A second start reuses the data and issues a new token.
-    let mut again = spawn(&[
-        "dev",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
-    let second = read_until(&mut again.0, "Press Ctrl-C");
+    let (again, second) = start_dev(&data);
     assert!(!second.contains(&token));
     // The previous start's token no longer works.
     let old = reqwest::Client::new()
