@@ -582,27 +582,44 @@ async fn own_grant(app: &App, caller: &AgentIdentity, id: &str) -> Result<Grant,
 
 /// Ends an active grant whose time is up before anyone reads it as active.
 async fn expire_if_due(app: &App, grant: Grant) -> Result<Grant, GrantError> {
-    let now_ms = app.clock.now_ms();
-    if grant.state == GrantState::Active && grant.expires_at <= now_ms.div_euclid(1000) {
+    if grant.state == GrantState::Active && grant.expires_at <= app.clock.now() {
+        expire(app, &grant).await?;
         let tenant = TenantId::parse(&grant.tenant_id)
             .map_err(|_| StoreError::Corrupt("tenant id".into()))?;
-        store::end(
-            &app.db,
-            &app.audit_key,
-            &tenant,
-            &grant.id,
-            &[GrantState::Active],
-            GrantState::Expired,
-            "the grant's time ran out",
-            now_ms,
-        )
-        .await?;
-        app.grant_changed.notify_waiters();
         return Ok(store::get(&app.db, &tenant, &grant.id)
             .await?
             .unwrap_or(grant));
     }
     Ok(grant)
+}
+
+/// Ends an active grant whose time ran out (first writer wins): audit record, waiters woken, span
+/// in the grant's trace. Used by reads that find it due and by the poller's sweep.
+pub(crate) async fn expire(app: &App, grant: &Grant) -> Result<bool, StoreError> {
+    let tenant =
+        TenantId::parse(&grant.tenant_id).map_err(|_| StoreError::Corrupt("tenant id".into()))?;
+    let reason = "the grant's time ran out";
+    let ended = store::end(
+        &app.db,
+        &app.audit_key,
+        &tenant,
+        &grant.id,
+        &[GrantState::Active],
+        GrantState::Expired,
+        reason,
+        app.clock.now_ms(),
+    )
+    .await?;
+    if ended {
+        tracing::info!(tenant.id = %tenant, grant.id = %grant.id, "grant expired");
+        app.grant_changed.notify_waiters();
+        drop(grant_span!(
+            "grant.expired",
+            grant,
+            custodian.reason = reason
+        ));
+    }
+    Ok(ended)
 }
 
 /// `grant_status` without waiting.

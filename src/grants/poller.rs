@@ -69,20 +69,8 @@ pub async fn run_once(app: &Arc<App>) -> Result<(), crate::store::StoreError> {
     for (tenant, id) in store::expired_active(&app.db, now_ms.div_euclid(1000), BATCH).await? {
         let tenant = TenantId::parse(&tenant)
             .map_err(|_| crate::store::StoreError::Corrupt("tenant id".into()))?;
-        if store::end(
-            &app.db,
-            &app.audit_key,
-            &tenant,
-            &id,
-            &[GrantState::Active],
-            GrantState::Expired,
-            "the grant's time ran out",
-            now_ms,
-        )
-        .await?
-        {
-            tracing::info!(tenant.id = %tenant, grant.id = %id, "grant expired");
-            app.grant_changed.notify_waiters();
+        if let Some(grant) = store::get(&app.db, &tenant, &id).await? {
+            super::expire(app, &grant).await?;
         }
     }
     for task in work {
