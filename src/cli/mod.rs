@@ -108,7 +108,7 @@ pub(crate) fn init_logging(log: &LogConfig) -> crate::telemetry::Telemetry {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let telemetry = crate::telemetry::Telemetry::from_env(&env).unwrap_or_else(|e| {
+    let telemetry = crate::telemetry::Telemetry::from_env(&env, "custodian").unwrap_or_else(|e| {
         eprintln!("warning: trace export is off: {e:#}");
         crate::telemetry::Telemetry::default()
     });

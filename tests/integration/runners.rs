@@ -83,7 +83,7 @@ pub struct TestRunner {
     pub url: String,
     log: PathBuf,
     work_root: tempfile::TempDir,
-    _process: Proc,
+    process: Proc,
     _dir: tempfile::TempDir,
 }
 
@@ -110,6 +110,17 @@ impl TestRunner {
         tenant: &str,
         name: &str,
     ) -> Option<Self> {
+        Self::start_with_env(ca, cert, tenant, name, &[]).await
+    }
+
+    /// Like [`TestRunner::start`], with extra environment (e.g. an OTLP endpoint).
+    pub async fn start_with_env(
+        ca: &Path,
+        cert: &(PathBuf, PathBuf),
+        tenant: &str,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> Option<Self> {
         let binary = runner_binary()?;
         let dir = tempfile::tempdir().unwrap();
         let work_root = tempfile::tempdir().unwrap();
@@ -132,6 +143,7 @@ impl TestRunner {
                 .arg("--config")
                 .arg(&config)
                 .env("RUST_LOG", "debug")
+                .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap())
                 .spawn()
@@ -146,7 +158,7 @@ impl TestRunner {
                     url: format!("https://127.0.0.1:{port}"),
                     log,
                     work_root,
-                    _process: process,
+                    process,
                     _dir: dir,
                 });
             }
@@ -156,6 +168,11 @@ impl TestRunner {
             "the runner did not start: {}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
+    }
+
+    /// Stops the runner with SIGTERM (it flushes its telemetry) and waits for it.
+    pub fn stop(self, within: Duration) -> std::process::ExitStatus {
+        self.process.terminate(within)
     }
 
     pub fn log(&self) -> String {

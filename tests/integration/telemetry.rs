@@ -101,8 +101,8 @@ async fn call(client: &crate::mcp_clients::Client, tool: &'static str, args: Val
 
 async fn one_trace_per_grant(backend: Backend) {
     let (endpoint, spans) = receiver().await;
-    let env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), endpoint)];
-    let telemetry = custodian::telemetry::Telemetry::from_env(&env).unwrap();
+    let env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), endpoint.clone())];
+    let telemetry = custodian::telemetry::Telemetry::from_env(&env, "custodian").unwrap();
     let subscriber = tracing_subscriber::registry()
         .with(tracing_subscriber::EnvFilter::new("info"))
         .with(telemetry.layer());
@@ -179,7 +179,9 @@ async fn one_trace_per_grant(backend: Backend) {
     client.cancel().await.unwrap();
     t.stop().await;
     telemetry.shutdown();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The runner flushes its spans when it stops (SIGTERM).
+    runner.stop(Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let spans = spans.lock().unwrap().clone();
     let of_grant: Vec<&ReceivedSpan> = spans
@@ -259,5 +261,4 @@ async fn one_trace_per_grant(backend: Backend) {
             "a secret was exported in a span"
         );
     }
-    drop(runner);
 }

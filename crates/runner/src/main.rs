@@ -44,13 +44,25 @@ async fn cli(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
             Ok(())
         }
         ["--config", path] => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
+            use tracing_subscriber::layer::SubscriberExt;
+            use tracing_subscriber::util::SubscriberInitExt;
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            let telemetry = custodian_telemetry::Telemetry::from_env(&env, "custodian-runner")
+                .unwrap_or_else(|e| {
+                    eprintln!("warning: trace export is off: {e:#}");
+                    custodian_telemetry::Telemetry::default()
+                });
+            tracing_subscriber::registry()
+                .with(
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| "info".into()),
                 )
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with(telemetry.layer())
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+                )
                 .init();
             let config =
                 custodian_runner::config::RunnerConfig::from_toml(&std::fs::read_to_string(path)?)?;
@@ -75,7 +87,9 @@ async fn cli(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
                     }
                 });
             }
-            custodian_runner::run(config, listener, helper, shutdown).await
+            let served = custodian_runner::run(config, listener, helper, shutdown).await;
+            telemetry.shutdown();
+            served
         }
         _ => anyhow::bail!("usage: custodian-runner --config FILE | custodian-runner check"),
     }

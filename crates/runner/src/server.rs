@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use zeroize::Zeroizing;
 
 use crate::config::RunnerConfig;
@@ -135,7 +136,26 @@ async fn handle(
     }
     let grant = exec.grant_id.clone();
     tracing::info!(grant.id = %grant, argv0 = ?exec.argv.first(), secrets = exec.secrets.len(), "exec");
-    match crate::exec::run(&runner.helper, &runner.config.work_root, exec).await {
+    // Joins the gateway's `grant.exec` span, and so the grant's trace.
+    let span = tracing::info_span!(
+        parent: None,
+        "runner.exec",
+        custodian.tenant = %exec.tenant,
+        custodian.grant.id = %grant,
+        custodian.runner = %runner.config.identity(),
+        custodian.exit_code = tracing::field::Empty,
+        custodian.duration_ms = tracing::field::Empty,
+    );
+    custodian_telemetry::attach(&span, exec.traceparent.as_deref());
+    let outcome = crate::exec::run(&runner.helper, &runner.config.work_root, exec)
+        .instrument(span.clone())
+        .await;
+    if let Ok(response) = &outcome {
+        span.record("custodian.exit_code", response.exit_code.unwrap_or(-1));
+        span.record("custodian.duration_ms", response.duration_ms);
+    }
+    drop(span);
+    match outcome {
         Ok(response) => {
             tracing::info!(grant.id = %grant, exit_code = ?response.exit_code, duration_ms = response.duration_ms, redactions = ?response.redactions, "exec finished");
             Ok(json(StatusCode::OK, &response))
