@@ -7,8 +7,11 @@
 //! 3. full: `tools/call run {argv: ["true"]}` through the gateway (MCP, auth, grant use, secrets,
 //!    mTLS dispatch to a runner, redaction twice, timeline event).
 //!
+//! and, for the audit log and tracing, the grant-use transaction with and without its audit record,
+//! and the full run again with OTLP trace export on.
+//!
 //! `cargo bench --bench run_overhead [-- --calls N]` prints p50/p99 and the extra milliseconds over
-//! the baseline. Budgets: sandbox spawn ≤ 5 ms p50 over fork/exec; gateway overhead ≤ 1 ms p50.
+//! the baselines. Budgets: sandbox spawn ≤ 5 ms p50 over fork/exec; gateway overhead ≤ 1 ms p50.
 
 mod common;
 use common::arg;
@@ -190,8 +193,64 @@ fn main() {
         })
         .await;
 
+        // The audit record's share: the grant-use transaction with its audit record, against the
+        // same UPDATE in a transaction of its own.
+        let exec_detail = serde_json::json!({"runner": "r1", "argv": "true"});
+        let with_audit = time(calls, || async {
+            let taken = custodian::grants::store::consume_use(&app.db, &app.audit_key, &tenant, grant.as_str(), &token.id, &exec_detail, app.clock.now_ms())
+                .await
+                .expect("use");
+            assert!(taken);
+        })
+        .await;
+        let without_audit = time(calls, || async {
+            let mut tx = app.db.pool().begin().await.expect("tx");
+            sqlx::query("UPDATE grants SET uses = uses + 1 WHERE tenant_id = $1 AND id = $2 AND state = 'active' AND uses < max_uses")
+                .bind(tenant.as_str())
+                .bind(grant.as_str())
+                .execute(&mut *tx)
+                .await
+                .expect("update");
+            tx.commit().await.expect("commit");
+        })
+        .await;
+
+        // Tracing's share: the same run with spans exported over OTLP/HTTP to a local endpoint.
+        let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let sink_addr = sink.local_addr().expect("addr");
+        let router = axum::Router::new().route("/v1/traces", axum::routing::post(|| async { "" }));
+        tokio::spawn(async move { axum::serve(sink, router).await });
+        let telemetry = custodian::telemetry::Telemetry::from_env(
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), format!("http://{sink_addr}"))],
+            "custodian-bench",
+        )
+        .expect("telemetry");
+        {
+            use tracing_subscriber::layer::SubscriberExt;
+            let subscriber = tracing_subscriber::registry()
+                .with(tracing_subscriber::EnvFilter::new("info"))
+                .with(telemetry.layer());
+            tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
+        }
+        let traced = time(calls, || async {
+            let result = client
+                .call_tool(CallToolRequestParams::new("run").with_arguments(args.as_object().expect("object").clone()))
+                .await
+                .expect("run");
+            assert_eq!(result.is_error, Some(false));
+        })
+        .await;
+        telemetry.shutdown();
+
         println!("`true` over loopback, {calls} calls each (p50 / p99, ms)");
-        for (name, (p50, p99)) in [("spawn `true` directly", baseline), ("runner sandbox exec", sandbox), ("gateway tools/call run", full)] {
+        for (name, (p50, p99)) in [
+            ("spawn `true` directly", baseline),
+            ("runner sandbox exec", sandbox),
+            ("gateway tools/call run", full),
+            ("  … with OTLP trace export", traced),
+            ("grant use + audit record", with_audit),
+            ("grant use alone", without_audit),
+        ] {
             println!("{name:<28} {p50:>8.2} {p99:>8.2}");
         }
         println!(
@@ -200,6 +259,13 @@ fn main() {
             full.0 - sandbox.0,
             full.0 - baseline.0,
             full.0 / baseline.0
+        );
+        println!(
+            "audit record per run: p50 {:+.2} ms ({:.2}x the bare use); trace export per run: p50 {:+.2} ms ({:.2}x the untraced run)",
+            with_audit.0 - without_audit.0,
+            with_audit.0 / without_audit.0,
+            traced.0 - full.0,
+            traced.0 / full.0
         );
         client.cancel().await.ok();
         stop.cancel();
