@@ -44,6 +44,8 @@ pub struct App {
     pub dispatcher: Dispatcher,
     /// MACs the audit chain (a dedicated key, or one derived from the master key).
     pub audit_key: AuditKey,
+    /// OTLP metrics (recording into nothing unless export is configured).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl App {
@@ -71,6 +73,7 @@ impl App {
         };
         Self {
             audit_key,
+            metrics: crate::metrics::Metrics::default(),
             dispatcher,
             config,
             db,

@@ -12,6 +12,7 @@ pub mod grants;
 pub mod http;
 pub mod keys;
 pub mod mcp;
+pub mod metrics;
 pub mod oidc;
 pub mod pki;
 pub mod runners;

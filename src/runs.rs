@@ -175,6 +175,10 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
     for secret in &mut request.secrets {
         secret.value.zeroize();
     }
+    if sent.is_err() {
+        app.metrics
+            .runner_error(caller.tenant.as_str(), &runner.name);
+    }
     let response = sent?;
 
     // Defence in depth: redact again with the same secrets.
@@ -183,6 +187,15 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
     let mut redactions = response.redactions;
     for (name, n) in out_counts.into_iter().chain(err_counts) {
         *redactions.entry(name).or_default() += n;
+    }
+    app.metrics.exec(
+        caller.tenant.as_str(),
+        &env.name,
+        response.duration_ms as f64,
+        response.exit_code,
+    );
+    for (name, count) in &redactions {
+        app.metrics.redacted(caller.tenant.as_str(), name, *count);
     }
     span.record("custodian.exit_code", response.exit_code.unwrap_or(-1));
     span.record("custodian.duration_ms", response.duration_ms);

@@ -82,7 +82,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let config = Config::from_toml(&toml, std::iter::empty())?;
     let telemetry = super::init_logging(&config.log);
     let grace = config.server.shutdown_grace;
-    let app = Arc::new(App::from_config(config, std::env::vars()).await?);
+    let mut app = App::from_config(config, std::env::vars()).await?;
+    app.metrics = crate::metrics::Metrics::new(&telemetry.meter("custodian"));
+    let app = Arc::new(app);
     let idp = DevIdp::start(
         DevModeOnly::assert_dev_mode(),
         SocketAddr::from(([127, 0, 0, 1], 0)),

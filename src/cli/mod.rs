@@ -77,7 +77,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(arg) => {
             let config = load_config(&arg)?;
             let telemetry = init_logging(&config.log);
-            let served = serve(config).await;
+            let served = serve(config, &telemetry).await;
             telemetry.shutdown();
             served
         }
@@ -129,9 +129,11 @@ pub(crate) fn init_logging(log: &LogConfig) -> crate::telemetry::Telemetry {
 }
 
 /// Serves until SIGTERM/Ctrl-C, then shuts down gracefully.
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, telemetry: &crate::telemetry::Telemetry) -> anyhow::Result<()> {
     let grace = config.server.shutdown_grace;
-    let app = Arc::new(App::from_config(config, std::env::vars()).await?);
+    let mut app = App::from_config(config, std::env::vars()).await?;
+    app.metrics = crate::metrics::Metrics::new(&telemetry.meter("custodian"));
+    let app = Arc::new(app);
     let server = Server::start(app.clone()).await?;
     tracing::info!(
         listen = %server.local_addr,

@@ -541,6 +541,7 @@ pub async fn request(
     )
     .await?;
     app.poke_poller();
+    app.metrics.grant(caller.tenant.as_str(), "requested");
     tracing::info!(grant.id = id.as_str(), environment = %env.name, "grant requested");
     let approval_url = approval_url(app, &id);
     let message = format!(
@@ -698,6 +699,7 @@ pub async fn consume(
         if now.state == GrantState::Exhausted {
             app.grant_changed.notify_waiters();
             drop(grant_span!("grant.exhausted", &now));
+            app.metrics.grant(&now.tenant_id, "exhausted");
         }
         return Ok(now);
     }
@@ -765,6 +767,7 @@ async fn end_by(app: &App, grant: Grant, reason: &str) -> Result<GrantStatus, Gr
     }
     app.grant_changed.notify_waiters();
     drop(grant_span!("grant.revoked", &now, custodian.reason = %reason));
+    app.metrics.grant(&now.tenant_id, "revoked");
     tracing::info!(tenant.id = %tenant, grant.id = %now.id, "grant revoked");
     Ok(GrantStatus::of(&now))
 }

@@ -181,6 +181,9 @@ async fn poll_one(app: &App, tenant: &str, id: &str) -> Result<(), super::Intern
                     .await?
                     {
                         let who = approver.name.as_deref().unwrap_or(&approver.subject);
+                        app.metrics.grant(tenant, "approved");
+                        app.metrics
+                            .approved_after(tenant, (app.clock.now() - grant.created_at) as f64);
                         drop(grant_span!(
                             "grant.approved",
                             &grant,
@@ -230,6 +233,7 @@ async fn finish(
     if ended {
         tracing::info!(tenant.id = %tenant, grant.id = %id, state = to.as_str(), reason = %reason, "grant ended while pending");
         app.grant_changed.notify_waiters();
+        app.metrics.grant(&grant.tenant_id, to.as_str());
         let span = match to {
             GrantState::Denied => grant_span!("grant.denied", grant, custodian.reason = %reason),
             _ => grant_span!("grant.expired", grant, custodian.reason = %reason),

@@ -113,6 +113,7 @@ pub struct TestAppBuilder {
     backend: Backend,
     database: Option<Arc<TestDb>>,
     extra_toml: String,
+    metrics: Option<custodian::metrics::Metrics>,
 }
 
 impl TestApp {
@@ -121,6 +122,7 @@ impl TestApp {
             backend,
             database: None,
             extra_toml: String::new(),
+            metrics: None,
         }
     }
 
@@ -290,6 +292,12 @@ impl TestApp {
 }
 
 impl TestAppBuilder {
+    /// Records metrics with these instruments.
+    pub fn metrics(mut self, metrics: custodian::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// Configures mTLS towards runners.
     pub fn runner_tls(
         mut self,
@@ -330,12 +338,16 @@ impl TestAppBuilder {
         let database = Db::connect(&config.database.url, 5).await.expect("connect");
         // Several gateways may share one database; migrating is idempotent.
         database.migrate().await.expect("migrate");
-        let app = Arc::new(App::new(
+        let mut app = App::new(
             config,
             database,
             clock.clone(),
             MasterKey::from_base64(&db.master_key).expect("test key"),
-        ));
+        );
+        if let Some(metrics) = self.metrics {
+            app.metrics = metrics;
+        }
+        let app = Arc::new(app);
         let server = Server::start_on(app.clone(), listener).expect("start server");
         Some(TestApp {
             app,

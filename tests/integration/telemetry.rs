@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use prost::Message;
@@ -27,55 +28,82 @@ struct ReceivedSpan {
     attributes: BTreeMap<String, String>,
 }
 
-/// An OTLP/HTTP trace endpoint that decodes what it receives.
-async fn receiver() -> (String, Arc<Mutex<Vec<ReceivedSpan>>>) {
+type Metrics = Arc<Mutex<Vec<String>>>;
+
+/// An OTLP/HTTP endpoint that decodes the traces and metrics it receives.
+async fn receiver() -> (String, Arc<Mutex<Vec<ReceivedSpan>>>, Metrics) {
     let spans = Arc::new(Mutex::new(Vec::new()));
+    let metrics: Metrics = Arc::new(Mutex::new(Vec::new()));
     let sink = spans.clone();
-    let app = axum::Router::new().route(
-        "/v1/traces",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let sink = sink.clone();
-            async move {
-                let request = ExportTraceServiceRequest::decode(body).expect("valid OTLP protobuf");
-                for resource in request.resource_spans {
-                    for scope in resource.scope_spans {
-                        for span in scope.spans {
-                            let attributes = span
-                                .attributes
-                                .iter()
-                                .map(|kv| {
-                                    let value =
-                                        match kv.value.as_ref().and_then(|v| v.value.clone()) {
-                                            Some(AnyValue::StringValue(s)) => s,
-                                            Some(AnyValue::IntValue(i)) => i.to_string(),
-                                            Some(AnyValue::BoolValue(b)) => b.to_string(),
-                                            Some(AnyValue::DoubleValue(d)) => d.to_string(),
-                                            other => format!("{other:?}"),
-                                        };
-                                    (kv.key.clone(), value)
-                                })
-                                .collect();
-                            sink.lock().unwrap().push(ReceivedSpan {
-                                name: span.name,
-                                trace_id: hex::encode(&span.trace_id),
-                                span_id: hex::encode(&span.span_id),
-                                parent_span_id: hex::encode(&span.parent_span_id),
-                                attributes,
-                            });
+    let metric_sink = metrics.clone();
+    let app = axum::Router::new()
+        .route(
+            "/v1/metrics",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let sink = metric_sink.clone();
+                async move {
+                    let request =
+                        ExportMetricsServiceRequest::decode(body).expect("valid OTLP protobuf");
+                    for resource in request.resource_metrics {
+                        for scope in resource.scope_metrics {
+                            sink.lock()
+                                .unwrap()
+                                .extend(scope.metrics.into_iter().map(|m| m.name));
                         }
                     }
+                    (
+                        [("content-type", "application/x-protobuf")],
+                        Vec::<u8>::new(),
+                    )
                 }
-                (
-                    [("content-type", "application/x-protobuf")],
-                    Vec::<u8>::new(),
-                )
-            }
-        }),
-    );
+            }),
+        )
+        .route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    let request =
+                        ExportTraceServiceRequest::decode(body).expect("valid OTLP protobuf");
+                    for resource in request.resource_spans {
+                        for scope in resource.scope_spans {
+                            for span in scope.spans {
+                                let attributes = span
+                                    .attributes
+                                    .iter()
+                                    .map(|kv| {
+                                        let value =
+                                            match kv.value.as_ref().and_then(|v| v.value.clone()) {
+                                                Some(AnyValue::StringValue(s)) => s,
+                                                Some(AnyValue::IntValue(i)) => i.to_string(),
+                                                Some(AnyValue::BoolValue(b)) => b.to_string(),
+                                                Some(AnyValue::DoubleValue(d)) => d.to_string(),
+                                                other => format!("{other:?}"),
+                                            };
+                                        (kv.key.clone(), value)
+                                    })
+                                    .collect();
+                                sink.lock().unwrap().push(ReceivedSpan {
+                                    name: span.name,
+                                    trace_id: hex::encode(&span.trace_id),
+                                    span_id: hex::encode(&span.span_id),
+                                    parent_span_id: hex::encode(&span.parent_span_id),
+                                    attributes,
+                                });
+                            }
+                        }
+                    }
+                    (
+                        [("content-type", "application/x-protobuf")],
+                        Vec::<u8>::new(),
+                    )
+                }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}"), spans)
+    (format!("http://{addr}"), spans, metrics)
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -100,7 +128,7 @@ async fn call(client: &crate::mcp_clients::Client, tool: &'static str, args: Val
 }
 
 async fn one_trace_per_grant(backend: Backend) {
-    let (endpoint, spans) = receiver().await;
+    let (endpoint, spans, metrics) = receiver().await;
     let env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), endpoint.clone())];
     let telemetry = custodian::telemetry::Telemetry::from_env(&env, "custodian").unwrap();
     let subscriber = tracing_subscriber::registry()
@@ -114,8 +142,10 @@ async fn one_trace_per_grant(backend: Backend) {
     };
     let pki = Pki::new();
     let (cert, key) = pki.gateway();
+    let instruments = custodian::metrics::Metrics::new(&telemetry.meter("custodian"));
     let Some(t) = TestApp::builder(backend)
         .runner_tls(&pki.ca(), &cert, &key)
+        .metrics(instruments)
         .start()
         .await
     else {
@@ -250,6 +280,20 @@ async fn one_trace_per_grant(backend: Backend) {
         "spiffe://custodian.local/tenant/acme/runner/r1"
     );
     assert!(exec.attributes["custodian.redactions"].contains("\"API_KEY\":1"));
+
+    // Metrics went out over OTLP too.
+    let names = metrics.lock().unwrap().clone();
+    for expected in [
+        "custodian.grants",
+        "custodian.grant.approval_latency",
+        "custodian.exec.duration",
+        "custodian.redactions",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
 
     // Nothing secret anywhere in what was exported.
     let everything = format!("{spans:?}");

@@ -11,19 +11,23 @@
 //! whenever and on whichever replica it happens. Span attributes never hold secret values, tokens,
 //! device codes or command output.
 
+use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// The configured tracer provider, if export is on; flushes on [`Telemetry::shutdown`].
+/// The configured tracer and meter providers, if export is on; flushes on
+/// [`Telemetry::shutdown`].
 #[derive(Debug, Default)]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    meters: Option<SdkMeterProvider>,
 }
 
 impl Telemetry {
@@ -31,14 +35,15 @@ impl Telemetry {
     /// `service` names the service unless `OTEL_SERVICE_NAME` does.
     pub fn from_env(env: &[(String, String)], service: &'static str) -> anyhow::Result<Self> {
         let get = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-        let endpoint = match (
-            get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
-            get("OTEL_EXPORTER_OTLP_ENDPOINT"),
-        ) {
+        let base = get("OTEL_EXPORTER_OTLP_ENDPOINT").map(|b| b.trim_end_matches('/').to_owned());
+        let endpoint = match (get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), &base) {
             (Some(traces), _) => traces.to_owned(),
-            (None, Some(base)) => format!("{}/v1/traces", base.trim_end_matches('/')),
+            (None, Some(base)) => format!("{base}/v1/traces"),
             (None, None) => return Ok(Self::default()),
         };
+        let metrics_endpoint = get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+            .map(str::to_owned)
+            .or_else(|| base.as_ref().map(|b| format!("{b}/v1/metrics")));
         if let Some(protocol) = get("OTEL_EXPORTER_OTLP_PROTOCOL")
             && protocol != "http/protobuf"
         {
@@ -59,12 +64,29 @@ impl Telemetry {
         if get("OTEL_SERVICE_NAME").is_none() {
             resource = resource.with_service_name(service);
         }
+        let resource = resource.build();
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
-            .with_resource(resource.build())
+            .with_resource(resource.clone())
             .build();
+        let meters = match metrics_endpoint {
+            Some(endpoint) => {
+                let exporter = opentelemetry_otlp::MetricExporter::builder()
+                    .with_http()
+                    .with_endpoint(endpoint)
+                    .build()?;
+                Some(
+                    SdkMeterProvider::builder()
+                        .with_periodic_exporter(exporter)
+                        .with_resource(resource)
+                        .build(),
+                )
+            }
+            None => None,
+        };
         Ok(Self {
             provider: Some(provider),
+            meters,
         })
     }
 
@@ -78,12 +100,25 @@ impl Telemetry {
             .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("custodian")))
     }
 
+    /// A meter for the service's metrics (recording into nothing when export is off).
+    pub fn meter(&self, name: &'static str) -> opentelemetry::metrics::Meter {
+        match &self.meters {
+            Some(meters) => meters.meter(name),
+            None => SdkMeterProvider::default().meter(name),
+        }
+    }
+
     /// Sends what is buffered and stops exporting.
     pub fn shutdown(&self) {
         if let Some(provider) = &self.provider
             && let Err(e) = provider.shutdown()
         {
-            tracing::warn!(error = %e, "flushing telemetry failed");
+            tracing::warn!(error = %e, "flushing traces failed");
+        }
+        if let Some(meters) = &self.meters
+            && let Err(e) = meters.shutdown()
+        {
+            tracing::warn!(error = %e, "flushing metrics failed");
         }
     }
 }
