@@ -122,7 +122,9 @@ fn unknown_keys_and_wrong_types_name_their_section() {
 #[test]
 fn every_shipped_config_is_valid() {
     for name in ["dev.toml", "single-node.toml", "production.toml"] {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config").join(name);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config")
+            .join(name);
         let text = std::fs::read_to_string(&path).unwrap();
         let config = Config::from_toml(&text, env(&[]));
         assert!(config.is_ok(), "{name}: {}", config.unwrap_err());
