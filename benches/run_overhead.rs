@@ -185,11 +185,7 @@ fn main() {
         .await;
         let args = serde_json::json!({"grant_id": grant.as_str(), "argv": ["true"]});
         let full = time(calls, || async {
-            let result = client
-                .call_tool(CallToolRequestParams::new("run").with_arguments(args.as_object().expect("object").clone()))
-                .await
-                .expect("run");
-            assert_eq!(result.is_error, Some(false));
+            run_true(&client, &args).await;
         })
         .await;
 
@@ -233,11 +229,7 @@ fn main() {
             tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
         }
         let traced = time(calls, || async {
-            let result = client
-                .call_tool(CallToolRequestParams::new("run").with_arguments(args.as_object().expect("object").clone()))
-                .await
-                .expect("run");
-            assert_eq!(result.is_error, Some(false));
+            run_true(&client, &args).await;
         })
         .await;
         telemetry.shutdown();
@@ -271,4 +263,19 @@ fn main() {
         stop.cancel();
         server.shutdown(Duration::from_secs(5)).await.expect("shutdown");
     });
+}
+
+/// One `tools/call run` that must succeed.
+async fn run_true(
+    client: &rmcp::service::RunningService<rmcp::RoleClient, ClientConfig>,
+    args: &serde_json::Value,
+) {
+    let result = client
+        .call_tool(
+            CallToolRequestParams::new("run")
+                .with_arguments(args.as_object().expect("object").clone()),
+        )
+        .await
+        .expect("run");
+    assert_eq!(result.is_error, Some(false));
 }

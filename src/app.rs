@@ -63,14 +63,9 @@ impl App {
             _ => None,
         };
         let dispatcher = Dispatcher::new(runners.trust_domain.clone(), material);
-        let audit_key = match &config.secrets.audit_key_file {
-            Some(file) => AuditKey::load(file).unwrap_or_else(|e| {
-                // Validated at start-up by from_config; a test App falls back to the derived key.
-                tracing::error!(error = %e, "audit key unusable; using the key derived from the master key");
-                AuditKey::derived_from(&master_key)
-            }),
-            None => AuditKey::derived_from(&master_key),
-        };
+        // The key derived from the master key; `from_config` replaces it with a dedicated one when
+        // `secrets.audit_key_file` is set.
+        let audit_key = AuditKey::derived_from(&master_key);
         Self {
             audit_key,
             metrics: crate::metrics::Metrics::default(),
@@ -99,14 +94,19 @@ impl App {
             &config.secrets.master_key_env,
             env,
         )?;
-        if let Some(file) = &config.secrets.audit_key_file {
-            AuditKey::load(file).context("loading the audit key")?;
-        }
+        let audit_key = match &config.secrets.audit_key_file {
+            Some(file) => Some(AuditKey::load(file).context("loading the audit key")?),
+            None => None,
+        };
         let db = Db::connect(&config.database.url, config.database.max_connections)
             .await
             .context("connecting to the database")?;
         db.migrate().await.context("migrating the database")?;
-        Ok(Self::new(config, db, Arc::new(SystemClock), master_key))
+        let mut app = Self::new(config, db, Arc::new(SystemClock), master_key);
+        if let Some(key) = audit_key {
+            app.audit_key = key;
+        }
+        Ok(app)
     }
 
     /// Wakes the poller for new pending work.
