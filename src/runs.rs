@@ -1,11 +1,24 @@
 //! `run`: one command under a grant, on a runner of the environment's pool.
 //!
-//! Order, each step refusing before the next: arguments → one use of the caller's active grant
-//! (atomic) → a runner of the pool → secrets opened into zeroizing memory → one exec over mTLS →
-//! the output redacted again here (defence in depth) → an event on the grant's timeline.
+//! Order, each step refusing before the next: arguments → the caller's grant is active → a runner
+//! of the pool → one use of the grant (atomic, with its audit record) → secrets opened into
+//! zeroizing memory → one exec over mTLS → the output redacted again here (defence in depth) → the
+//! outcome on the grant's timeline.
+//!
+//! Guarantees:
+//! - A run never outlives its grant: its timeout is at most the grant's remaining time, and while
+//!   it runs this replica watches the grant; a revocation (on any replica: it is read from the
+//!   database) or the expiry cancels it on the runner, and the result says `cancelled`.
+//! - A dispatch that fails writes `exec.failed` with its reason; when the command certainly never
+//!   started, the use is given back. The agent gets a generic message with the exec id as a
+//!   correlation id; the details go to the audit log, the span and the log.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+use crate::clock::UnixSeconds;
+use crate::grants::GrantState;
+use crate::tenants::TenantId;
 
 use custodian_protocol::{ExecRequest, SecretEnv};
 use custodian_redact::Redactor;
@@ -54,6 +67,8 @@ pub struct RunResult {
     pub truncated: bool,
     /// Whether the command was killed for running past its timeout.
     pub timed_out: bool,
+    /// Whether the command was stopped because its grant was revoked or ran out of time.
+    pub cancelled: bool,
     pub duration_ms: u64,
     /// Runs left on the grant.
     pub uses_left: i64,
@@ -70,8 +85,11 @@ pub enum RunError {
     Grant(#[from] GrantError),
     #[error("no runner is registered for pool `{0}` of this environment; ask a Custodian admin")]
     NoRunner(String),
-    #[error(transparent)]
-    Dispatch(#[from] DispatchError),
+    #[error(
+        "the command could not be run (exec {exec_id}); {}; a Custodian admin can look the exec id up in the audit log",
+        if *.given_back { "no use of the grant was spent" } else { "it may have started, so its use is spent" }
+    )]
+    RunnerFailed { exec_id: String, given_back: bool },
     #[error("the environment's secrets cannot be opened")]
     Secrets(#[source] SecretError),
 }
@@ -113,8 +131,21 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
             format!("must be between 1 and {max}, got {timeout}"),
         ));
     }
-    // Where it would run, before a use is spent.
+    // A grant that is not active is refused for what it is, before any runner is looked up.
     let seen = grants::status(app, caller, &args.grant_id).await?;
+    if seen.state != GrantState::Active {
+        return Err(grants::consume(app, caller, &args.grant_id, &serde_json::Value::Null)
+            .await
+            .err()
+            .unwrap_or_else(|| {
+                GrantError::NotUsable {
+                    id: seen.grant_id.clone(),
+                    state: seen.state.as_str(),
+                    hint: "request a new grant",
+                }
+            })
+            .into());
+    }
     let env = environments::get(&app.db, &caller.tenant, &seen.environment)
         .await
         .map_err(GrantError::from)?
@@ -128,14 +159,20 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
     // Written with the use, in one transaction, before anything is decrypted or sent.
     let runner =
         pool[usize::try_from(seen.max_uses - seen.uses_left).unwrap_or(0) % pool.len()].clone();
+    let exec_id = uuid::Uuid::new_v4().to_string();
     let shown: String = argv.join(" ").chars().take(2000).collect();
     let audited = serde_json::json!({
+        "exec_id": exec_id,
         "runner": runner.name,
         "agent": caller.token_name,
         "argv": shown,
         "timeout_seconds": timeout,
     });
     let grant = grants::consume(app, caller, &args.grant_id, &audited).await?;
+    // Never past the grant's end.
+    let left_ms = grant.expires_at * 1000 - app.clock.now_ms();
+    let timeout_ms = (timeout * 1000).min(u64::try_from(left_ms).unwrap_or(0).max(1));
+    let bounded_by_grant = timeout_ms < timeout * 1000;
     let opened = secrets::load_for_run(&app.db, &app.master_key, &caller.tenant, &env.name)
         .await
         .map_err(RunError::Secrets)?;
@@ -144,18 +181,22 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
     let span = crate::grants::grant_span!(
         "grant.exec",
         &grant,
+        custodian.exec.id = %exec_id,
         custodian.runner = %app.dispatcher.identity_of(&runner),
         custodian.argv = %shown,
         custodian.exit_code = tracing::field::Empty,
         custodian.duration_ms = tracing::field::Empty,
         custodian.redactions = tracing::field::Empty,
+        custodian.cancelled = tracing::field::Empty,
+        custodian.error = tracing::field::Empty,
     );
     let mut request = ExecRequest {
+        exec_id: exec_id.clone(),
         grant_id: grant.id.clone(),
         tenant: caller.tenant.as_str().to_owned(),
         argv,
         stdin: args.stdin,
-        timeout_ms: timeout * 1000,
+        timeout_ms,
         max_output_bytes: app.config.runners.max_output_bytes,
         secrets: opened
             .iter()
@@ -167,19 +208,39 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
         traceparent: crate::telemetry::traceparent(&span),
     };
     drop(opened);
-    let sent = app
-        .dispatcher
-        .exec(&runner, &request, Duration::from_secs(timeout + 10))
-        .instrument(span.clone())
-        .await;
+    let tenant = caller.tenant.clone();
+    let sent = {
+        let exec = app
+            .dispatcher
+            .exec(&runner, &request, Duration::from_millis(timeout_ms + 10_000))
+            .instrument(span.clone());
+        tokio::pin!(exec);
+        let watch = grant_ends(app, &tenant, &grant.id, grant.expires_at);
+        tokio::pin!(watch);
+        tokio::select! {
+            sent = &mut exec => sent,
+            reason = &mut watch => {
+                tracing::info!(exec.id = %exec_id, reason, "cancelling a run: its grant ended");
+                if let Err(e) = app.dispatcher.cancel(&runner, &exec_id).await {
+                    tracing::warn!(exec.id = %exec_id, error = %e, "cancelling a run failed; it ends at its timeout");
+                }
+                exec.await
+            }
+        }
+    };
     for secret in &mut request.secrets {
         secret.value.zeroize();
     }
-    if sent.is_err() {
-        app.metrics
-            .runner_error(caller.tenant.as_str(), &runner.name);
-    }
-    let response = sent?;
+    let response = match sent {
+        Ok(response) => response,
+        Err(error) => {
+            app.metrics
+                .runner_error(caller.tenant.as_str(), &runner.name);
+            span.record("custodian.error", tracing::field::display(&error));
+            drop(span);
+            return Err(dispatch_failed(app, &tenant, &grant.id, &exec_id, &runner.name, &error).await);
+        }
+    };
 
     // Defence in depth: redact again with the same secrets.
     let (stdout, out_counts) = redactor.redact(response.stdout.as_bytes());
@@ -188,6 +249,9 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
     for (name, n) in out_counts.into_iter().chain(err_counts) {
         *redactions.entry(name).or_default() += n;
     }
+    // A run stopped at its grant's end is cancelled, not merely timed out.
+    let cancelled = response.cancelled || (bounded_by_grant && response.timed_out);
+    let timed_out = response.timed_out && !cancelled;
     app.metrics.exec(
         caller.tenant.as_str(),
         &env.name,
@@ -199,16 +263,19 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
     }
     span.record("custodian.exit_code", response.exit_code.unwrap_or(-1));
     span.record("custodian.duration_ms", response.duration_ms);
+    span.record("custodian.cancelled", cancelled);
     span.record(
         "custodian.redactions",
         tracing::field::display(serde_json::to_string(&redactions).unwrap_or_default()),
     );
     drop(span);
     let detail = serde_json::json!({
+        "exec_id": exec_id,
         "runner": runner.name,
         "exit_code": response.exit_code,
         "signal": response.signal,
-        "timed_out": response.timed_out,
+        "timed_out": timed_out,
+        "cancelled": cancelled,
         "duration_ms": response.duration_ms,
         "redactions": redactions,
     });
@@ -226,7 +293,7 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
         // The exec itself was recorded before it ran; losing its outcome is logged, not hidden.
         tracing::error!(error = %e, "recording the outcome of an exec failed");
     }
-    tracing::info!(runner.id = %runner.name, exit_code = ?response.exit_code, duration_ms = response.duration_ms, "run finished");
+    tracing::info!(exec.id = %exec_id, runner.id = %runner.name, exit_code = ?response.exit_code, duration_ms = response.duration_ms, cancelled, "run finished");
     Ok(RunResult {
         exit_code: response.exit_code,
         signal: response.signal,
@@ -234,8 +301,78 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
         redactions,
         truncated: response.truncated,
-        timed_out: response.timed_out,
+        timed_out,
+        cancelled,
         duration_ms: response.duration_ms,
         uses_left: (grant.max_uses - grant.uses).max(0),
     })
+}
+
+/// Resolves when the grant is revoked or expires (the reason), as seen from the database, so a
+/// revocation on any replica is noticed within half a second. Exhaustion does not end runs that
+/// already took their use.
+async fn grant_ends(
+    app: &App,
+    tenant: &TenantId,
+    id: &str,
+    expires_at: UnixSeconds,
+) -> &'static str {
+    loop {
+        let left = Duration::from_millis(u64::try_from(expires_at * 1000 - app.clock.now_ms()).unwrap_or(0));
+        if left.is_zero() {
+            return "expired";
+        }
+        tokio::select! {
+            () = tokio::time::sleep(left.min(Duration::from_millis(500))) => {},
+            () = app.grant_changed.notified() => {},
+        }
+        match grants::store::get(&app.db, tenant, id).await {
+            Ok(Some(grant)) if grant.state == GrantState::Revoked => return "revoked",
+            Ok(Some(grant)) if grant.state == GrantState::Expired => return "expired",
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reading a grant to watch its run failed"),
+        }
+    }
+}
+
+/// Records a failed dispatch (`exec.failed`, giving the use back when nothing ran) and turns it
+/// into what the agent sees: a generic message and the exec id.
+async fn dispatch_failed(
+    app: &App,
+    tenant: &TenantId,
+    grant_id: &str,
+    exec_id: &str,
+    runner: &str,
+    error: &DispatchError,
+) -> RunError {
+    tracing::warn!(exec.id = %exec_id, runner.id = %runner, error = %error, "dispatch to a runner failed");
+    let detail = serde_json::json!({
+        "exec_id": exec_id,
+        "runner": runner,
+        "reason": error.to_string(),
+    });
+    let given_back = match grants::store::exec_failed(
+        &app.db,
+        &app.audit_key,
+        tenant,
+        grant_id,
+        &detail,
+        error.nothing_ran(),
+        app.clock.now_ms(),
+    )
+    .await
+    {
+        Ok(given_back) => given_back,
+        Err(e) => {
+            tracing::error!(exec.id = %exec_id, error = %e, "recording a failed exec failed");
+            false
+        }
+    };
+    if given_back {
+        app.grant_changed.notify_waiters();
+    }
+    RunError::RunnerFailed {
+        exec_id: exec_id.to_owned(),
+        given_back,
+    }
 }

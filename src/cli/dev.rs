@@ -28,6 +28,10 @@ pub struct DevArgs {
     /// Loopback address to listen on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Run the local runner's commands WITHOUT namespaces (no bubblewrap, or no user namespaces
+    /// here): a command can then read this data directory, i.e. every secret. Never with real ones.
+    #[arg(long)]
+    dangerously_run_without_isolation: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -92,7 +96,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     .await?;
     std::fs::write(args.data_dir.join(IDP_URL_FILE), &idp.issuer)?;
     let runner_stop = tokio_util::sync::CancellationToken::new();
-    let runner_url = start_runner(&pki, runner_stop.clone()).await?;
+    let isolation = if args.dangerously_run_without_isolation {
+        custodian_runner::Isolation::DangerouslyNone
+    } else {
+        custodian_runner::Isolation::Full
+    };
+    let runner_url = start_runner(&pki, isolation, runner_stop.clone()).await?;
     let token = seed(&app, &idp.issuer, &runner_url).await?;
     let server = Server::start_on(app.clone(), listener)?;
 
@@ -254,6 +263,7 @@ fn dev_pki(data_dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
 /// Starts the local runner on a loopback port (real mTLS, real sandbox); returns its URL.
 async fn start_runner(
     pki: &std::path::Path,
+    isolation: custodian_runner::Isolation,
     stop: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -266,12 +276,15 @@ async fn start_runner(
         cert_file: pki.join("runner.pem"),
         key_file: pki.join("runner.key"),
         ca_file: pki.join("ca.pem"),
-        work_root: std::env::temp_dir(),
         max_body_bytes: 1 << 20,
+        sandbox: custodian_runner::config::SandboxConfig::default(),
     };
     let helper = std::env::current_exe()?;
+    let runner = custodian_runner::prepare(config, helper, isolation, stop.clone())
+        .await
+        .context("the local runner cannot start (custodian dev --dangerously-run-without-isolation runs it without namespaces, never with real secrets)")?;
     tokio::spawn(async move {
-        if let Err(e) = custodian_runner::run(config, listener, helper, stop).await {
+        if let Err(e) = custodian_runner::server::serve(runner, listener, stop).await {
             tracing::error!(error = %e, "the local runner stopped");
         }
     });

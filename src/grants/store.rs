@@ -414,3 +414,36 @@ pub async fn record(
     tx.commit().await?;
     Ok(())
 }
+
+/// Records that the exec named in `detail` failed on its way to or on the runner, in one
+/// transaction with giving its use back when `nothing_ran` and the grant is still active (a use
+/// that exhausted the grant stays spent: ended grants never reopen). Returns whether the use was
+/// given back.
+pub async fn exec_failed(
+    db: &Db,
+    audit: &AuditKey,
+    tenant: &TenantId,
+    id: &str,
+    detail: &Value,
+    nothing_ran: bool,
+    now_ms: UnixMillis,
+) -> Result<bool, StoreError> {
+    let mut tx = db.pool().begin().await?;
+    let given_back = nothing_ran
+        && sqlx::query(
+            "UPDATE grants SET uses = uses - 1 \
+             WHERE tenant_id = $1 AND id = $2 AND state = 'active' AND uses > 0",
+        )
+        .bind(tenant.as_str())
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+    let mut detail = detail.clone();
+    detail["use_given_back"] = Value::Bool(given_back);
+    crate::audit::append(&mut tx, audit, tenant.as_str(), id, "exec.failed", &detail, now_ms)
+        .await?;
+    tx.commit().await?;
+    Ok(given_back)
+}

@@ -317,11 +317,6 @@ impl From<RunError> for ToolError {
             RunError::Secrets(e) => {
                 ToolError::Internal(internal("opening secrets for a run failed", &e))
             }
-            RunError::Dispatch(e) => {
-                // The runner's name and the reason are safe to show; log them too.
-                tracing::warn!(error = %e, "dispatch to a runner failed");
-                ToolError::Refused(e.to_string())
-            }
             refused => ToolError::Refused(refused.to_string()),
         }
     }

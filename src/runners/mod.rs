@@ -13,7 +13,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use custodian_protocol::{EXEC_PATH, ExecError, ExecRequest, ExecResponse, Identity};
+use custodian_protocol::{
+    CANCEL_PATH, CancelRequest, EXEC_PATH, ExecError, ExecReply, ExecRequest, ExecResponse,
+    Identity,
+};
 use serde::Serialize;
 
 use crate::clock::UnixSeconds;
@@ -121,7 +124,8 @@ pub async fn in_pool(db: &Db, tenant: &TenantId, pool: &str) -> Result<Vec<Runne
     .await?)
 }
 
-/// Why a dispatch failed. Messages never contain secret material.
+/// Why a dispatch failed. Messages never contain secret material; they are for logs, spans and
+/// the audit log (the agent gets a generic message with a correlation id).
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
     #[error("runner TLS is not configured on this gateway (runners.cert_file, key_file, ca_file)")]
@@ -130,6 +134,17 @@ pub enum DispatchError {
     Unreachable { runner: String, reason: String },
     #[error("runner {runner} refused the command: {reason}")]
     Refused { runner: String, reason: String },
+    #[error("runner {runner} could not start the command: {reason}")]
+    NotStarted { runner: String, reason: String },
+    #[error("the exchange with runner {runner} broke off after the command was sent: {reason}")]
+    Lost { runner: String, reason: String },
+}
+
+impl DispatchError {
+    /// Whether the command certainly never started (its use can be given back).
+    pub fn nothing_ran(&self) -> bool {
+        !matches!(self, DispatchError::Lost { .. })
+    }
 }
 
 /// Sends execs to runners over mTLS, pooling one client per runner.
@@ -195,7 +210,8 @@ impl Dispatcher {
         Ok(client)
     }
 
-    /// Sends one exec; `timeout` bounds the whole exchange.
+    /// Sends one exec; `timeout` bounds the whole exchange. The runner streams whitespace while
+    /// the command runs, then its [`ExecReply`].
     pub async fn exec(
         &self,
         runner: &Runner,
@@ -203,33 +219,76 @@ impl Dispatcher {
         timeout: Duration,
     ) -> Result<ExecResponse, DispatchError> {
         let client = self.client(runner)?;
-        let unreachable = |reason: String| DispatchError::Unreachable {
-            runner: runner.name.clone(),
-            reason,
-        };
+        let name = || runner.name.clone();
         let response = client
             .post(format!("{}{EXEC_PATH}", runner.url))
             .json(request)
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| unreachable(crate::error_chain(&e.without_url())))?;
+            .map_err(|e| {
+                let connect = e.is_connect();
+                let reason = crate::error_chain(&e.without_url());
+                if connect {
+                    DispatchError::Unreachable {
+                        runner: name(),
+                        reason,
+                    }
+                } else {
+                    DispatchError::Lost {
+                        runner: name(),
+                        reason,
+                    }
+                }
+            })?;
         let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| unreachable(crate::error_chain(&e.without_url())))?;
-        if status.is_success() {
-            serde_json::from_slice(&body)
-                .map_err(|_| unreachable("malformed exec response".to_owned()))
-        } else {
+        let body = response.bytes().await.map_err(|e| DispatchError::Lost {
+            runner: name(),
+            reason: crate::error_chain(&e.without_url()),
+        })?;
+        if !status.is_success() {
             let reason = serde_json::from_slice::<ExecError>(&body)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| format!("HTTP {status}"));
-            Err(DispatchError::Refused {
-                runner: runner.name.clone(),
+            return Err(DispatchError::Refused {
+                runner: name(),
                 reason,
-            })
+            });
         }
+        match serde_json::from_slice::<ExecReply>(&body) {
+            Ok(ExecReply::Finished(response)) => Ok(response),
+            Ok(ExecReply::NotStarted(e)) => Err(DispatchError::NotStarted {
+                runner: name(),
+                reason: e.error,
+            }),
+            Err(_) => Err(DispatchError::Lost {
+                runner: name(),
+                reason: "malformed or incomplete exec reply".to_owned(),
+            }),
+        }
+    }
+
+    /// Asks the runner to stop exec `exec_id`; returns whether it was still running there.
+    pub async fn cancel(&self, runner: &Runner, exec_id: &str) -> Result<bool, DispatchError> {
+        let client = self.client(runner)?;
+        let unreachable = |reason: String| DispatchError::Unreachable {
+            runner: runner.name.clone(),
+            reason,
+        };
+        let response = client
+            .post(format!("{}{CANCEL_PATH}", runner.url))
+            .json(&CancelRequest {
+                exec_id: exec_id.to_owned(),
+                tenant: runner.tenant_id.clone(),
+            })
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| unreachable(crate::error_chain(&e.without_url())))?;
+        let answer: serde_json::Value = response
+            .json()
+            .await
+            .map_err(|e| unreachable(crate::error_chain(&e.without_url())))?;
+        Ok(answer["cancelled"] == serde_json::Value::Bool(true))
     }
 }

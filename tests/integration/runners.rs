@@ -129,11 +129,10 @@ impl TestRunner {
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:{port}\"\ntrust_domain = \"{TD}\"\ntenant = \"{tenant}\"\nname = \"{name}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\nwork_root = \"{}\"\n",
+                "listen = \"127.0.0.1:{port}\"\ntrust_domain = \"{TD}\"\ntenant = \"{tenant}\"\nname = \"{name}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n",
                 cert.0.display(),
                 cert.1.display(),
                 ca.display(),
-                work_root.path().display()
             ),
         )
         .unwrap();
@@ -143,6 +142,8 @@ impl TestRunner {
                 .arg("--config")
                 .arg(&config)
                 .env("RUST_LOG", "debug")
+                // Anything the runner wrote to disk for a run would land here.
+                .env("TMPDIR", work_root.path())
                 .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap())
@@ -443,13 +444,44 @@ async fn runners_and_gateways_must_prove_their_identities(backend: Backend) {
         custodian::runners::add(s.t.db(), &s.acme, "r2", "default", &wrong.url, 1)
             .await
             .unwrap();
+        let uses_before = custodian::grants::store::get(s.t.db(), &s.acme, &grant)
+            .await
+            .unwrap()
+            .unwrap()
+            .uses;
         let message = run(
             &s.client,
             json!({"grant_id": grant, "command": "echo $CANARY"}),
         )
         .await
         .unwrap_err();
-        assert!(message.contains("cannot reach runner r2"), "{message}");
+        // The agent gets a correlation id; the reason is in the audit log, and the use is back.
+        let failed = custodian::audit::for_grant(s.t.db(), &s.acme, &grant)
+            .await
+            .unwrap()
+            .into_iter()
+            .rfind(|e| e.kind == "exec.failed")
+            .expect("an exec.failed record");
+        let detail: Value = serde_json::from_str(&failed.detail).unwrap();
+        assert!(
+            message.contains(detail["exec_id"].as_str().unwrap()),
+            "{message}"
+        );
+        assert!(
+            detail["reason"]
+                .as_str()
+                .unwrap()
+                .contains("cannot reach runner r2"),
+            "{detail}"
+        );
+        assert!(!message.contains("r2"), "details stay out of the agent's view: {message}");
+        assert_eq!(detail["use_given_back"], true);
+        let uses_after = custodian::grants::store::get(s.t.db(), &s.acme, &grant)
+            .await
+            .unwrap()
+            .unwrap()
+            .uses;
+        assert_eq!(uses_after, uses_before, "no use spent when nothing ran");
         assert_eq!(
             wrong.execs(),
             0,
@@ -486,6 +518,7 @@ async fn runners_and_gateways_must_prove_their_identities(backend: Backend) {
             created_at: 0,
         };
         let request = custodian_protocol::ExecRequest {
+            exec_id: "ex_test".into(),
             grant_id: "gr_test".into(),
             tenant: "acme".into(),
             argv: vec!["true".into()],
@@ -550,8 +583,8 @@ async fn timeouts_kill_the_whole_tree_and_leave_nothing_behind(backend: Backend)
     .await
     .unwrap();
     assert_eq!(
-        started["stdout"], "pid=1\n",
-        "the command is process 1 of its own pid namespace"
+        started["stdout"], "pid=2\n",
+        "the command runs in a pid namespace of its own (bubblewrap's init is process 1)"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let escaped = Command::new("pgrep")
@@ -562,10 +595,11 @@ async fn timeouts_kill_the_whole_tree_and_leave_nothing_behind(backend: Backend)
         escaped.stdout.is_empty(),
         "a setsid daemon outlived the command"
     );
-    // Core dumps are off, privileges cannot be regained, writes outside the work dir fail.
+    // Core dumps are off, privileges cannot be regained, system directories are read-only, and
+    // the run's /tmp is its own (nothing reaches the host's).
     let limits = run(
         &s.client,
-        json!({"grant_id": grant, "command": "ulimit -c; grep NoNewPrivs /proc/self/status; touch /tmp/custodian-escape 2>&1; echo rc=$?"}),
+        json!({"grant_id": grant, "command": "ulimit -c; grep NoNewPrivs /proc/self/status; touch /usr/custodian-escape 2>&1; echo rc=$?; touch /tmp/custodian-escape && echo tmp=ok"}),
     )
     .await
     .unwrap();
@@ -573,7 +607,7 @@ async fn timeouts_kill_the_whole_tree_and_leave_nothing_behind(backend: Backend)
     assert!(out.starts_with("0\n"), "{out}");
     assert!(out.contains("NoNewPrivs:\t1"), "{out}");
     assert!(
-        out.contains("rc=1") && !Path::new("/tmp/custodian-escape").exists(),
+        out.contains("rc=1") && out.contains("tmp=ok") && !Path::new("/tmp/custodian-escape").exists(),
         "{out}"
     );
     // Output is capped after redaction.

@@ -108,6 +108,8 @@ mod tests {
 
 /// Path of the runner's exec endpoint.
 pub const EXEC_PATH: &str = "/v1/exec";
+/// Path of the runner's cancel endpoint (body: [`CancelRequest`]).
+pub const CANCEL_PATH: &str = "/v1/cancel";
 
 /// One command to run with secrets, sent by the gateway over mTLS.
 ///
@@ -115,6 +117,8 @@ pub const EXEC_PATH: &str = "/v1/exec";
 /// echo or store this type (its `Debug` prints names only).
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct ExecRequest {
+    /// Names this exec in both parties' logs and in the audit log; [`CancelRequest`] refers to it.
+    pub exec_id: String,
     /// For logs and traces on the runner.
     pub grant_id: String,
     pub tenant: String,
@@ -133,6 +137,7 @@ pub struct ExecRequest {
 impl fmt::Debug for ExecRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ExecRequest")
+            .field("exec_id", &self.exec_id)
             .field("grant_id", &self.grant_id)
             .field("tenant", &self.tenant)
             .field("argv0", &self.argv.first())
@@ -164,7 +169,28 @@ pub struct ExecResponse {
     /// Whether output beyond `max_output_bytes` was dropped.
     pub truncated: bool,
     pub timed_out: bool,
+    /// Whether the run was stopped by a [`CancelRequest`] (its grant ended) or a runner shutdown.
+    #[serde(default)]
+    pub cancelled: bool,
     pub duration_ms: u64,
+}
+
+/// The body of a `200` answer to an exec: the runner streams whitespace while the command runs (so
+/// that it notices at once when the gateway is gone, and kills the run), then one of these.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecReply {
+    /// The command ran (whatever its exit status).
+    Finished(ExecResponse),
+    /// The sandbox could not start the command: nothing ran.
+    NotStarted(ExecError),
+}
+
+/// Asks the runner to stop the exec `exec_id` (its grant was revoked or expired).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CancelRequest {
+    pub exec_id: String,
+    pub tenant: String,
 }
 
 /// A refusal by the runner (wrong request, sandbox failure); never contains secret material.

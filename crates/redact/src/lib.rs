@@ -129,6 +129,11 @@ impl Redactor {
         })
     }
 
+    /// The secrets' names, in the order given.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(String::as_str)
+    }
+
     /// Number of patterns (secrets × encodings).
     pub fn pattern_count(&self) -> usize {
         self.owner.len()

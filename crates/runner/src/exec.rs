@@ -1,9 +1,9 @@
-//! One command per request: a fresh private work directory, a cleared environment with the secrets
-//! and a minimal PATH/HOME/LANG/TMPDIR, its own process group killed on timeout and at exit, output
-//! redacted as it streams and capped after redaction. The work directory is removed afterwards.
+//! One command per request, in a sandbox of its own ([`crate::sandbox`]): a cleared environment
+//! with the secrets and a minimal PATH/HOME/LANG/TMPDIR, output redacted as it streams and capped
+//! after redaction, the whole run killed at its timeout, on cancel, or when the request is dropped
+//! (the gateway went away or the runner is shutting down).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,22 +11,33 @@ use std::time::{Duration, Instant};
 use custodian_protocol::{ExecRequest, ExecResponse};
 use custodian_redact::{Counts, Redactor};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
-use crate::sandbox::HELPER_ARG;
+use crate::sandbox::Sandbox;
 
-const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
-/// How long output readers may outlive the process group (an escaped daemon holding a pipe).
+/// How long output readers may outlive the run (a process holding a pipe past its namespace).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
-/// Runs `request` through the sandbox helper `helper` (this program's own binary).
+/// Why a command did not start; nothing ran.
+#[derive(Debug, thiserror::Error)]
+pub enum NotStarted {
+    #[error("argv is empty")]
+    EmptyArgv,
+    #[error("{0}")]
+    Secrets(String),
+    #[error("the sandbox could not start: {0}")]
+    Sandbox(String),
+}
+
+/// Runs `request` in `sandbox`; `cancel` stops it (the answer then says `cancelled`).
 pub async fn run(
-    helper: &Path,
-    work_root: &Path,
+    sandbox: &Sandbox,
     mut request: ExecRequest,
-) -> Result<ExecResponse, String> {
+    cancel: CancellationToken,
+) -> Result<ExecResponse, NotStarted> {
     if request.argv.is_empty() {
-        return Err("argv is empty".to_owned());
+        return Err(NotStarted::EmptyArgv);
     }
     // Take the values out of the request into memory that is wiped when dropped.
     let secrets: Vec<(String, Zeroizing<String>)> = std::mem::take(&mut request.secrets)
@@ -35,31 +46,17 @@ pub async fn run(
         .collect();
     let redactor = Arc::new(
         Redactor::new(secrets.iter().map(|(n, v)| (n.as_str(), v.as_bytes())))
-            .map_err(|e| e.to_string())?,
+            .map_err(|e| NotStarted::Secrets(e.to_string()))?,
     );
-    let work = tempfile::Builder::new()
-        .prefix("custodian-exec-")
-        .tempdir_in(work_root)
-        .map_err(|e| format!("cannot create a work directory: {e}"))?;
-    let work_dir: PathBuf = work.path().to_owned();
-
     let timeout = Duration::from_millis(request.timeout_ms.max(1));
-    let cpu_seconds = timeout.as_secs() + 1;
-    let mut command = tokio::process::Command::new(helper);
+    let env: Vec<(&str, &str)> = secrets
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let (mut command, lease) = sandbox
+        .command(&request.argv, &env, timeout.as_secs() + 1)
+        .map_err(NotStarted::Sandbox)?;
     command
-        .arg(HELPER_ARG)
-        .arg(&work_dir)
-        .arg(cpu_seconds.to_string())
-        .arg("--")
-        .args(&request.argv)
-        .env_clear()
-        .env("PATH", PATH)
-        .env("HOME", &work_dir)
-        .env("TMPDIR", &work_dir)
-        .env("LANG", "C.UTF-8")
-        .current_dir(&work_dir)
-        .process_group(0)
-        .kill_on_drop(true)
         .stdin(if request.stdin.is_some() {
             Stdio::piped()
         } else {
@@ -67,14 +64,11 @@ pub async fn run(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for (name, value) in &secrets {
-        command.env(name, value.as_str());
-    }
     let started = Instant::now();
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot start the sandbox: {e}"))?;
+    let spawned = command.spawn();
     drop(command);
+    drop(env);
+    let mut child = spawned.map_err(|e| NotStarted::Sandbox(e.to_string()))?;
     let group = child.id().map(|pid| pid as i32);
     if let (Some(input), Some(mut pipe)) = (request.stdin.take(), child.stdin.take()) {
         tokio::spawn(async move {
@@ -85,11 +79,14 @@ pub async fn run(
     let out = tokio::spawn(read_redacted(child.stdout.take(), redactor.clone(), cap));
     let err = tokio::spawn(read_redacted(child.stderr.take(), redactor, cap));
 
-    let (status, timed_out) = match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(status) => (status.ok(), false),
-        Err(_) => (None, true),
+    // The group is bubblewrap's: killing it ends the run's namespace init, and the kernel then
+    // kills every process of the run. It is killed however this future ends (dropped included).
+    let _kill = KillOnDrop(group);
+    let (status, timed_out, cancelled) = tokio::select! {
+        status = child.wait() => (status.ok(), false, false),
+        () = tokio::time::sleep(timeout) => (None, true, false),
+        () = cancel.cancelled() => (None, false, true),
     };
-    // Whatever the command left running in its group goes too.
     if let Some(group) = group {
         crate::sandbox::kill_group(group);
     }
@@ -99,7 +96,7 @@ pub async fn run(
     };
     let (stdout, out_counts, out_truncated) = finish_reader(out).await;
     let (stderr, err_counts, err_truncated) = finish_reader(err).await;
-    drop(work);
+    drop(lease);
     drop(secrets);
 
     let mut redactions: BTreeMap<String, u64> = BTreeMap::new();
@@ -107,16 +104,29 @@ pub async fn run(
         *redactions.entry(name).or_default() += n;
     }
     use std::os::unix::process::ExitStatusExt;
+    let killed = timed_out || cancelled;
     Ok(ExecResponse {
-        exit_code: status.and_then(|s| s.code()),
-        signal: status.and_then(|s| s.signal()),
+        exit_code: status.and_then(|s| s.code()).filter(|_| !killed),
+        signal: status.and_then(|s| s.signal()).or(killed.then_some(libc::SIGKILL)),
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
         redactions,
         truncated: out_truncated || err_truncated,
         timed_out,
+        cancelled,
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     })
+}
+
+/// Kills the run's process group when the exec ends in any way, including being dropped.
+struct KillOnDrop(Option<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(group) = self.0 {
+            crate::sandbox::kill_group(group);
+        }
+    }
 }
 
 type Reader = tokio::task::JoinHandle<(Vec<u8>, Counts, bool)>;
@@ -128,7 +138,7 @@ async fn finish_reader(reader: Reader) -> (Vec<u8>, Counts, bool) {
         _ => {
             abort.abort();
             (
-                b"[output unavailable: a process outside the sandbox group kept it open]".to_vec(),
+                b"[output unavailable: a process outside the run kept it open]".to_vec(),
                 Counts::new(),
                 true,
             )
@@ -136,7 +146,8 @@ async fn finish_reader(reader: Reader) -> (Vec<u8>, Counts, bool) {
     }
 }
 
-/// Reads a pipe to the end through the redactor, keeping at most `cap` redacted bytes.
+/// Reads a pipe to the end through the redactor, keeping at most `cap` redacted bytes. Counts
+/// describe what is returned: replacements in output that was dropped are not counted.
 async fn read_redacted(
     pipe: Option<impl AsyncRead + Unpin>,
     redactor: Arc<Redactor>,
@@ -165,7 +176,23 @@ async fn read_redacted(
             }
         }
     }
-    let (rest, counts) = stream.finish();
+    let (rest, _) = stream.finish();
     keep(rest, &mut kept, &mut truncated);
-    (kept, counts, truncated)
+    (kept.clone(), count_markers(&redactor, &kept), truncated)
+}
+
+/// Replacements that are in `kept`, counted from their markers.
+fn count_markers(redactor: &Redactor, kept: &[u8]) -> Counts {
+    let mut counts = Counts::new();
+    for name in redactor.names() {
+        let marker = format!("[REDACTED:{name}]");
+        let n = kept
+            .windows(marker.len())
+            .filter(|w| *w == marker.as_bytes())
+            .count() as u64;
+        if n > 0 {
+            counts.insert(name.to_owned(), n);
+        }
+    }
+    counts
 }

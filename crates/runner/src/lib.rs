@@ -1,6 +1,6 @@
 //! `custodian-runner`: receives one command with its secrets from the gateway over mutual TLS, runs
-//! it in a sandbox, and returns its output with every secret redacted. It links no database, no MCP
-//! and no OIDC code.
+//! it in a sandbox of its own, and returns its output with every secret redacted. It links no
+//! database, no MCP and no OIDC code.
 
 pub mod config;
 pub mod exec;
@@ -12,15 +12,48 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-/// Starts a runner on `listener` with `helper` as its sandbox helper binary; serves until
-/// `shutdown` is cancelled.
+pub use sandbox::Isolation;
+
+/// Checks the certificate and the sandbox, then serves on `listener` with `helper` (the binary
+/// that answers to [`sandbox::HELPER_ARG`]) until `shutdown` is cancelled; every run in flight is
+/// killed then.
 pub async fn run(
     config: config::RunnerConfig,
     listener: tokio::net::TcpListener,
     helper: std::path::PathBuf,
+    isolation: Isolation,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    sandbox::make_undumpable();
-    let runner = Arc::new(server::Runner { config, helper });
+    let runner = prepare(config, helper, isolation, shutdown.clone()).await?;
     server::serve(runner, listener, shutdown).await
+}
+
+/// Everything [`run`] checks before it listens: the certificate carries the configured identity,
+/// and runs can be isolated (refused otherwise, unless `isolation` is
+/// [`Isolation::DangerouslyNone`]). `shutdown` kills every run in flight.
+pub async fn prepare(
+    config: config::RunnerConfig,
+    helper: std::path::PathBuf,
+    isolation: Isolation,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Arc<server::Runner>> {
+    sandbox::make_undumpable();
+    tls::check_identity(&config.cert_file, &config.identity().to_string())?;
+    let sandbox = sandbox::Sandbox::new(helper, config.sandbox.clone(), isolation);
+    let report = sandbox.check(&config.key_file).await;
+    let missing = report.missing();
+    match isolation {
+        Isolation::Full if !missing.is_empty() => anyhow::bail!(
+            "runs cannot be isolated on this machine (missing: {}); `custodian-runner check` shows what the sandbox sees. \
+             Install bubblewrap and allow user namespaces; for development only, --dangerously-run-without-isolation",
+            missing.join(", ")
+        ),
+        Isolation::Full => {
+            tracing::info!(sandbox = ?report, "every run is isolated");
+        }
+        Isolation::DangerouslyNone => tracing::warn!(
+            "RUNS ARE NOT ISOLATED (--dangerously-run-without-isolation): a command can see other runs and this runner's files; development only"
+        ),
+    }
+    Ok(Arc::new(server::Runner::new(config, sandbox, shutdown)))
 }

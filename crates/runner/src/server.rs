@@ -1,12 +1,19 @@
 //! The runner's HTTPS endpoint: mTLS (TLS 1.3, client certificate required), and only the gateway
 //! of this trust domain may call it; a runner serves only its own tenant.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
-use custodian_protocol::{EXEC_PATH, ExecError, ExecRequest};
+use custodian_protocol::{
+    CANCEL_PATH, CancelRequest, EXEC_PATH, ExecError, ExecReply, ExecRequest,
+};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body::Frame;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -17,12 +24,33 @@ use tracing::Instrument;
 use zeroize::Zeroizing;
 
 use crate::config::RunnerConfig;
+use crate::sandbox::Sandbox;
+
+/// While a command runs, a space is written this often: a gateway that went away is noticed at
+/// the next write or the one after, and its run is killed.
+const HEARTBEAT: Duration = Duration::from_millis(250);
+
+type Body = BoxBody<Bytes, Infallible>;
 
 /// Everything a request needs.
 pub struct Runner {
     pub config: RunnerConfig,
-    /// The binary that acts as the sandbox helper (normally this program).
-    pub helper: std::path::PathBuf,
+    pub sandbox: Sandbox,
+    /// Runs in flight by exec id, so that a cancel can reach them.
+    runs: Mutex<HashMap<String, CancellationToken>>,
+    /// Cancelled when the runner shuts down: every run in flight is killed.
+    stopping: CancellationToken,
+}
+
+impl Runner {
+    pub fn new(config: RunnerConfig, sandbox: Sandbox, stopping: CancellationToken) -> Self {
+        Self {
+            config,
+            sandbox,
+            runs: Mutex::new(HashMap::new()),
+            stopping,
+        }
+    }
 }
 
 /// Serves until `shutdown` is cancelled.
@@ -76,17 +104,15 @@ pub async fn serve(
     }
 }
 
-fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(
-            serde_json::to_vec(body).unwrap_or_default(),
-        )))
+        .body(Full::new(Bytes::from(serde_json::to_vec(body).unwrap_or_default())).boxed())
         .expect("static response parts")
 }
 
-fn refuse(status: StatusCode, error: &str) -> Response<Full<Bytes>> {
+fn refuse(status: StatusCode, error: &str) -> Response<Body> {
     json(
         status,
         &ExecError {
@@ -95,74 +121,171 @@ fn refuse(status: StatusCode, error: &str) -> Response<Full<Bytes>> {
     )
 }
 
-async fn handle(
-    runner: Arc<Runner>,
+/// Reads a JSON body of at most `limit` bytes into memory wiped when dropped.
+async fn read_json<T: serde::de::DeserializeOwned>(
     request: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    if request.method() != Method::POST || request.uri().path() != EXEC_PATH {
-        return Ok(refuse(StatusCode::NOT_FOUND, "unknown endpoint"));
-    }
-    let limit = runner.config.max_body_bytes;
+    limit: usize,
+) -> Result<T, Response<Body>> {
     let body = match Limited::new(request.into_body(), limit).collect().await {
         Ok(collected) => Zeroizing::new(collected.to_bytes().to_vec()),
         Err(_) => {
-            return Ok(refuse(
+            return Err(refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request body too large or unreadable",
             ));
         }
     };
-    let exec: ExecRequest = match serde_json::from_slice(&body) {
-        Ok(exec) => exec,
-        // serde's message could quote input; say only where it failed.
-        Err(e) => {
-            return Ok(refuse(
-                StatusCode::BAD_REQUEST,
-                &format!(
-                    "malformed exec request (line {}, column {})",
-                    e.line(),
-                    e.column()
-                ),
-            ));
-        }
-    };
-    drop(body);
+    // serde's message could quote input; say only where it failed.
+    serde_json::from_slice(&body).map_err(|e| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            &format!("malformed request (line {}, column {})", e.line(), e.column()),
+        )
+    })
+}
+
+async fn handle(
+    runner: Arc<Runner>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let limit = runner.config.max_body_bytes;
+    match (request.method(), request.uri().path()) {
+        (&Method::POST, EXEC_PATH) => Ok(match read_json(request, limit).await {
+            Ok(exec) => exec_streaming(runner, exec),
+            Err(refusal) => refusal,
+        }),
+        (&Method::POST, CANCEL_PATH) => Ok(match read_json(request, limit).await {
+            Ok(cancel) => cancel_run(&runner, &cancel),
+            Err(refusal) => refusal,
+        }),
+        _ => Ok(refuse(StatusCode::NOT_FOUND, "unknown endpoint")),
+    }
+}
+
+fn cancel_run(runner: &Runner, cancel: &CancelRequest) -> Response<Body> {
+    if cancel.tenant != runner.config.tenant {
+        return refuse(StatusCode::FORBIDDEN, "this runner does not serve that tenant");
+    }
+    let found = runner
+        .runs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&cancel.exec_id)
+        .cloned();
+    if let Some(token) = &found {
+        tracing::info!(exec.id = %cancel.exec_id, "cancelling a run");
+        token.cancel();
+    }
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "cancelled": found.is_some() }),
+    )
+}
+
+/// Forgets a run's cancel token when its exec ends in any way.
+struct Registered {
+    runner: Arc<Runner>,
+    exec_id: String,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.runner
+            .runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.exec_id);
+    }
+}
+
+/// Starts the exec and answers at once with a body that carries heartbeats, then the reply.
+/// When the body is dropped (the gateway is gone), the run is cancelled.
+fn exec_streaming(runner: Arc<Runner>, exec: ExecRequest) -> Response<Body> {
     if exec.tenant != runner.config.tenant {
         tracing::warn!(tenant = %exec.tenant, "refused a request for another tenant");
-        return Ok(refuse(
-            StatusCode::FORBIDDEN,
-            "this runner does not serve that tenant",
-        ));
+        return refuse(StatusCode::FORBIDDEN, "this runner does not serve that tenant");
     }
+    let cancel = runner.stopping.child_token();
+    {
+        let mut runs = runner.runs.lock().unwrap_or_else(|e| e.into_inner());
+        if runs.contains_key(&exec.exec_id) {
+            return refuse(StatusCode::CONFLICT, "an exec with this id is already running");
+        }
+        runs.insert(exec.exec_id.clone(), cancel.clone());
+    }
+    let registered = Registered {
+        runner: runner.clone(),
+        exec_id: exec.exec_id.clone(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+    tokio::spawn(async move {
+        let _registered = registered;
+        let reply = run_one(&runner, exec, cancel.clone());
+        tokio::pin!(reply);
+        let mut beat = tokio::time::interval(HEARTBEAT);
+        let reply = loop {
+            tokio::select! {
+                reply = &mut reply => break reply,
+                _ = beat.tick() => {
+                    if tx.send(Bytes::from_static(b" ")).await.is_err() {
+                        // Nobody is listening any more: stop the run (the reply is dropped).
+                        cancel.cancel();
+                    }
+                }
+            }
+        };
+        let _ = tx
+            .send(Bytes::from(serde_json::to_vec(&reply).unwrap_or_default()))
+            .await;
+    });
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|bytes| (Ok::<_, Infallible>(Frame::data(bytes)), rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(StreamBody::new(frames)))
+        .expect("static response parts")
+}
+
+async fn run_one(runner: &Runner, exec: ExecRequest, cancel: CancellationToken) -> ExecReply {
     let grant = exec.grant_id.clone();
-    tracing::info!(grant.id = %grant, argv0 = ?exec.argv.first(), secrets = exec.secrets.len(), "exec");
+    let exec_id = exec.exec_id.clone();
+    tracing::info!(exec.id = %exec_id, grant.id = %grant, argv0 = ?exec.argv.first(), secrets = exec.secrets.len(), "exec");
     // Joins the gateway's `grant.exec` span, and so the grant's trace.
     let span = tracing::info_span!(
         parent: None,
         "runner.exec",
         custodian.tenant = %exec.tenant,
         custodian.grant.id = %grant,
+        custodian.exec.id = %exec_id,
         custodian.runner = %runner.config.identity(),
         custodian.exit_code = tracing::field::Empty,
         custodian.duration_ms = tracing::field::Empty,
+        custodian.cancelled = tracing::field::Empty,
     );
     custodian_telemetry::attach(&span, exec.traceparent.as_deref());
-    let outcome = crate::exec::run(&runner.helper, &runner.config.work_root, exec)
+    let outcome = crate::exec::run(&runner.sandbox, exec, cancel)
         .instrument(span.clone())
         .await;
     if let Ok(response) = &outcome {
         span.record("custodian.exit_code", response.exit_code.unwrap_or(-1));
         span.record("custodian.duration_ms", response.duration_ms);
+        span.record("custodian.cancelled", response.cancelled);
     }
     drop(span);
     match outcome {
         Ok(response) => {
-            tracing::info!(grant.id = %grant, exit_code = ?response.exit_code, duration_ms = response.duration_ms, redactions = ?response.redactions, "exec finished");
-            Ok(json(StatusCode::OK, &response))
+            tracing::info!(exec.id = %exec_id, grant.id = %grant, exit_code = ?response.exit_code, duration_ms = response.duration_ms, cancelled = response.cancelled, timed_out = response.timed_out, redactions = ?response.redactions, "exec finished");
+            ExecReply::Finished(response)
         }
         Err(error) => {
-            tracing::warn!(grant.id = %grant, error = %error, "exec failed");
-            Ok(refuse(StatusCode::UNPROCESSABLE_ENTITY, &error))
+            tracing::warn!(exec.id = %exec_id, grant.id = %grant, error = %error, "exec did not start");
+            ExecReply::NotStarted(ExecError {
+                error: error.to_string(),
+            })
         }
     }
 }

@@ -52,3 +52,17 @@ pub fn uri_names(cert: &CertificateDer<'_>) -> Vec<String> {
         .map(|ee| ee.valid_uri_names().map(str::to_owned).collect())
         .unwrap_or_default()
 }
+
+/// Refuses a certificate whose leaf does not carry `identity` (caught at start, not at the first
+/// exec after a human approved a grant).
+pub fn check_identity(cert: &Path, identity: &str) -> anyhow::Result<()> {
+    let certs = load_certs(cert)?;
+    let names = certs.first().map(uri_names).unwrap_or_default();
+    anyhow::ensure!(
+        names.iter().any(|n| n == identity),
+        "cert_file {} carries {} but this runner is configured as {identity} (trust_domain, tenant, name); issue a certificate for this identity",
+        cert.display(),
+        if names.is_empty() { "no SPIFFE identity".to_owned() } else { names.join(", ") },
+    );
+    Ok(())
+}

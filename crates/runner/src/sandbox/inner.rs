@@ -1,0 +1,220 @@
+//! The last step inside the sandbox: the helper (this binary, started by bubblewrap inside the
+//! run's namespaces, or directly in the unisolated development mode) restricts itself, then execs
+//! the command. Everything here happens in the helper's own single thread before the command's
+//! first instruction:
+//!
+//! - resource limits: CPU seconds, address space, open files, file size, no core dumps, and the
+//!   process limit, which counts per user namespace, so it bounds this run alone;
+//! - `no_new_privs`;
+//! - Landlock: read only the run's system directories, write only its work dir, `/tmp` and `/dev`;
+//! - the seccomp filters of [`super::filter`].
+//!
+//! With `--probe` it reports instead what it sees from inside, which is how `custodian-runner
+//! check` knows what is enforced rather than what was asked for.
+#![expect(
+    unsafe_code,
+    reason = "prctl and setrlimit are plain libc calls; each block states why it is sound"
+)]
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use landlock::{
+    ABI, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
+    path_beneath_rules,
+};
+use serde::{Deserialize, Serialize};
+
+/// What the helper applies before it execs the command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Layers {
+    pub cpu_seconds: u64,
+    pub processes: u64,
+    pub memory_bytes: u64,
+    pub file_bytes: u64,
+    /// Landlock: readable (and executable) trees.
+    pub readable: Vec<PathBuf>,
+    /// Landlock: writable trees.
+    pub writable: Vec<PathBuf>,
+    /// `--probe`: a path that must NOT be visible (e.g. the runner's key), for the report.
+    #[serde(default)]
+    pub hidden: Option<PathBuf>,
+}
+
+const OPEN_FILES: u64 = 1024;
+
+/// What the probe sees from inside a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Inside {
+    pub rlimits: bool,
+    pub no_new_privs: bool,
+    pub seccomp: bool,
+    /// `fully enforced`, `partially enforced` or `not enforced (…)`.
+    pub landlock: String,
+    /// Effective and bounding capability sets are empty.
+    pub no_capabilities: bool,
+    /// The uid inside is not 0 and the user namespace maps exactly one uid (the host side is the
+    /// run's own uid, or the runner's: see [`super::Report::host_uid`]).
+    pub user_namespace: bool,
+    /// The probe is not the first process of the host: its pid is small in a fresh pid namespace.
+    pub pid_namespace: bool,
+    /// `/` is a fresh tmpfs (not the host's root).
+    pub private_root: bool,
+    /// The path given in `hidden` cannot be seen.
+    pub runner_files_hidden: bool,
+    /// `/proc` lists only this run's processes.
+    pub private_proc: bool,
+}
+
+fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> bool {
+    let limit = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    // SAFETY: `limit` is a valid rlimit living across the call; setrlimit only reads it.
+    unsafe { libc::setrlimit(resource, &limit) == 0 }
+}
+
+fn no_new_privs() -> bool {
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 }
+}
+
+fn landlock(readable: &[PathBuf], writable: &[PathBuf]) -> String {
+    let abi = ABI::V2;
+    let existing = |paths: &[PathBuf]| -> Vec<PathBuf> {
+        paths.iter().filter(|p| p.exists()).cloned().collect()
+    };
+    let result = Ruleset::default()
+        .handle_access(AccessFs::from_all(abi))
+        .and_then(|r| r.create())
+        .and_then(|r| r.add_rules(path_beneath_rules(existing(readable), AccessFs::from_read(abi))))
+        .and_then(|r| r.add_rules(path_beneath_rules(existing(writable), AccessFs::from_all(abi))))
+        .and_then(|r| r.restrict_self());
+    match result {
+        Ok(status) => match status.ruleset {
+            RulesetStatus::FullyEnforced => "fully enforced",
+            RulesetStatus::PartiallyEnforced => "partially enforced",
+            RulesetStatus::NotEnforced => "not enforced",
+        }
+        .to_owned(),
+        Err(e) => format!("not enforced ({e})"),
+    }
+}
+
+struct Applied {
+    rlimits: bool,
+    no_new_privs: bool,
+    landlock: String,
+    seccomp: bool,
+}
+
+fn restrict(layers: &Layers) -> Applied {
+    let rlimits = [
+        set_limit(libc::RLIMIT_CORE, 0),
+        set_limit(libc::RLIMIT_CPU, layers.cpu_seconds.max(1)),
+        set_limit(libc::RLIMIT_AS, layers.memory_bytes),
+        set_limit(libc::RLIMIT_NOFILE, OPEN_FILES),
+        set_limit(libc::RLIMIT_NPROC, layers.processes),
+        set_limit(libc::RLIMIT_FSIZE, layers.file_bytes),
+    ]
+    .iter()
+    .all(|ok| *ok);
+    let no_new_privs = no_new_privs();
+    let landlock = landlock(&layers.readable, &layers.writable);
+    let seccomp = super::filter::apply();
+    Applied {
+        rlimits,
+        no_new_privs,
+        landlock,
+        seccomp,
+    }
+}
+
+fn status_field(status: &str, name: &str) -> Option<String> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+}
+
+fn probe(layers: &Layers, applied: Applied) -> Inside {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let zero = |name| status_field(&status, name).is_some_and(|v| v.bytes().all(|b| b == b'0'));
+    let uid_map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    let mapped: Vec<&str> = uid_map.split_whitespace().collect();
+    // SAFETY: getuid/getpid only read the process's own credentials and id.
+    let (uid, pid) = unsafe { (libc::getuid(), libc::getpid()) };
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `stat` outlives the call, which only writes into it; the path is a C string.
+    let statted = unsafe { libc::statfs(c"/".as_ptr(), &mut stat) } == 0;
+    let root_is_tmpfs = statted && stat.f_type == libc::TMPFS_MAGIC;
+    let pids = std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+                .count()
+        })
+        .unwrap_or(usize::MAX);
+    Inside {
+        rlimits: applied.rlimits,
+        no_new_privs: status_field(&status, "NoNewPrivs:").as_deref() == Some("1"),
+        seccomp: applied.seccomp && status_field(&status, "Seccomp:").as_deref() == Some("2"),
+        landlock: applied.landlock,
+        no_capabilities: zero("CapEff:") && zero("CapBnd:") && zero("CapPrm:"),
+        user_namespace: uid != 0 && mapped.len() == 3 && mapped[2] == "1",
+        pid_namespace: pid <= 4,
+        private_root: root_is_tmpfs,
+        runner_files_hidden: layers
+            .hidden
+            .as_deref()
+            .is_none_or(|p| std::fs::symlink_metadata(p).is_err()),
+        private_proc: pids <= 4,
+    }
+}
+
+/// The helper's main: `HELPER_ARG LAYERS_JSON -- PROGRAM ARGS…`, or `HELPER_ARG --probe
+/// LAYERS_JSON` to print an [`Inside`] report as JSON.
+pub fn helper_main(args: Vec<OsString>) -> ExitCode {
+    let mut args = args.into_iter();
+    let mut first = args.next().unwrap_or_default();
+    let probing = first == "--probe";
+    if probing {
+        first = args.next().unwrap_or_default();
+    }
+    let Some(layers) = first
+        .to_str()
+        .and_then(|s| serde_json::from_str::<Layers>(s).ok())
+    else {
+        eprintln!("sandbox: malformed helper invocation");
+        return ExitCode::from(126);
+    };
+    if probing {
+        let applied = restrict(&layers);
+        println!(
+            "{}",
+            serde_json::to_string(&probe(&layers, applied)).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    if args.next().as_deref() != Some(std::ffi::OsStr::new("--")) {
+        eprintln!("sandbox: malformed helper invocation");
+        return ExitCode::from(126);
+    }
+    let argv: Vec<OsString> = args.collect();
+    let Some((program, rest)) = argv.split_first() else {
+        eprintln!("sandbox: no program to run");
+        return ExitCode::from(126);
+    };
+    let applied = restrict(&layers);
+    if !(applied.rlimits && applied.no_new_privs && applied.seccomp) {
+        eprintln!("sandbox: could not apply the required restrictions; refusing to run");
+        return ExitCode::from(126);
+    }
+    let error = std::process::Command::new(program).args(rest).exec();
+    eprintln!("sandbox: cannot execute {}: {error}", Path::new(program).display());
+    ExitCode::from(127)
+}

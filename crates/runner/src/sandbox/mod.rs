@@ -1,0 +1,468 @@
+//! The world each command runs in. Every run is started by bubblewrap (`bwrap`, the sandbox
+//! Flatpak and others rely on) in namespaces of its own, then restricted further by the helper in
+//! [`inner`] before the command's first instruction:
+//!
+//! - user namespace with one unprivileged uid inside (65534) and, when the runner is root, a host
+//!   uid of the run's own; no capabilities (effective, permitted, bounding); further user
+//!   namespaces disabled;
+//! - pid namespace (required): a fresh `/proc` shows only the run's processes, and when the
+//!   command exits, or the runner dies (`PR_SET_PDEATHSIG` on bubblewrap, `--die-with-parent` on
+//!   the namespace's init), everything the run started is killed by the kernel;
+//! - mount namespace on a fresh tmpfs root: system directories and a short allowlist of `/etc`
+//!   read-only, a private size-capped work dir (`/work`, the command's cwd and HOME) and `/tmp`
+//!   (0700, tmpfs: nothing reaches the runner's disk), a minimal `/dev`. Other runs, the runner's
+//!   config, key, certificate and CA, and any data directory are simply not there;
+//! - IPC, UTS and (where possible) cgroup namespaces, a new session (no terminal injection);
+//! - then [`inner`]: rlimits (per-run process limit), `no_new_privs`, Landlock, seccomp.
+//!
+//! The network namespace is still the host's (commands reach databases and APIs directly).
+//! [`check`] runs a probe through the same path and reports what it sees from inside.
+#![expect(
+    unsafe_code,
+    reason = "prctl and kill are plain libc calls in pre_exec; each block states why it is sound"
+)]
+
+pub mod filter;
+pub mod inner;
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::SandboxConfig;
+pub use inner::helper_main;
+use inner::{Inside, Layers};
+
+/// First argument of the helper invocation.
+pub const HELPER_ARG: &str = "__custodian-sandbox-exec";
+/// Where the helper binary appears inside a run.
+const HELPER_INSIDE: &str = "/run/custodian/sandbox-helper";
+/// The run's working directory and HOME.
+pub const WORK_DIR: &str = "/work";
+const TMP_DIR: &str = "/tmp";
+/// The uid and gid of every command inside its user namespace.
+const INSIDE_ID: &str = "65534";
+/// Host directories bound read-only (or recreated as the same symlink) in every run.
+const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+/// The parts of `/etc` a command may need; the rest of `/etc` is not there.
+const ETC_ALLOWLIST: &[&str] = &[
+    "alternatives",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "crypto-policies",
+    "debian_version",
+    "gai.conf",
+    "group",
+    "host.conf",
+    "hostname",
+    "hosts",
+    "inputrc",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "magic",
+    "mime.types",
+    "nsswitch.conf",
+    "os-release",
+    "passwd",
+    "perl",
+    "pki",
+    "postgresql-common",
+    "protocols",
+    "python3",
+    "resolv.conf",
+    "services",
+    "ssl",
+    "terminfo",
+    "timezone",
+];
+const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// Largest file a command may write.
+const FILE_BYTES: u64 = 256 << 20;
+
+/// Whether runs are isolated. The only alternative is a development mode with a loud name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// Namespaces, private root, no privilege (the only production mode).
+    Full,
+    /// `--dangerously-run-without-isolation`: rlimits, Landlock and seccomp only; runs share the
+    /// runner's view of the host. For machines that cannot create namespaces, in development.
+    DangerouslyNone,
+}
+
+/// Starts commands in their sandbox.
+pub struct Sandbox {
+    helper: PathBuf,
+    config: SandboxConfig,
+    isolation: Isolation,
+    /// The runner is root: each run gets its own host uid from `config.uid_base`.
+    per_run_uids: bool,
+    slots: Arc<Mutex<BTreeSet<u32>>>,
+    bwrap_args: Vec<OsString>,
+}
+
+/// What a started command holds until it is over: its uid slot and (unisolated) its work dir.
+pub struct Lease {
+    slot: Option<(u32, Arc<Mutex<BTreeSet<u32>>>)>,
+    _work: Option<tempfile::TempDir>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some((slot, slots)) = self.slot.take() {
+            slots.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
+        }
+    }
+}
+
+/// How many host uids a root runner uses, one per concurrent run.
+const UID_SLOTS: u32 = 65_536;
+
+impl Sandbox {
+    /// `helper` is the binary that answers to [`HELPER_ARG`] (normally the runner itself).
+    pub fn new(helper: PathBuf, config: SandboxConfig, isolation: Isolation) -> Self {
+        // SAFETY: geteuid only reads the process's credentials.
+        let root = unsafe { libc::geteuid() } == 0;
+        let bwrap_args = bwrap_args(&helper, &config);
+        Self {
+            helper,
+            config,
+            isolation,
+            per_run_uids: root,
+            slots: Arc::default(),
+            bwrap_args,
+        }
+    }
+
+    pub fn isolation(&self) -> Isolation {
+        self.isolation
+    }
+
+    fn layers(&self, cpu_seconds: u64, hidden: Option<PathBuf>, work: Option<&Path>) -> Layers {
+        let (readable, writable) = match (self.isolation, work) {
+            (Isolation::Full, _) => {
+                let mut readable: Vec<PathBuf> = SYSTEM_DIRS
+                    .iter()
+                    .chain(&["/etc", "/proc", "/run/custodian"])
+                    .map(PathBuf::from)
+                    .collect();
+                readable.extend(self.config.read_only_paths.iter().cloned());
+                (readable, vec![WORK_DIR.into(), TMP_DIR.into(), "/dev".into()])
+            }
+            (Isolation::DangerouslyNone, work) => (
+                vec!["/".into()],
+                work.map(Path::to_path_buf)
+                    .into_iter()
+                    .chain([PathBuf::from("/dev/null")])
+                    .collect(),
+            ),
+        };
+        Layers {
+            cpu_seconds,
+            processes: self.config.processes,
+            memory_bytes: self.config.memory_bytes,
+            file_bytes: FILE_BYTES.min(self.config.tmpfs_bytes),
+            readable,
+            writable,
+            hidden,
+        }
+    }
+
+    fn take_slot(&self) -> Result<Option<(u32, Arc<Mutex<BTreeSet<u32>>>)>, String> {
+        if !self.per_run_uids || self.isolation != Isolation::Full {
+            return Ok(None);
+        }
+        let mut used = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = (0..UID_SLOTS)
+            .find(|s| !used.contains(s))
+            .ok_or("every per-run uid is in use")?;
+        used.insert(slot);
+        Ok(Some((slot, self.slots.clone())))
+    }
+
+    /// The command that runs `argv` in a fresh sandbox with `env` (and nothing else of the
+    /// runner's environment); the [`Lease`] must live until the command is over.
+    pub fn command(
+        &self,
+        argv: &[String],
+        env: &[(&str, &str)],
+        cpu_seconds: u64,
+    ) -> Result<(tokio::process::Command, Lease), String> {
+        self.prepare(cpu_seconds, None, |command, layers, lease| {
+            command
+                .arg(HELPER_ARG)
+                .arg(layers)
+                .arg("--")
+                .args(argv)
+                .envs(env.iter().copied());
+            lease
+        })
+    }
+
+    fn prepare(
+        &self,
+        cpu_seconds: u64,
+        hidden: Option<PathBuf>,
+        finish: impl FnOnce(&mut tokio::process::Command, String, Lease) -> Lease,
+    ) -> Result<(tokio::process::Command, Lease), String> {
+        let slot = self.take_slot()?;
+        let (mut command, work, layers) = match self.isolation {
+            Isolation::Full => {
+                let mut command = tokio::process::Command::new(&self.config.bwrap);
+                command
+                    .args(&self.bwrap_args)
+                    .arg("--")
+                    .arg(HELPER_INSIDE)
+                    .current_dir("/")
+                    .env("HOME", WORK_DIR)
+                    .env("TMPDIR", TMP_DIR);
+                (command, None, self.layers(cpu_seconds, hidden, None))
+            }
+            Isolation::DangerouslyNone => {
+                let work = tempfile::Builder::new()
+                    .prefix("custodian-run-")
+                    .tempdir()
+                    .map_err(|e| format!("cannot create a work directory: {e}"))?;
+                let mut command = tokio::process::Command::new(&self.helper);
+                command
+                    .current_dir(work.path())
+                    .env("HOME", work.path())
+                    .env("TMPDIR", work.path());
+                let layers = self.layers(cpu_seconds, hidden, Some(work.path()));
+                (command, Some(work), layers)
+            }
+        };
+        command
+            .env_clear()
+            .env("PATH", PATH)
+            .env("LANG", "C.UTF-8")
+            .process_group(0)
+            .kill_on_drop(true);
+        let parent = std::process::id() as libc::pid_t;
+        let host_id = slot.as_ref().map(|(slot, _)| self.config.uid_base + slot);
+        // SAFETY: the closure runs in the forked child before exec and calls only setgroups,
+        // setgid, setuid, prctl, getppid and _exit, which are async-signal-safe; it allocates
+        // nothing.
+        unsafe {
+            command.pre_exec(move || {
+                if let Some(id) = host_id {
+                    // The run's own host uid, with no supplementary groups (root's would stay).
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(id) != 0
+                        || libc::setuid(id) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                // Dies with the runner; set after the uid change (which clears it).
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                if libc::getppid() != parent {
+                    libc::_exit(126);
+                }
+                Ok(())
+            });
+        }
+        let layers = serde_json::to_string(&layers).map_err(|e| e.to_string())?;
+        let lease = Lease { slot, _work: work };
+        let lease = finish(&mut command, layers, lease);
+        Ok((command, lease))
+    }
+
+    /// Runs the probe through the same path as a command and reports what it saw.
+    pub async fn check(&self, hidden: &Path) -> Report {
+        let probed = self.prepare(1, Some(hidden.to_path_buf()), |command, layers, lease| {
+            command
+                .arg(HELPER_ARG)
+                .arg("--probe")
+                .arg(layers)
+                .stdin(std::process::Stdio::null());
+            lease
+        });
+        let inside = match probed {
+            Ok((mut command, _lease)) => match command.output().await {
+                Ok(out) if out.status.success() => serde_json::from_slice::<Inside>(&out.stdout)
+                    .map_err(|e| format!("unreadable probe report: {e}")),
+                Ok(out) => Err(format!(
+                    "the sandbox could not start ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )),
+                Err(e) => Err(format!(
+                    "cannot start {}: {e}",
+                    self.config.bwrap.display()
+                )),
+            },
+            Err(e) => Err(e),
+        };
+        Report::new(self, inside)
+    }
+}
+
+/// Builds bubblewrap's arguments once: they are the same for every run.
+fn bwrap_args(helper: &Path, config: &SandboxConfig) -> Vec<OsString> {
+    let mut args: Vec<OsString> = [
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--uid",
+        INSIDE_ID,
+        "--gid",
+        INSIDE_ID,
+        "--hostname",
+        "custodian-run",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    let mut push = |parts: &[&std::ffi::OsStr]| args.extend(parts.iter().map(|p| p.to_os_string()));
+    for dir in SYSTEM_DIRS {
+        let path = Path::new(dir);
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(path) {
+                    push(&["--symlink".as_ref(), target.as_os_str(), path.as_os_str()]);
+                }
+            }
+            Ok(meta) if meta.is_dir() => {
+                push(&["--ro-bind".as_ref(), path.as_os_str(), path.as_os_str()]);
+            }
+            _ => {}
+        }
+    }
+    for entry in ETC_ALLOWLIST {
+        let path = Path::new("/etc").join(entry);
+        push(&["--ro-bind-try".as_ref(), path.as_os_str(), path.as_os_str()]);
+    }
+    for path in &config.read_only_paths {
+        push(&["--ro-bind-try".as_ref(), path.as_os_str(), path.as_os_str()]);
+    }
+    let size = config.tmpfs_bytes.to_string();
+    push(&["--proc".as_ref(), "/proc".as_ref(), "--dev".as_ref(), "/dev".as_ref()]);
+    for dir in [WORK_DIR, TMP_DIR, "/dev/shm"] {
+        push(&[
+            "--perms".as_ref(),
+            "0700".as_ref(),
+            "--size".as_ref(),
+            size.as_ref(),
+            "--tmpfs".as_ref(),
+            dir.as_ref(),
+        ]);
+    }
+    push(&[
+        "--ro-bind".as_ref(),
+        helper.as_os_str(),
+        HELPER_INSIDE.as_ref(),
+        "--chdir".as_ref(),
+        WORK_DIR.as_ref(),
+    ]);
+    args
+}
+
+/// What the sandbox enforces on this machine, as seen from inside a probe run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    /// `bubblewrap namespaces` or `NONE (--dangerously-run-without-isolation)`.
+    pub isolation: String,
+    /// What the probe saw inside, or why it could not run.
+    pub inside: Result<Inside, String>,
+    /// Each concurrent run has its own unprivileged host uid (runner is root), or all runs use
+    /// the runner's uid, each in its own user namespace.
+    pub host_uid: String,
+    /// The runner itself is not dumpable (no ptrace, no /proc/PID/mem or environ by its uid).
+    pub runner_not_dumpable: bool,
+    /// The kernel makes every exec'ed program dumpable again, so this says how a command's memory
+    /// and environment are kept from other runs instead.
+    pub command_dumpable: String,
+    /// Per-run limits and how they are enforced.
+    pub limits: String,
+}
+
+impl Report {
+    fn new(sandbox: &Sandbox, inside: Result<Inside, String>) -> Self {
+        let full = sandbox.isolation == Isolation::Full;
+        Self {
+            isolation: if full {
+                "bubblewrap: user, pid, mount, IPC, UTS namespaces".to_owned()
+            } else {
+                "NONE (--dangerously-run-without-isolation): runs share the host's view".to_owned()
+            },
+            inside,
+            host_uid: match (full, sandbox.per_run_uids) {
+                (true, true) => format!(
+                    "one per run from {} (runner is root)",
+                    sandbox.config.uid_base
+                ),
+                _ => "the runner's uid".to_owned(),
+            },
+            runner_not_dumpable: runner_not_dumpable(),
+            command_dumpable: if full {
+                "yes after exec (kernel rule); other runs cannot reach it: separate pid namespace, ptrace denied by seccomp".to_owned()
+            } else {
+                "yes after exec, and visible to other runs of this runner's uid".to_owned()
+            },
+            limits: format!(
+                "per run: {} processes (rlimit in the run's own user namespace), {} bytes of work dir and of /tmp (tmpfs); per process: {} bytes of address space, CPU time = timeout; cgroups not used",
+                sandbox.config.processes, sandbox.config.tmpfs_bytes, sandbox.config.memory_bytes
+            ),
+        }
+    }
+
+    /// What is missing for full isolation, if anything.
+    pub fn missing(&self) -> Vec<String> {
+        let inside = match &self.inside {
+            Ok(inside) => inside,
+            Err(e) => return vec![e.clone()],
+        };
+        let mut missing = Vec::new();
+        for (ok, layer) in [
+            (inside.rlimits, "resource limits"),
+            (inside.no_new_privs, "no_new_privs"),
+            (inside.seccomp, "seccomp"),
+            (inside.no_capabilities, "empty capability sets"),
+            (inside.user_namespace, "user namespace with an unprivileged mapping"),
+            (inside.pid_namespace, "pid namespace"),
+            (inside.private_proc, "private /proc"),
+            (inside.private_root, "private root"),
+            (inside.runner_files_hidden, "runner files hidden"),
+            (self.runner_not_dumpable, "runner not dumpable"),
+        ] {
+            if !ok {
+                missing.push(layer.to_owned());
+            }
+        }
+        missing
+    }
+}
+
+/// Makes the current process undumpable: its memory and `/proc/self/environ` are then closed to
+/// other processes of the same user (the runner calls this at start).
+pub fn make_undumpable() -> bool {
+    // SAFETY: PR_SET_DUMPABLE takes one integer argument and touches no memory of ours.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) == 0 }
+}
+
+fn runner_not_dumpable() -> bool {
+    // SAFETY: PR_GET_DUMPABLE takes no pointer arguments.
+    unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) == 0 }
+}
+
+/// Kills every process in the process group `group` (bubblewrap, and with it the whole run).
+pub fn kill_group(group: i32) {
+    if group > 1 {
+        // SAFETY: kill takes plain integers; a negative pid addresses the process group.
+        unsafe {
+            libc::kill(-group, libc::SIGKILL);
+        }
+    }
+}
