@@ -78,7 +78,6 @@ fn main() {
             custodian::pki::issue(dir.path(), &runner_id, &["127.0.0.1".into()], 1, &dir.path().join("r1")).expect("runner");
 
         // The runner, in this process, with this workspace's `custodian` binary as sandbox helper.
-        let work_root = tempfile::tempdir().expect("work root");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let runner_addr = listener.local_addr().expect("addr");
         let runner_config = custodian_runner::config::RunnerConfig {
@@ -89,11 +88,16 @@ fn main() {
             cert_file: r_cert,
             key_file: r_key,
             ca_file: dir.path().join("ca.pem"),
-            work_root: work_root.path().to_owned(),
             max_body_bytes: 1 << 20,
+            sandbox: custodian_runner::config::SandboxConfig::default(),
         };
         let stop = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(custodian_runner::run(runner_config, listener, HELPER.into(), stop.clone()));
+        let sandbox = custodian_runner::sandbox::Sandbox::new(
+            HELPER.into(),
+            runner_config.sandbox.clone(),
+            custodian_runner::Isolation::Full,
+        );
+        tokio::spawn(custodian_runner::run(runner_config, listener, HELPER.into(), custodian_runner::Isolation::Full, stop.clone()));
 
         // The gateway on SQLite with one environment, one secret, one runner, one active grant.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -171,6 +175,7 @@ fn main() {
         .await;
         let sandbox = time(calls, || async {
             let request = ExecRequest {
+                exec_id: "bench".into(),
                 grant_id: "bench".into(),
                 tenant: "bench".into(),
                 argv: vec!["true".into()],
@@ -180,7 +185,7 @@ fn main() {
                 secrets: vec![SecretEnv { name: "API_KEY".into(), value: "bench-secret-value-123".into() }],
                 traceparent: None,
             };
-            custodian_runner::exec::run(HELPER.as_ref(), work_root.path(), request).await.expect("exec");
+            custodian_runner::exec::run(&sandbox, request, Default::default()).await.expect("exec");
         })
         .await;
         let args = serde_json::json!({"grant_id": grant.as_str(), "argv": ["true"]});

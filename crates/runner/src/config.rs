@@ -92,6 +92,18 @@ impl RunnerConfig {
                     path.display()
                 ));
             }
+            for (key, file) in [
+                ("key_file", &config.key_file),
+                ("cert_file", &config.cert_file),
+                ("ca_file", &config.ca_file),
+            ] {
+                if file.starts_with(path) {
+                    problems.push(format!(
+                        "sandbox.read_only_paths: {} would show the runner's {key} to every run",
+                        path.display()
+                    ));
+                }
+            }
         }
         if sandbox.tmpfs_bytes < 1 << 20 {
             problems.push("sandbox.tmpfs_bytes: must be at least 1048576 (1 MiB)".to_owned());
@@ -127,5 +139,71 @@ impl RunnerConfig {
         Identity::Gateway {
             trust_domain: self.trust_domain.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The repository's example parses and names every key with its default.
+    #[test]
+    fn the_example_configuration_is_valid_and_complete() {
+        let text = include_str!("../../../config/runner.toml");
+        let raw: toml::Value = toml::from_str(text).expect("TOML");
+        let parsed: RunnerConfig = toml::from_str(text).expect("every key known");
+        let defaults = SandboxConfig::default();
+        assert_eq!(parsed.sandbox.tmpfs_bytes, defaults.tmpfs_bytes);
+        assert_eq!(parsed.sandbox.processes, defaults.processes);
+        assert_eq!(parsed.sandbox.memory_bytes, defaults.memory_bytes);
+        assert_eq!(parsed.sandbox.uid_base, defaults.uid_base);
+        assert_eq!(parsed.sandbox.bwrap, defaults.bwrap);
+        assert_eq!(parsed.max_body_bytes, default_max_body());
+        for key in [
+            "listen",
+            "trust_domain",
+            "tenant",
+            "name",
+            "cert_file",
+            "key_file",
+            "ca_file",
+            "max_body_bytes",
+        ] {
+            assert!(raw.get(key).is_some(), "{key} is documented");
+        }
+        for key in [
+            "bwrap",
+            "read_only_paths",
+            "tmpfs_bytes",
+            "processes",
+            "memory_bytes",
+            "uid_base",
+        ] {
+            assert!(raw["sandbox"].get(key).is_some(), "sandbox.{key} is documented");
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = "listen = \"127.0.0.1:1\"\ntrust_domain = \"td\"\ntenant = \"Bad Tenant\"\nname = \"r\"\n\
+                    cert_file = \"/nonexistent/c\"\nkey_file = \"/nonexistent/k\"\nca_file = \"/nonexistent/ca\"\n\
+                    [sandbox]\nread_only_paths = [\"relative\", \"/nonexistent\"]\ntmpfs_bytes = 1\nprocesses = 1\n";
+        let error = RunnerConfig::from_toml(text).unwrap_err().to_string();
+        for expected in [
+            "trust_domain/tenant/name",
+            "cert_file",
+            "key_file",
+            "ca_file",
+            "sandbox.read_only_paths: relative is not an absolute path",
+            "sandbox.read_only_paths: /nonexistent would show the runner's key_file",
+            "sandbox.tmpfs_bytes",
+            "sandbox.processes",
+        ] {
+            assert!(error.contains(expected), "{expected} missing from: {error}");
+        }
+        assert!(
+            RunnerConfig::from_toml("listen = \"127.0.0.1:1\"\nwork_root = \"/tmp\"").is_err(),
+            "unknown keys are refused"
+        );
     }
 }

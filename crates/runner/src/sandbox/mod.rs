@@ -101,13 +101,16 @@ pub struct Sandbox {
     isolation: Isolation,
     /// The runner is root: each run gets its own host uid from `config.uid_base`.
     per_run_uids: bool,
-    slots: Arc<Mutex<BTreeSet<u32>>>,
+    slots: Slots,
     bwrap_args: Vec<OsString>,
 }
 
+/// The per-run uid slots in use.
+type Slots = Arc<Mutex<BTreeSet<u32>>>;
+
 /// What a started command holds until it is over: its uid slot and (unisolated) its work dir.
 pub struct Lease {
-    slot: Option<(u32, Arc<Mutex<BTreeSet<u32>>>)>,
+    slot: Option<(u32, Slots)>,
     _work: Option<tempfile::TempDir>,
 }
 
@@ -172,7 +175,7 @@ impl Sandbox {
         }
     }
 
-    fn take_slot(&self) -> Result<Option<(u32, Arc<Mutex<BTreeSet<u32>>>)>, String> {
+    fn take_slot(&self) -> Result<Option<(u32, Slots)>, String> {
         if !self.per_run_uids || self.isolation != Isolation::Full {
             return Ok(None);
         }
