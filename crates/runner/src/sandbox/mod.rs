@@ -145,6 +145,39 @@ impl Sandbox {
         self.isolation
     }
 
+    /// Kills whatever still runs under a per-run uid (a previous runner that was killed between
+    /// fork and its death signal): run at start, before any run of this runner exists. Returns
+    /// how many processes it killed. Nothing of a run lives on disk, so processes are all there is
+    /// to sweep.
+    pub fn sweep(&self) -> usize {
+        if !self.per_run_uids || self.isolation != Isolation::Full {
+            return 0;
+        }
+        let range = self.config.uid_base..self.config.uid_base.saturating_add(UID_SLOTS);
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return 0;
+        };
+        let mut killed = 0;
+        for entry in entries.filter_map(Result::ok) {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            let uid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u32>().ok());
+            if uid.is_some_and(|uid| range.contains(&uid)) {
+                // SAFETY: kill takes plain integers.
+                if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                    killed += 1;
+                }
+            }
+        }
+        killed
+    }
+
     fn layers(&self, cpu_seconds: u64, hidden: Option<PathBuf>, work: Option<&Path>) -> Layers {
         let (readable, writable) = match (self.isolation, work) {
             (Isolation::Full, _) => {
