@@ -197,3 +197,32 @@ def run(profile):
     )
     output = (result.stdout + result.stderr).strip()
     return result.returncode == 0 and MARKER in result.stdout, output
+
+
+def runner_supports_bubblewrap(runner):
+    """Whether `runner` is a custodian-runner that isolates runs with bubblewrap."""
+    if not runner.is_file():
+        return False
+    result = subprocess.run([str(runner), "--help"], capture_output=True, text=True, timeout=30)
+    return "--dangerously-run-without-isolation" in result.stdout + result.stderr
+
+
+def runner_check(runner, profile, config=None):
+    """`custodian-runner check [--config config]` as the runner uid, under `profile` (None: no
+    filter): (exit code, the lines naming what is missing or wrong, if any)."""
+    result = subprocess.run(
+        [str(runner), "check", *(["--config", str(config)] if config else [])],
+        user=RUNNER_UID,
+        group=RUNNER_UID,
+        extra_groups=[],
+        preexec_fn=_loader(profile) if profile else None,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    missing = [line for line in result.stdout.splitlines() if line.startswith("MISSING")]
+    if result.returncode != 0 and not missing:
+        missing = [result.stderr.strip()]
+    return result.returncode, missing

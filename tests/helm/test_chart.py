@@ -13,6 +13,7 @@ import os
 import pathlib
 import re
 import sys
+import tempfile
 import tomllib
 
 import helm_python as helm
@@ -298,7 +299,7 @@ def set_config(mutated_docs, text):
             d["data"]["runner.toml"] = text
 
 
-original_toml = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == runner["metadata"]["name"])["data"]["runner.toml"]
+runner_config_text = original_toml = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == runner["metadata"]["name"])["data"]["runner.toml"]
 weakenings = {
     "hostUsers true": lambda d, _: d["spec"]["template"]["spec"].update(hostUsers=True),
     "procMount Default": lambda d, _: d["spec"]["template"]["spec"]["containers"][0]["securityContext"].update(procMount="Default"),
@@ -411,6 +412,28 @@ else:
         for syscall in seccomp_live.ADDITIONS:
             ok, output = seccomp_live.run(seccomp_live.runtime_default_for(PROFILE, syscall))
             check(f"with {syscall} as RuntimeDefault has it, bubblewrap cannot build the sandbox", not ok, output)
+        # The runner itself (its probe goes through the same sandbox as a command) loses nothing to
+        # the profile: `check` reports the same layers with and without it.
+        runner_bin = pathlib.Path(os.environ.get("CUSTODIAN_RUNNER_BIN", ROOT / "target" / "debug" / "custodian-runner"))
+        if seccomp_live.runner_supports_bubblewrap(runner_bin):
+            plain = seccomp_live.runner_check(runner_bin, None)
+            under = seccomp_live.runner_check(runner_bin, PROFILE)
+            check("custodian-runner check sees the same sandbox under the profile as without it", plain == under, f"without: {plain}, under: {under}")
+            check("custodian-runner check finds runs isolated under the profile", under == (0, []), under)
+            # The chart's runner.toml is one the runner accepts, and isolates runs with as rendered
+            # (certificate paths pointed at placeholder files: only their existence is checked here).
+            with tempfile.TemporaryDirectory() as tls:
+                os.chmod(tls, 0o755)
+                for name in ("tls.crt", "tls.key", "ca.crt"):
+                    (pathlib.Path(tls) / name).write_text("")
+                    os.chmod(pathlib.Path(tls) / name, 0o644)
+                config = pathlib.Path(tls) / "runner.toml"
+                config.write_text(runner_config_text.replace("/etc/custodian-runner/tls", tls))
+                os.chmod(config, 0o644)
+                result = seccomp_live.runner_check(runner_bin, PROFILE, config)
+                check("custodian-runner check accepts the chart's runner.toml and isolates runs with it", result == (0, []), result)
+        else:
+            print(f"SKIP custodian-runner check under the profile: {runner_bin} is missing or predates the bubblewrap sandbox")
 
 # --- The image and the chart's prerequisites. -------------------------------------------------
 
