@@ -1,5 +1,6 @@
 # Two images from one build: `gateway` (distroless, non-root) and `runner` (Debian slim, non-root,
-# with a shell and the usual tools for the commands it runs). Build with
+# with a shell and the usual tools for the commands it runs, and bubblewrap, which builds each run's
+# sandbox; Debian's bwrap is not setuid: it relies on unprivileged user namespaces). Build with
 #   docker build --target gateway -t custodian:dev .
 #   docker build --target runner  -t custodian-runner:dev .
 # The build stage runs the same cargo command as CI's build step.
@@ -19,7 +20,7 @@ CMD ["serve", "--config", "/etc/custodian/custodian.toml"]
 
 FROM debian:bookworm-slim AS runner
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates curl postgresql-client python3 \
+ && apt-get install -y --no-install-recommends bubblewrap ca-certificates curl postgresql-client python3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /var/lib/custodian-runner --create-home runner
 COPY --from=build /src/target/release/custodian-runner /usr/local/bin/custodian-runner
