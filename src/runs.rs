@@ -134,17 +134,17 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
     // A grant that is not active is refused for what it is, before any runner is looked up.
     let seen = grants::status(app, caller, &args.grant_id).await?;
     if seen.state != GrantState::Active {
-        return Err(grants::consume(app, caller, &args.grant_id, &serde_json::Value::Null)
-            .await
-            .err()
-            .unwrap_or_else(|| {
-                GrantError::NotUsable {
+        return Err(
+            grants::consume(app, caller, &args.grant_id, &serde_json::Value::Null)
+                .await
+                .err()
+                .unwrap_or_else(|| GrantError::NotUsable {
                     id: seen.grant_id.clone(),
                     state: seen.state.as_str(),
                     hint: "request a new grant",
-                }
-            })
-            .into());
+                })
+                .into(),
+        );
     }
     let env = environments::get(&app.db, &caller.tenant, &seen.environment)
         .await
@@ -212,7 +212,11 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
     let sent = {
         let exec = app
             .dispatcher
-            .exec(&runner, &request, Duration::from_millis(timeout_ms + 10_000))
+            .exec(
+                &runner,
+                &request,
+                Duration::from_millis(timeout_ms + 10_000),
+            )
             .instrument(span.clone());
         tokio::pin!(exec);
         let watch = grant_ends(app, &tenant, &grant.id, grant.expires_at);
@@ -238,7 +242,9 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
                 .runner_error(caller.tenant.as_str(), &runner.name);
             span.record("custodian.error", tracing::field::display(&error));
             drop(span);
-            return Err(dispatch_failed(app, &tenant, &grant.id, &exec_id, &runner.name, &error).await);
+            return Err(
+                dispatch_failed(app, &tenant, &grant.id, &exec_id, &runner.name, &error).await,
+            );
         }
     };
 
@@ -318,7 +324,9 @@ async fn grant_ends(
     expires_at: UnixSeconds,
 ) -> &'static str {
     loop {
-        let left = Duration::from_millis(u64::try_from(expires_at * 1000 - app.clock.now_ms()).unwrap_or(0));
+        let left = Duration::from_millis(
+            u64::try_from(expires_at * 1000 - app.clock.now_ms()).unwrap_or(0),
+        );
         if left.is_zero() {
             return "expired";
         }

@@ -442,8 +442,16 @@ pub async fn exec_failed(
             == 1;
     let mut detail = detail.clone();
     detail["use_given_back"] = Value::Bool(given_back);
-    crate::audit::append(&mut tx, audit, tenant.as_str(), id, "exec.failed", &detail, now_ms)
-        .await?;
+    crate::audit::append(
+        &mut tx,
+        audit,
+        tenant.as_str(),
+        id,
+        "exec.failed",
+        &detail,
+        now_ms,
+    )
+    .await?;
     tx.commit().await?;
     Ok(given_back)
 }

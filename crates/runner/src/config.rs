@@ -179,7 +179,10 @@ mod tests {
             "memory_bytes",
             "uid_base",
         ] {
-            assert!(raw["sandbox"].get(key).is_some(), "sandbox.{key} is documented");
+            assert!(
+                raw["sandbox"].get(key).is_some(),
+                "sandbox.{key} is documented"
+            );
         }
     }
 

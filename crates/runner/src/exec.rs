@@ -107,7 +107,9 @@ pub async fn run(
     let killed = timed_out || cancelled;
     Ok(ExecResponse {
         exit_code: status.and_then(|s| s.code()).filter(|_| !killed),
-        signal: status.and_then(|s| s.signal()).or(killed.then_some(libc::SIGKILL)),
+        signal: status
+            .and_then(|s| s.signal())
+            .or(killed.then_some(libc::SIGKILL)),
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
         redactions,

@@ -42,7 +42,10 @@ pub async fn prepare(
     let sandbox = sandbox::Sandbox::new(helper, config.sandbox.clone(), isolation);
     let swept = sandbox.sweep();
     if swept > 0 {
-        tracing::warn!(processes = swept, "killed processes left by an earlier runner's runs");
+        tracing::warn!(
+            processes = swept,
+            "killed processes left by an earlier runner's runs"
+        );
     }
     let report = sandbox.check(&config.key_file).await;
     let missing = report.missing();

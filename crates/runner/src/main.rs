@@ -110,8 +110,7 @@ async fn serve(helper: PathBuf, path: &str, isolation: Isolation) -> anyhow::Res
         });
     tracing_subscriber::registry()
         .with(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with(telemetry.layer())
         .with(

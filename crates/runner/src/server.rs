@@ -139,7 +139,11 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|e| {
         refuse(
             StatusCode::BAD_REQUEST,
-            &format!("malformed request (line {}, column {})", e.line(), e.column()),
+            &format!(
+                "malformed request (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
         )
     })
 }
@@ -164,7 +168,10 @@ async fn handle(
 
 fn cancel_run(runner: &Runner, cancel: &CancelRequest) -> Response<Body> {
     if cancel.tenant != runner.config.tenant {
-        return refuse(StatusCode::FORBIDDEN, "this runner does not serve that tenant");
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "this runner does not serve that tenant",
+        );
     }
     let found = runner
         .runs
@@ -203,13 +210,19 @@ impl Drop for Registered {
 fn exec_streaming(runner: Arc<Runner>, exec: ExecRequest) -> Response<Body> {
     if exec.tenant != runner.config.tenant {
         tracing::warn!(tenant = %exec.tenant, "refused a request for another tenant");
-        return refuse(StatusCode::FORBIDDEN, "this runner does not serve that tenant");
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "this runner does not serve that tenant",
+        );
     }
     let cancel = runner.stopping.child_token();
     {
         let mut runs = runner.runs.lock().unwrap_or_else(|e| e.into_inner());
         if runs.contains_key(&exec.exec_id) {
-            return refuse(StatusCode::CONFLICT, "an exec with this id is already running");
+            return refuse(
+                StatusCode::CONFLICT,
+                "an exec with this id is already running",
+            );
         }
         runs.insert(exec.exec_id.clone(), cancel.clone());
     }

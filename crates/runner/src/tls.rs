@@ -62,7 +62,11 @@ pub fn check_identity(cert: &Path, identity: &str) -> anyhow::Result<()> {
         names.iter().any(|n| n == identity),
         "cert_file {} carries {} but this runner is configured as {identity} (trust_domain, tenant, name); issue a certificate for this identity",
         cert.display(),
-        if names.is_empty() { "no SPIFFE identity".to_owned() } else { names.join(", ") },
+        if names.is_empty() {
+            "no SPIFFE identity".to_owned()
+        } else {
+            names.join(", ")
+        },
     );
     Ok(())
 }

@@ -90,8 +90,18 @@ fn landlock(readable: &[PathBuf], writable: &[PathBuf]) -> String {
     let result = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))
         .and_then(|r| r.create())
-        .and_then(|r| r.add_rules(path_beneath_rules(existing(readable), AccessFs::from_read(abi))))
-        .and_then(|r| r.add_rules(path_beneath_rules(existing(writable), AccessFs::from_all(abi))))
+        .and_then(|r| {
+            r.add_rules(path_beneath_rules(
+                existing(readable),
+                AccessFs::from_read(abi),
+            ))
+        })
+        .and_then(|r| {
+            r.add_rules(path_beneath_rules(
+                existing(writable),
+                AccessFs::from_all(abi),
+            ))
+        })
         .and_then(|r| r.restrict_self());
     match result {
         Ok(status) => match status.ruleset {
@@ -215,6 +225,9 @@ pub fn helper_main(args: Vec<OsString>) -> ExitCode {
         return ExitCode::from(126);
     }
     let error = std::process::Command::new(program).args(rest).exec();
-    eprintln!("sandbox: cannot execute {}: {error}", Path::new(program).display());
+    eprintln!(
+        "sandbox: cannot execute {}: {error}",
+        Path::new(program).display()
+    );
     ExitCode::from(127)
 }

@@ -22,6 +22,7 @@
     reason = "prctl and kill are plain libc calls in pre_exec; each block states why it is sound"
 )]
 
+mod etc;
 pub mod filter;
 pub mod inner;
 
@@ -46,7 +47,9 @@ const TMP_DIR: &str = "/tmp";
 /// The uid and gid of every command inside its user namespace.
 const INSIDE_ID: &str = "65534";
 /// Host directories bound read-only (or recreated as the same symlink) in every run.
-const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+const SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+];
 /// The parts of `/etc` a command may need; the rest of `/etc` is not there.
 const ETC_ALLOWLIST: &[&str] = &[
     "alternatives",
@@ -76,7 +79,8 @@ const ETC_ALLOWLIST: &[&str] = &[
     "python3",
     "resolv.conf",
     "services",
-    "ssl",
+    "ssl/certs",
+    "ssl/openssl.cnf",
     "terminfo",
     "timezone",
 ];
@@ -103,6 +107,8 @@ pub struct Sandbox {
     per_run_uids: bool,
     slots: Slots,
     bwrap_args: Vec<OsString>,
+    /// The copy of `/etc` runs see, removed with the sandbox.
+    _etc: Option<tempfile::TempDir>,
 }
 
 /// The per-run uid slots in use.
@@ -117,7 +123,10 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some((slot, slots)) = self.slot.take() {
-            slots.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
+            slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&slot);
         }
     }
 }
@@ -130,7 +139,14 @@ impl Sandbox {
     pub fn new(helper: PathBuf, config: SandboxConfig, isolation: Isolation) -> Self {
         // SAFETY: geteuid only reads the process's credentials.
         let root = unsafe { libc::geteuid() } == 0;
-        let bwrap_args = bwrap_args(&helper, &config);
+        let etc = match etc::copy(ETC_ALLOWLIST) {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot copy /etc for runs; binding each entry instead (slower starts)");
+                None
+            }
+        };
+        let bwrap_args = bwrap_args(&helper, &config, etc.as_ref().map(tempfile::TempDir::path));
         Self {
             helper,
             config,
@@ -138,6 +154,7 @@ impl Sandbox {
             per_run_uids: root,
             slots: Arc::default(),
             bwrap_args,
+            _etc: etc,
         }
     }
 
@@ -159,7 +176,11 @@ impl Sandbox {
         };
         let mut killed = 0;
         for entry in entries.filter_map(Result::ok) {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
                 continue;
             };
             let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
@@ -187,7 +208,10 @@ impl Sandbox {
                     .map(PathBuf::from)
                     .collect();
                 readable.extend(self.config.read_only_paths.iter().cloned());
-                (readable, vec![WORK_DIR.into(), TMP_DIR.into(), "/dev".into()])
+                (
+                    readable,
+                    vec![WORK_DIR.into(), TMP_DIR.into(), "/dev".into()],
+                )
             }
             (Isolation::DangerouslyNone, work) => (
                 vec!["/".into()],
@@ -327,10 +351,7 @@ impl Sandbox {
                     out.status,
                     String::from_utf8_lossy(&out.stderr).trim()
                 )),
-                Err(e) => Err(format!(
-                    "cannot start {}: {e}",
-                    self.config.bwrap.display()
-                )),
+                Err(e) => Err(format!("cannot start {}: {e}", self.config.bwrap.display())),
             },
             Err(e) => Err(e),
         };
@@ -339,7 +360,7 @@ impl Sandbox {
 }
 
 /// Builds bubblewrap's arguments once: they are the same for every run.
-fn bwrap_args(helper: &Path, config: &SandboxConfig) -> Vec<OsString> {
+fn bwrap_args(helper: &Path, config: &SandboxConfig, etc_copy: Option<&Path>) -> Vec<OsString> {
     let mut args: Vec<OsString> = [
         "--unshare-user",
         "--unshare-pid",
@@ -376,7 +397,14 @@ fn bwrap_args(helper: &Path, config: &SandboxConfig) -> Vec<OsString> {
             _ => {}
         }
     }
-    for entry in ETC_ALLOWLIST {
+    let bound_one_by_one: &[&str] = match etc_copy {
+        Some(copy) => {
+            push(&["--ro-bind".as_ref(), copy.as_os_str(), "/etc".as_ref()]);
+            etc::LIVE
+        }
+        None => ETC_ALLOWLIST,
+    };
+    for entry in bound_one_by_one {
         let path = Path::new("/etc").join(entry);
         push(&["--ro-bind-try".as_ref(), path.as_os_str(), path.as_os_str()]);
     }
@@ -384,7 +412,12 @@ fn bwrap_args(helper: &Path, config: &SandboxConfig) -> Vec<OsString> {
         push(&["--ro-bind-try".as_ref(), path.as_os_str(), path.as_os_str()]);
     }
     let size = config.tmpfs_bytes.to_string();
-    push(&["--proc".as_ref(), "/proc".as_ref(), "--dev".as_ref(), "/dev".as_ref()]);
+    push(&[
+        "--proc".as_ref(),
+        "/proc".as_ref(),
+        "--dev".as_ref(),
+        "/dev".as_ref(),
+    ]);
     for dir in [WORK_DIR, TMP_DIR, "/dev/shm"] {
         push(&[
             "--perms".as_ref(),
@@ -466,7 +499,10 @@ impl Report {
             (inside.no_new_privs, "no_new_privs"),
             (inside.seccomp, "seccomp"),
             (inside.no_capabilities, "empty capability sets"),
-            (inside.user_namespace, "user namespace with an unprivileged mapping"),
+            (
+                inside.user_namespace,
+                "user namespace with an unprivileged mapping",
+            ),
             (inside.pid_namespace, "pid namespace"),
             (inside.private_proc, "private /proc"),
             (inside.private_root, "private root"),
