@@ -15,6 +15,7 @@ mod harness;
 mod idp;
 mod mcp_clients;
 mod processes;
+mod purpose;
 mod runners;
 mod secrets;
 mod telemetry;
