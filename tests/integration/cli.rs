@@ -454,16 +454,12 @@ fn invalid_config_file_is_refused_with_every_problem_and_creates_nothing() {
 /// `custodian ARGS` run in `dir` with no configuration anywhere but a master key in the environment
 /// (so that only the missing configuration can stop it).
 fn in_dir(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let key = custodian::keys::MasterKey::generate().to_base64();
     std::process::Command::new(CUSTODIAN)
         .args(args)
         .current_dir(dir)
         .env_remove("CUSTODIAN_CONFIG")
-        .env(
-            "CUSTODIAN_MASTER_KEY",
-            custodian::keys::MasterKey::generate()
-                .to_base64()
-                .to_string(),
-        )
+        .env("CUSTODIAN_MASTER_KEY", key.as_str())
         .output()
         .unwrap()
 }

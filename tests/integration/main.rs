@@ -10,6 +10,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod config;
+mod docs;
 mod grants;
 mod harness;
 mod idp;
