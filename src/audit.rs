@@ -6,11 +6,14 @@
 //!   the action itself: if the record cannot be written, the action does not happen (fail closed).
 //! - Record `n` carries `HMAC(key, tenant | n | time | kind | grant | detail | mac of n-1)`.
 //!   [`verify`] finds a changed, deleted, reordered or inserted record and names it.
+//! - [`tenants`] lists every tenant of the tenants table, of the chain heads and of the records, so
+//!   a chain whose head was deleted is still checked; a chain without its head, and a tenant whose
+//!   grants have no records (head and records deleted together), are tampering.
 //! - Details never hold secret material (values, tokens, device codes).
 //!
-//! Limit: someone with write access to the database who deletes the newest records and rewinds the
-//! chain head accordingly is not detected by the chain alone; export the log (or watch the head)
-//! to detect truncation.
+//! Limit: someone with write access to the database who deletes the newest records (and the grants
+//! they recorded) and rewinds the chain head accordingly is not detected by the chain alone; export
+//! the log (or watch the head) to detect truncation.
 
 use hmac::{Hmac, Mac};
 use serde::Serialize;
@@ -181,12 +184,15 @@ pub async fn all(db: &Db, tenant: &TenantId) -> Result<Vec<Entry>, StoreError> {
     )
 }
 
-/// Tenants that have an audit chain.
+/// Every tenant that has, or should have, an audit chain: those of the tenants table, of the chain
+/// heads and of the records. A tenant that appears in only one of them is still verified.
 pub async fn tenants(db: &Db) -> Result<Vec<String>, StoreError> {
-    let rows: Vec<(String,)> =
-        sqlx::query_as("SELECT tenant_id FROM audit_heads ORDER BY tenant_id")
-            .fetch_all(db.pool())
-            .await?;
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT id FROM tenants UNION SELECT tenant_id FROM audit_heads \
+         UNION SELECT tenant_id FROM audit_log ORDER BY 1",
+    )
+    .fetch_all(db.pool())
+    .await?;
     Ok(rows.into_iter().map(|(t,)| t).collect())
 }
 
@@ -217,6 +223,14 @@ pub enum Tampering {
         last: i64,
         head: i64,
     },
+    #[error(
+        "tenant {tenant}: the chain has records up to {last} but its head is missing (deleted)"
+    )]
+    HeadMissing { tenant: String, last: i64 },
+    #[error(
+        "tenant {tenant}: grant {grant} has no audit record (its records were deleted, with the chain head rewound or removed)"
+    )]
+    Unrecorded { tenant: String, grant: String },
 }
 
 /// Checks a tenant's chain; `Ok(n)` is the number of records verified.
@@ -276,14 +290,34 @@ pub async fn verify(
         previous_mac = entry.mac.clone();
         previous_seq = entry.seq;
     }
-    if let Some((head,)) = head
-        && head != previous_seq
-    {
-        return Ok(Err(Tampering::Truncated {
-            tenant: t,
-            last: previous_seq,
-            head,
-        }));
+    match head {
+        Some((head,)) if head != previous_seq => {
+            return Ok(Err(Tampering::Truncated {
+                tenant: t,
+                last: previous_seq,
+                head,
+            }));
+        }
+        None if !entries.is_empty() => {
+            return Ok(Err(Tampering::HeadMissing {
+                tenant: t,
+                last: previous_seq,
+            }));
+        }
+        _ => {}
+    }
+    // Every grant is requested in the same transaction as its first record: a grant without one
+    // means records were removed, head included, and the chain alone would look consistent.
+    let unrecorded: Option<(String,)> = sqlx::query_as(
+        "SELECT g.id FROM grants g WHERE g.tenant_id = $1 AND NOT EXISTS \
+         (SELECT 1 FROM audit_log a WHERE a.tenant_id = g.tenant_id AND a.grant_id = g.id \
+          AND a.kind = 'grant.requested') ORDER BY g.created_at, g.id LIMIT 1",
+    )
+    .bind(tenant.as_str())
+    .fetch_optional(db.pool())
+    .await?;
+    if let Some((grant,)) = unrecorded {
+        return Ok(Err(Tampering::Unrecorded { tenant: t, grant }));
     }
     Ok(Ok(entries.len()))
 }

@@ -1,5 +1,12 @@
 //! Custodian: a multi-tenant MCP gateway that lets AI coding agents use credentials without
-//! holding them. See `../shared/DESIGN.md` in the project workspace and `README.md`.
+//! holding them. An agent asks for a task grant, a human approves it at the tenant's identity
+//! provider (OIDC device flow), and commands then run on sandboxed runners that receive the secrets
+//! over mTLS and return redacted output; every step is an audit record and a span of the grant's
+//! trace.
+//!
+//! The repository's `README.md` explains how to run and operate it, `SECURITY.md` what it
+//! guarantees, `docs/ARCHITECTURE.md` how the modules below fit together, and
+//! `docs/DEVELOPMENT.md` how the code is organised and tested.
 
 pub mod agent_tokens;
 pub mod app;

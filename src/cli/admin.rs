@@ -44,8 +44,9 @@ pub enum AdminCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Check every tenant's chain (or one); fails naming the first changed, deleted, reordered or
-    /// inserted record.
+    /// Check the chain of every tenant (of the tenants table and of the log), or of one; fails
+    /// naming the first changed, deleted, reordered or inserted record, a missing chain head, and
+    /// grants whose records are gone.
     Verify {
         #[arg(long)]
         tenant: Option<String>,
@@ -88,8 +89,9 @@ pub enum PkiCommand {
     Issue {
         #[arg(long)]
         dir: std::path::PathBuf,
-        #[arg(long, default_value = "custodian.local")]
-        trust_domain: String,
+        /// Trust domain of the identity; it must be the CA's (the default).
+        #[arg(long)]
+        trust_domain: Option<String>,
         /// The gateway's identity (spiffe://<trust-domain>/gateway).
         #[arg(long, conflicts_with = "runner")]
         gateway: bool,
@@ -253,13 +255,18 @@ pub enum TokenCommand {
     Revoke { tenant: String, token: String },
 }
 
+/// Runs the commands that touch no database (`master-key generate`, `pki …`), which therefore need
+/// no configuration; `None` for every other command.
+pub fn offline(command: &AdminCommand) -> Option<anyhow::Result<()>> {
+    match command {
+        AdminCommand::MasterKey(MasterKeyCommand::Generate { out }) => Some(write_master_key(out)),
+        AdminCommand::Pki(pki) => Some(pki_command(pki)),
+        _ => None,
+    }
+}
+
+/// Runs a command that needs the database (every one [`offline`] does not take).
 pub async fn run(config: Config, command: AdminCommand) -> anyhow::Result<()> {
-    if let AdminCommand::MasterKey(MasterKeyCommand::Generate { out }) = &command {
-        return write_master_key(out);
-    }
-    if let AdminCommand::Pki(pki) = &command {
-        return pki_command(pki);
-    }
     let app = App::from_config(config, std::env::vars()).await?;
     let now = app.clock.now();
     let result = dispatch(&app, command, now).await;
@@ -323,10 +330,17 @@ async fn dispatch(app: &App, command: AdminCommand, now: clock::UnixSeconds) -> 
         AdminCommand::Secret(command) => secret_command(app, command, now).await?,
         AdminCommand::Pki(_) => unreachable!("handled before opening the database"),
         AdminCommand::Audit(AuditCommand::Verify { tenant }) => {
+            let known = crate::audit::tenants(db).await?;
             let tenants = match tenant {
-                Some(t) => vec![TenantId::parse(&t)?],
-                None => crate::audit::tenants(db)
-                    .await?
+                Some(t) => {
+                    let t = TenantId::parse(&t)?;
+                    anyhow::ensure!(
+                        known.iter().any(|k| k == t.as_str()),
+                        "no tenant `{t}`: it is neither in the tenants table nor in the audit log"
+                    );
+                    vec![t]
+                }
+                None => known
                     .iter()
                     .map(|t| TenantId::parse(t))
                     .collect::<Result<_, _>>()?,
@@ -645,16 +659,18 @@ fn pki_command(command: &PkiCommand) -> anyhow::Result<()> {
             days,
             out,
         } => {
+            let trust_domain = match trust_domain {
+                Some(td) => td.clone(),
+                None => crate::pki::trust_domain(dir)?,
+            };
             let identity = match (gateway, runner) {
-                (true, _) => Identity::Gateway {
-                    trust_domain: trust_domain.clone(),
-                },
+                (true, _) => Identity::Gateway { trust_domain },
                 (false, Some(runner)) => {
                     let (tenant, name) = runner
                         .split_once('/')
                         .ok_or_else(|| anyhow::anyhow!("--runner takes TENANT/NAME"))?;
                     Identity::Runner {
-                        trust_domain: trust_domain.clone(),
+                        trust_domain,
                         tenant: tenant.to_owned(),
                         name: name.to_owned(),
                     }

@@ -16,6 +16,8 @@ use crate::oidc::dev_idp::{DEV_CLIENT_ID, DevIdp, DevModeOnly};
 use crate::tenants::{self, IdpSettings, TenantId};
 
 pub const DEV_TENANT: &str = "dev";
+/// Where `custodian dev` keeps its state unless `--data-dir` says otherwise.
+pub const DEFAULT_DATA_DIR: &str = "custodian-dev";
 pub const DEV_ENVIRONMENT: &str = "demo";
 
 #[derive(Debug, clap::Args)]
@@ -23,7 +25,7 @@ pub struct DevArgs {
     #[command(subcommand)]
     action: Option<DevAction>,
     /// Directory for the SQLite database and other dev state.
-    #[arg(long, default_value = "custodian-dev", global = true)]
+    #[arg(long, default_value = DEFAULT_DATA_DIR, global = true)]
     data_dir: PathBuf,
     /// Loopback address to listen on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -67,16 +69,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             )
         })?;
     let addr = listener.local_addr()?;
-    let db_path = args.data_dir.join("custodian.db");
-    let key_path = args.data_dir.join(MASTER_KEY_FILE);
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    // Absolute paths, so that the written config works from any directory.
+    let data_dir = std::fs::canonicalize(&args.data_dir)
+        .with_context(|| format!("resolving {}", args.data_dir.display()))?;
+    let db_path = data_dir.join("custodian.db");
+    let key_path = data_dir.join(MASTER_KEY_FILE);
     if !key_path.exists() {
         super::admin::write_master_key(&key_path)?;
     }
-    let pki = dev_pki(&args.data_dir)?;
+    let pki = dev_pki(&data_dir)?;
     let toml = format!(
-        "[server]\nlisten = \"{addr}\"\npublic_url = \"http://{addr}\"\n\n[database]\nurl = \"sqlite://{}\"\n\n[secrets]\nmaster_key_file = \"{}\"\n\n[runners]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n[log]\nfilter = \"warn,custodian=info,custodian_runner=info\"\n",
+        "# Written by `custodian dev` at each start; `custodian admin --config THIS_FILE …` manages this instance.\n[server]\nlisten = \"{addr}\"\npublic_url = \"http://{addr}\"\n\n[database]\nurl = \"sqlite://{}\"\n\n[secrets]\nmaster_key_file = \"{}\"\n\n[runners]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n[log]\nfilter = \"warn,custodian=info,custodian_runner=info\"\n",
         db_path.display(),
         key_path.display(),
         pki.join("ca.pem").display(),
@@ -84,6 +89,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         pki.join("gateway.key").display(),
     );
     let config = Config::from_toml(&toml, std::iter::empty())?;
+    let config_path = config_file(&args.data_dir);
+    std::fs::write(&config_path, &toml)
+        .with_context(|| format!("writing {}", config_path.display()))?;
     let telemetry = super::init_logging(&config.log);
     let grace = config.server.shutdown_grace;
     let mut app = App::from_config(config, std::env::vars()).await?;
@@ -122,7 +130,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          tool_timeout_sec = 300\n\n\
          Grants are approved at the dev identity provider ({issuer}): open the approval link the\n\
          agent relays, or run `custodian dev approve <user code>`.\n\n\
+         Manage this instance with `custodian admin --config {config} …`\n\
+         (e.g. `custodian admin --config {config} grants list dev`).\n\n\
          Press Ctrl-C to stop.",
+        config = config_path.display(),
         issuer = idp.issuer,
         dir = args.data_dir.display(),
         token = token.expose_secret(),
@@ -134,6 +145,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     app.db.close().await;
     telemetry.shutdown();
     Ok(())
+}
+
+/// The configuration `custodian dev` runs with, written into its data directory for `admin`.
+pub fn config_file(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("custodian.toml")
 }
 
 /// Makes sure tenant `dev` (approving at the dev IdP) and environment `demo` exist, and creates a

@@ -85,14 +85,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load_config(&arg)?;
             let _telemetry = init_logging(&config.log);
             let db = crate::store::Db::connect(&config.database.url, 1).await?;
-            db.migrate().await?;
+            let applied = db.migrate().await;
             db.close().await;
-            println!("database is up to date");
+            println!("{}", migrate_report(&applied?));
             Ok(())
         }
         Command::Dev(args) => dev::run(args).await,
         Command::Admin { config, command } => {
-            let config = load_config(&config)?;
+            if let Some(offline) = admin::offline(&command) {
+                return offline;
+            }
+            let path = admin_config_file(config.config)?;
+            let config = Config::load(Some(&path), std::env::vars())?;
             admin::run(config, command).await
         }
     }
@@ -100,6 +104,54 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
     Ok(Config::load(arg.config.as_deref(), std::env::vars())?)
+}
+
+/// Where `admin` looks for the deployment's configuration when neither `--config` nor
+/// `CUSTODIAN_CONFIG` names it (the path the container image uses).
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/custodian/custodian.toml";
+
+/// The config file `admin` works with: `--config`/`CUSTODIAN_CONFIG` (`given`), else
+/// [`DEFAULT_CONFIG_FILE`] when it exists. Without either it refuses: built-in defaults would
+/// silently open (and create) a database in the current directory instead of the deployment's.
+fn admin_config_file(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    let default = std::path::Path::new(DEFAULT_CONFIG_FILE);
+    if default.is_file() {
+        return Ok(default.to_owned());
+    }
+    let dev = dev::config_file(std::path::Path::new(dev::DEFAULT_DATA_DIR));
+    let dev_hint = if dev.is_file() {
+        format!(
+            "\n`custodian dev` keeps its configuration in {0}: for that instance pass --config {0}",
+            dev.display()
+        )
+    } else {
+        String::new()
+    };
+    anyhow::bail!(
+        "no configuration: `custodian admin` works on the deployment's database, so point it at the \
+         config file `custodian serve` uses with --config PATH or CUSTODIAN_CONFIG=PATH \
+         ({DEFAULT_CONFIG_FILE} is read when it exists){dev_hint}"
+    )
+}
+
+/// What `migrate` did, in one line.
+fn migrate_report(applied: &[crate::store::AppliedMigration]) -> String {
+    if applied.is_empty() {
+        return "database already up to date (no migration to apply)".to_owned();
+    }
+    let names: Vec<String> = applied
+        .iter()
+        .map(|m| format!("{} {}", m.version, m.description))
+        .collect();
+    format!(
+        "applied {} migration{}: {}",
+        applied.len(),
+        if applied.len() == 1 { "" } else { "s" },
+        names.join(", ")
+    )
 }
 
 /// Installs the log subscriber (and OTLP trace export when configured by the standard variables);

@@ -12,6 +12,7 @@
 //!   never stored.
 
 pub mod poller;
+mod purpose;
 pub mod store;
 
 /// A span of a grant's trace: a child of its `grant.request` span, whenever and wherever it is made.
@@ -58,7 +59,6 @@ pub const DEFAULT_TTL_SECONDS: i64 = 900;
 pub const DEFAULT_MAX_USES: i64 = 10;
 /// Longest `grant_status` wait, under Codex's 300 s tool timeout.
 pub const MAX_WAIT_SECONDS: u64 = 240;
-const MAX_PURPOSE_CHARS: usize = 500;
 
 /// A grant id: `gr_` + 128 random bits in hex. It is also the approval page's id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -445,19 +445,7 @@ pub async fn request(
     caller: &AgentIdentity,
     args: RequestArgs,
 ) -> Result<RequestedGrant, GrantError> {
-    let purpose = args.purpose.trim();
-    if purpose.is_empty() {
-        return Err(invalid(
-            "purpose",
-            "must say what the credentials are for (it is shown to the approver)",
-        ));
-    }
-    if purpose.chars().count() > MAX_PURPOSE_CHARS {
-        return Err(invalid(
-            "purpose",
-            format!("must be at most {MAX_PURPOSE_CHARS} characters"),
-        ));
-    }
+    let purpose = purpose::validate(&args.purpose)?;
     let Some(env) = environments::get(&app.db, &caller.tenant, &args.environment).await? else {
         return Err(GrantError::UnknownEnvironment(
             args.environment.chars().take(64).collect(),

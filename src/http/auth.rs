@@ -3,7 +3,8 @@
 //! Guarantees:
 //! - Each request is authenticated on its own; an MCP session never stands in for a token.
 //! - A missing, malformed, unknown, revoked or other-tenant token gets the same `401` with the
-//!   RFC 9728 `resource_metadata` pointer (GET, POST and DELETE alike).
+//!   RFC 9728 `resource_metadata` pointer (GET, POST and DELETE alike), and so does any request to
+//!   a tenant that does not exist: status, body and headers do not tell whether a tenant exists.
 //! - A session is bound to the token that created it: the same session id presented with any other
 //!   token is answered as an unknown session (`404`).
 //! - Requests inside a session must name a supported `MCP-Protocol-Version`.
@@ -125,10 +126,11 @@ pub async fn authenticate(
     let presented = token
         .clone()
         .unwrap_or_else(|| SecretString::from(String::new()));
+    // An unknown tenant answers exactly like a known one without a valid token, so that tenant
+    // names cannot be enumerated.
     let identity = match agent_tokens::verify(&app.db, &tenant_id, &presented).await {
-        Ok(Verified::UnknownTenant) => return not_found(),
         Ok(Verified::Valid(identity)) => identity,
-        Ok(Verified::Invalid) if token.is_none() => {
+        Ok(Verified::Invalid | Verified::UnknownTenant) if token.is_none() => {
             return HttpError::unauthorized(
                 &metadata,
                 "an agent token is required: send Authorization: Bearer cst_…",
@@ -136,7 +138,7 @@ pub async fn authenticate(
             )
             .into_response();
         }
-        Ok(Verified::Invalid) => {
+        Ok(Verified::Invalid | Verified::UnknownTenant) => {
             return HttpError::unauthorized(
                 &metadata,
                 "the agent token is not valid for this tenant",

@@ -82,24 +82,25 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
 }
 
 /// RFC 9728 protected-resource metadata for a tenant's MCP endpoint.
+///
+/// The document is built from the URL alone, without looking the tenant up, so that it is the
+/// same for every well-formed tenant id and does not reveal which tenants exist (the `401` of the
+/// MCP endpoint points here for unknown tenants too). It names no `authorization_servers`: the
+/// endpoint accepts Custodian agent tokens only, which no OAuth authorization server issues; the
+/// tenant's IdP approves grants but its tokens are not accepted here.
 async fn protected_resource_metadata(
     State(app): State<Arc<App>>,
     Path(tenant): Path<String>,
 ) -> Response {
-    let tenant = match crate::tenants::get(&app.db, &tenant).await {
-        Ok(Some(tenant)) => tenant,
-        Ok(None) => {
-            return HttpError::new(StatusCode::NOT_FOUND, "not_found", "no such tenant")
-                .into_response();
-        }
-        Err(e) => return HttpError::internal("tenant lookup failed", &e).into_response(),
+    let Ok(tenant) = crate::tenants::TenantId::parse(&tenant) else {
+        return HttpError::new(StatusCode::NOT_FOUND, "not_found", "no such tenant")
+            .into_response();
     };
     let base = app.config.server.public_url.as_str().trim_end_matches('/');
     Json(json!({
-        "resource": format!("{base}/t/{}/mcp", tenant.id),
-        "authorization_servers": tenant.idp_issuer.iter().collect::<Vec<_>>(),
+        "resource": format!("{base}/t/{tenant}/mcp"),
         "bearer_methods_supported": ["header"],
-        "resource_name": format!("Custodian ({})", tenant.display_name),
+        "resource_name": "Custodian",
     }))
     .into_response()
 }

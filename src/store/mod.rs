@@ -25,6 +25,13 @@ pub struct Db {
     backend: Backend,
 }
 
+/// A migration applied by [`Db::migrate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedMigration {
+    pub version: i64,
+    pub description: String,
+}
+
 /// Errors from the storage layer. Their text may name SQL or paths, so it is logged, never sent to
 /// a client.
 #[derive(Debug, thiserror::Error)]
@@ -81,10 +88,42 @@ impl Db {
         Ok(Self { pool, backend })
     }
 
-    /// Applies pending migrations; running it again is a no-op.
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("./migrations").run(&self.pool).await?;
-        Ok(())
+    /// Applies pending migrations and returns those this call applied (none when the database was
+    /// up to date). Concurrent callers (several replicas starting) are serialized by the
+    /// migrator's database lock, so each migration is reported by the one caller that applied it.
+    pub async fn migrate(&self) -> Result<Vec<AppliedMigration>, StoreError> {
+        use sqlx::migrate::Migrate;
+        let mut migrator = sqlx::migrate!("./migrations");
+        let mut conn = self.pool.acquire().await?;
+        conn.lock().await?;
+        // The lock is ours for the whole listing and run; the migrator must not take it again.
+        migrator.set_locking(false);
+        let applied = async {
+            conn.ensure_migrations_table(&migrator.table_name).await?;
+            let before: std::collections::HashSet<i64> = conn
+                .list_applied_migrations(&migrator.table_name)
+                .await?
+                .into_iter()
+                .map(|m| m.version)
+                .collect();
+            migrator.run_direct(None, &mut *conn, false).await?;
+            Ok::<_, sqlx::migrate::MigrateError>(
+                migrator
+                    .iter()
+                    .filter(|m| !m.migration_type.is_down_migration())
+                    .filter(|m| !before.contains(&m.version))
+                    .map(|m| AppliedMigration {
+                        version: m.version,
+                        description: m.description.to_string(),
+                    })
+                    .collect(),
+            )
+        }
+        .await;
+        let unlocked = conn.unlock().await;
+        let applied = applied?;
+        unlocked?;
+        Ok(applied)
     }
 
     /// Whether the database answers (readiness).

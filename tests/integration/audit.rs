@@ -13,6 +13,7 @@ use custodian::tenants::TenantId;
 on_both_backends!(
     verify_names_changed_deleted_reordered_and_inserted_records,
     no_audit_record_no_transition,
+    a_chain_deleted_with_its_head_is_tampering_for_the_cli,
 );
 
 /// A tenant with a few records: two grants approved, one revoked.
@@ -230,5 +231,106 @@ async fn no_audit_record_no_transition(backend: Backend) {
     let row = store::get(t.db(), &acme, &grant).await.unwrap().unwrap();
     assert_eq!((row.state, row.uses), (GrantState::Active, 0));
     assert_eq!(verify(&t, &acme).await, Ok(7));
+    t.stop().await;
+}
+
+/// `custodian admin audit verify [--tenant T]` on the test gateway's database: (success, stdout).
+fn cli_verify(t: &TestApp, config: &std::path::Path, tenant: Option<&str>) -> (bool, String) {
+    let mut args = vec![
+        "admin",
+        "--config",
+        config.to_str().unwrap(),
+        "audit",
+        "verify",
+    ];
+    if let Some(tenant) = tenant {
+        args.extend(["--tenant", tenant]);
+    }
+    let database = t.database();
+    let out = crate::processes::custodian(&args, &[("CUSTODIAN_MASTER_KEY", &database.master_key)]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), format!("{stdout}{stderr}"))
+}
+
+async fn a_chain_deleted_with_its_head_is_tampering_for_the_cli(backend: Backend) {
+    let Some(t) = TestApp::builder(backend).start().await else {
+        return;
+    };
+    let acme = chain(&t).await;
+    let globex = chain_for_other(&t).await;
+    // A tenant that never had a grant has no chain, and that is fine.
+    t.tenant("initech").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("custodian.toml");
+    std::fs::write(
+        &config,
+        format!("[database]\nurl = \"{}\"\n", t.database().url),
+    )
+    .unwrap();
+    let (ok, out) = cli_verify(&t, &config, None);
+    assert!(ok, "{out}");
+    for line in [
+        "tenant acme: 5 records verified",
+        "tenant globex: 2 records verified",
+        "tenant initech: 0 records verified",
+    ] {
+        assert!(out.contains(line), "{line} missing from:\n{out}");
+    }
+    let original = audit::all(t.db(), &acme).await.unwrap();
+
+    // The head row alone is deleted: the chain is still listed (from the log) and fails.
+    exec(&t, "DELETE FROM audit_heads WHERE tenant_id = 'acme'").await;
+    assert_eq!(
+        verify(&t, &acme).await,
+        Err(Tampering::HeadMissing {
+            tenant: "acme".into(),
+            last: 5
+        })
+    );
+    for tenant in [None, Some("acme")] {
+        let (ok, out) = cli_verify(&t, &config, tenant);
+        assert!(!ok, "--tenant {tenant:?} passed without a head:\n{out}");
+        assert!(out.contains("tenant acme: "), "{out}");
+        assert!(!out.contains("tenant acme: 5 records verified"), "{out}");
+    }
+    exec(
+        &t,
+        "INSERT INTO audit_heads (tenant_id, seq, mac) VALUES ('acme', 0, 'genesis')",
+    )
+    .await;
+    restore(&t, &original).await;
+    assert_eq!(verify(&t, &acme).await, Ok(5));
+
+    // Head and every record deleted: the grants they recorded remain as evidence.
+    exec(&t, "DELETE FROM audit_log WHERE tenant_id = 'acme'").await;
+    exec(&t, "DELETE FROM audit_heads WHERE tenant_id = 'acme'").await;
+    let grants: Vec<&str> = original.iter().map(|e| e.grant_id.as_str()).collect();
+    let Err(Tampering::Unrecorded { tenant, grant }) = verify(&t, &acme).await else {
+        panic!("a chain deleted with its head verified");
+    };
+    assert_eq!(tenant, "acme");
+    assert!(grants.contains(&grant.as_str()), "{grant}");
+    for tenant in [None, Some("acme")] {
+        let (ok, out) = cli_verify(&t, &config, tenant);
+        assert!(!ok, "--tenant {tenant:?} passed without a chain:\n{out}");
+        assert!(
+            out.contains("tenant acme: ") && out.contains(&grant),
+            "{out}"
+        );
+    }
+    // The other tenants still verify, alone and in the full run.
+    let (ok, out) = cli_verify(&t, &config, Some("globex"));
+    assert!(
+        ok && out.contains("tenant globex: 2 records verified"),
+        "{out}"
+    );
+    let (_, out) = cli_verify(&t, &config, None);
+    assert!(out.contains("tenant globex: 2 records verified"), "{out}");
+    assert_eq!(verify(&t, &globex).await, Ok(2));
+
+    // A tenant that exists nowhere is an error, not an empty success.
+    let (ok, out) = cli_verify(&t, &config, Some("nobody"));
+    assert!(!ok && out.contains("no tenant `nobody`"), "{out}");
     t.stop().await;
 }

@@ -7,7 +7,8 @@ use custodian::clock::Clock;
 
 on_both_backends!(
     requests_without_a_valid_token_get_401_with_metadata_pointer,
-    metadata_document_names_the_tenant_issuer,
+    metadata_document_does_not_reveal_whether_a_tenant_exists,
+    unknown_tenants_answer_like_known_ones_without_a_valid_token,
     tenant_a_token_sees_nothing_of_tenant_b,
     revoked_token_stops_working_on_the_next_request,
     session_is_bound_to_the_token_that_opened_it,
@@ -63,41 +64,113 @@ async fn requests_without_a_valid_token_get_401_with_metadata_pointer(backend: B
     t.stop().await;
 }
 
-async fn metadata_document_names_the_tenant_issuer(backend: Backend) {
+/// The metadata document of `tenant`: status, headers without `date`, body.
+async fn metadata(t: &TestApp, tenant: &str) -> (u16, Vec<(String, String)>, String) {
+    let response = reqwest::get(format!(
+        "{}/.well-known/oauth-protected-resource/t/{tenant}/mcp",
+        t.base_url
+    ))
+    .await
+    .unwrap();
+    let (status, headers) = comparable(&response, tenant);
+    (
+        status,
+        headers,
+        response.text().await.unwrap().replace(tenant, "TENANT"),
+    )
+}
+
+/// Status and headers (without `date`), with the tenant's name replaced, for comparison.
+fn comparable(response: &reqwest::Response, tenant: &str) -> (u16, Vec<(String, String)>) {
+    let mut headers: Vec<(String, String)> = response
+        .headers()
+        .iter()
+        .filter(|(name, _)| *name != "date")
+        .map(|(name, value)| {
+            (
+                name.to_string(),
+                value.to_str().unwrap().replace(tenant, "TENANT"),
+            )
+        })
+        .collect();
+    headers.sort();
+    (response.status().as_u16(), headers)
+}
+
+async fn metadata_document_does_not_reveal_whether_a_tenant_exists(backend: Backend) {
     let Some(t) = TestApp::builder(backend).start().await else {
         return;
     };
     t.tenant("acme").await;
-    let http = reqwest::Client::new();
-    let doc: serde_json::Value = http
-        .get(format!(
-            "{}/.well-known/oauth-protected-resource/t/acme/mcp",
-            t.base_url
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(doc["resource"], format!("{}/t/acme/mcp", t.base_url));
-    assert_eq!(
-        doc["authorization_servers"],
-        serde_json::json!(["https://idp.acme.example.com"])
-    );
+    let (status, _, body) = metadata(&t, "acme").await;
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["resource"], format!("{}/t/TENANT/mcp", t.base_url));
     assert_eq!(
         doc["bearer_methods_supported"],
         serde_json::json!(["header"])
     );
-    let unknown = http
-        .get(format!(
-            "{}/.well-known/oauth-protected-resource/t/nobody/mcp",
-            t.base_url
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(unknown.status(), 404);
+    // Neither the tenant's IdP (it issues no token this endpoint accepts) nor its display name.
+    assert!(doc.get("authorization_servers").is_none(), "{doc}");
+    assert!(
+        !body.contains("idp.acme.example.com") && !body.contains("Tenant"),
+        "{body}"
+    );
+    // An unknown tenant (a name of the same length, so that even Content-Length could tell) gets
+    // the very same answer.
+    assert_eq!(metadata(&t, "acme").await, metadata(&t, "zulu").await);
+    t.stop().await;
+}
+
+async fn unknown_tenants_answer_like_known_ones_without_a_valid_token(backend: Backend) {
+    let Some(t) = TestApp::builder(backend).start().await else {
+        return;
+    };
+    let acme = t.tenant("acme").await;
+    t.tenant("bravo").await;
+    let good = t.token(&acme, "codex").await;
+    let forged = format!("{}{}", &good[..good.len() - 4], "AAAA");
+    let http = reqwest::Client::new();
+    let cases = [
+        (None, &["acme", "bravo", "ghost"][..]),
+        (Some(bearer("cst_nope")), &["acme", "bravo", "ghost"]),
+        (Some(bearer(&forged)), &["acme", "bravo", "ghost"]),
+        // A valid token, on tenants it does not belong to.
+        (Some(bearer(&good)), &["bravo", "ghost"]),
+    ];
+    for (header, tenants) in cases {
+        for method in ["GET", "POST", "DELETE"] {
+            let mut answers = vec![];
+            for tenant in tenants {
+                let mut request = http
+                    .request(method.parse().unwrap(), t.mcp_url(tenant))
+                    .header("accept", "application/json, text/event-stream")
+                    .header("content-type", "application/json");
+                if method == "POST" {
+                    request = request.body(INIT);
+                }
+                if let Some(h) = &header {
+                    request = request.header("authorization", h);
+                }
+                let response = request.send().await.unwrap();
+                let (status, headers) = comparable(&response, tenant);
+                let body = response.text().await.unwrap().replace(tenant, "TENANT");
+                answers.push((status, headers, body));
+            }
+            assert_eq!(answers[0].0, 401, "{method}: {answers:?}");
+            assert!(
+                answers[0]
+                    .1
+                    .iter()
+                    .any(|(name, value)| name == "www-authenticate"
+                        && value.contains("/.well-known/oauth-protected-resource/t/TENANT/mcp")),
+                "{answers:?}"
+            );
+            for other in &answers[1..] {
+                assert_eq!(&answers[0], other, "{method} with {:?}", header.is_some());
+            }
+        }
+    }
     t.stop().await;
 }
 

@@ -232,11 +232,17 @@ async fn http_level_violations_get_specific_statuses_and_change_nothing(backend:
     // Our own origin passes.
     let own = mcp.post().header("origin", &t.base_url).body(list);
     assert_eq!(send(own).await.0, 200);
-    // Unknown tenant, and a path that is not a tenant id at all.
-    for tenant in ["nobody", "Not_A_Slug"] {
-        let other = RawMcp::new(t.mcp_url(tenant), Some(&token));
-        expect("unknown tenant", 404, "not_found", other.send(list).await);
-    }
+    // An unknown tenant answers like a known one the token is not valid for (no enumeration);
+    // a path that is not a tenant id at all is not found.
+    let other = RawMcp::new(t.mcp_url("nobody"), Some(&token));
+    expect(
+        "unknown tenant",
+        401,
+        "unauthorized",
+        other.send(list).await,
+    );
+    let other = RawMcp::new(t.mcp_url("Not_A_Slug"), Some(&token));
+    expect("not a tenant id", 404, "not_found", other.send(list).await);
     // A request that is not initialize and has no session.
     let mut sessionless = RawMcp::new(t.mcp_url("acme"), Some(&token));
     sessionless.session = None;

@@ -135,9 +135,23 @@ async fn admin_and_migrate_manage_the_database(backend: Backend) {
         all.extend_from_slice(&args[1..]);
         custodian(&all, &[])
     };
-    // Migrating twice is a no-op the second time.
-    ok(run(&["migrate"]));
-    ok(run(&["migrate"]));
+    // The first run says which migrations it applied; the second that there was nothing to do.
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .unwrap()
+        .count();
+    let first = ok(run(&["migrate"]));
+    assert!(
+        first.starts_with(&format!(
+            "applied {migrations} migrations: 1 foundation, 2 grants"
+        )),
+        "{first}"
+    );
+    assert!(!first.contains("up to date"), "{first}");
+    let second = ok(run(&["migrate"]));
+    assert_eq!(
+        second.trim(),
+        "database already up to date (no migration to apply)"
+    );
 
     ok(run(&["admin", "tenant", "create", "acme"]));
     let dup = run(&["admin", "tenant", "create", "acme"]);
@@ -347,6 +361,22 @@ async fn dev_prints_url_token_and_codex_snippet_that_a_real_client_can_use() {
         serde_json::json!(["DEMO_API_KEY"])
     );
 
+    // The admin CLI manages this instance through the config `dev` wrote and names.
+    let dev_config = data.join("custodian.toml");
+    let dev_config = dev_config.to_str().unwrap();
+    assert!(
+        banner.contains(&format!("custodian admin --config {dev_config}")),
+        "{banner}"
+    );
+    let grants = ok(custodian(
+        &["admin", "--config", dev_config, "grants", "list", "dev"],
+        &[],
+    ));
+    assert!(
+        grants.contains(seen["grant"]["grant_id"].as_str().unwrap()),
+        "{grants}"
+    );
+
     let anonymous = reqwest::Client::new().get(&url).send().await.unwrap();
     assert_eq!(anonymous.status(), 401);
     let challenge = anonymous.headers()["www-authenticate"].to_str().unwrap();
@@ -419,4 +449,134 @@ fn invalid_config_file_is_refused_with_every_problem_and_creates_nothing() {
     );
     let missing = custodian(&["serve", "--config", "/nonexistent/custodian.toml"], &[]);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read config file"));
+}
+
+/// `custodian ARGS` run in `dir` with no configuration anywhere but a master key in the environment
+/// (so that only the missing configuration can stop it).
+fn in_dir(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let key = custodian::keys::MasterKey::generate().to_base64();
+    std::process::Command::new(CUSTODIAN)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("CUSTODIAN_CONFIG")
+        .env("CUSTODIAN_MASTER_KEY", key.as_str())
+        .output()
+        .unwrap()
+}
+
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    found
+}
+
+#[test]
+fn admin_without_a_config_refuses_and_creates_no_database() {
+    assert!(
+        !std::path::Path::new(custodian::cli::DEFAULT_CONFIG_FILE).exists(),
+        "this test needs a machine without {}",
+        custodian::cli::DEFAULT_CONFIG_FILE
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["admin", "tenant", "list"][..],
+        &["admin", "tenant", "create", "acme"],
+        &["admin", "audit", "verify"],
+    ] {
+        let out = in_dir(dir.path(), args);
+        assert!(!out.status.success(), "{args:?} ran without a config");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("--config") && stderr.contains("CUSTODIAN_CONFIG"),
+            "{stderr}"
+        );
+        assert_eq!(files_in(dir.path()), Vec::<String>::new(), "{args:?}");
+    }
+    // A `custodian dev` data directory is pointed at, not silently used.
+    std::fs::create_dir(dir.path().join("custodian-dev")).unwrap();
+    std::fs::write(
+        dir.path().join("custodian-dev/custodian.toml"),
+        "[database]\nurl = \"sqlite://custodian-dev/custodian.db\"\n",
+    )
+    .unwrap();
+    let out = in_dir(dir.path(), &["admin", "tenant", "list"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--config custodian-dev/custodian.toml"),
+        "{stderr}"
+    );
+    assert_eq!(
+        files_in(&dir.path().join("custodian-dev")),
+        ["custodian.toml"]
+    );
+    assert_eq!(files_in(dir.path()), ["custodian-dev"]);
+    // Commands that touch no database need no configuration.
+    let key = in_dir(
+        dir.path(),
+        &["admin", "master-key", "generate", "--out", "k"],
+    );
+    assert!(
+        key.status.success(),
+        "{}",
+        String::from_utf8_lossy(&key.stderr)
+    );
+}
+
+#[test]
+fn pki_issue_refuses_an_identity_outside_the_cas_trust_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let pki = pki.to_str().unwrap();
+    ok(custodian(
+        &[
+            "admin",
+            "pki",
+            "init",
+            "--dir",
+            pki,
+            "--trust-domain",
+            "prod.example",
+        ],
+        &[],
+    ));
+    let out = dir.path().join("r1");
+    let out = out.to_str().unwrap();
+    for identity in [&["--runner", "acme/r1"][..], &["--gateway"]] {
+        let mut args = vec![
+            "admin",
+            "pki",
+            "issue",
+            "--dir",
+            pki,
+            "--trust-domain",
+            "custodian.local",
+            "--out",
+            out,
+        ];
+        args.extend_from_slice(identity);
+        let refused = custodian(&args, &[]);
+        assert!(!refused.status.success(), "{identity:?} was issued");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            stderr.contains("custodian.local") && stderr.contains("prod.example"),
+            "{stderr}"
+        );
+        assert_eq!(files_in(dir.path()), ["pki"], "something was written");
+    }
+    // Without --trust-domain the CA's is used.
+    let issued = ok(custodian(
+        &[
+            "admin", "pki", "issue", "--dir", pki, "--runner", "acme/r1", "--out", out,
+        ],
+        &[],
+    ));
+    assert!(
+        issued.contains("spiffe://prod.example/tenant/acme/runner/r1"),
+        "{issued}"
+    );
+    assert_eq!(files_in(dir.path()), ["pki", "r1.key", "r1.pem"]);
 }
