@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::{Fault, Oidc, client_secret, is_acceptable_endpoint, printable, read_capped, without_url};
+use super::{Fault, Oidc, is_acceptable_endpoint, printable, read_capped, without_url};
 use crate::tenants::IdpSettings;
 
 /// What was learned about a provider that passed every check: remarks worth showing the admin.
@@ -87,32 +87,24 @@ impl Oidc {
         }
         // The client, as the gateway will use it: the secret resolves, discovery and keys load
         // through the same code as at request time, and a device authorization is granted.
-        let secret = client_secret(idp).map_err(|e| failed(vec![e.to_string()]))?;
-        let discovered = self
-            .metadata(&idp.issuer, true)
-            .await
-            .map_err(|f| failed(vec![f.reason().to_owned()]))?;
-        let endpoint = discovered
-            .metadata
-            .additional_metadata()
-            .device_authorization_endpoint
-            .url()
-            .clone();
-        self.device_authorization(idp, endpoint.as_str(), secret.as_ref(), None)
+        self.authorize(idp, None, true)
             .await
             .map_err(|f| failed(vec![f.reason().to_owned()]))?;
         Ok(IdpCheck { notes })
     }
 
     /// The issuer's discovery document as JSON, or why it could not be had.
-    async fn discovery_document(&self, issuer: &str) -> Result<serde_json::Map<String, Value>, String> {
+    async fn discovery_document(
+        &self,
+        issuer: &str,
+    ) -> Result<serde_json::Map<String, Value>, String> {
         let url = discovery_url(issuer);
-        let response = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| format!("its discovery document {url} cannot be fetched: {}", without_url(e)))?;
+        let response = self.http.get(&url).send().await.map_err(|e| {
+            format!(
+                "its discovery document {url} cannot be fetched: {}",
+                without_url(e)
+            )
+        })?;
         let status = response.status();
         if !status.is_success() {
             return Err(format!("its discovery document {url} answered {status}"));

@@ -40,10 +40,10 @@ pub fn link_is_safe(link: &str) -> bool {
 
 /// [`link_is_safe`], and plain http only when the issuer itself is plain http on loopback.
 fn check_link(issuer: &str, field: &str, link: &str) -> Result<(), Fault> {
-    let issuer_is_loopback_http = url::Url::parse(issuer)
-        .is_ok_and(|url| url.scheme() == "http" && is_loopback(&url));
-    let scheme_ok = url::Url::parse(link)
-        .is_ok_and(|url| url.scheme() == "https" || issuer_is_loopback_http);
+    let issuer_is_loopback_http =
+        url::Url::parse(issuer).is_ok_and(|url| url.scheme() == "http" && is_loopback(&url));
+    let scheme_ok =
+        url::Url::parse(link).is_ok_and(|url| url.scheme() == "https" || issuer_is_loopback_http);
     if link_is_safe(link) && scheme_ok {
         return Ok(());
     }
@@ -61,11 +61,20 @@ impl Oidc {
         idp: &IdpSettings,
         max_age: Option<i64>,
     ) -> Result<DeviceAuthorization, OidcError> {
-        let discovered = self
-            .metadata(&idp.issuer, false)
+        self.authorize(idp, max_age, false)
             .await
-            .map_err(|f| f.into_error(&idp.issuer))?;
-        let secret = client_secret(idp)?;
+            .map_err(|f| f.into_error(&idp.issuer))
+    }
+
+    /// Discovery (fresh when `refresh`), the client secret, then the device authorization.
+    pub(super) async fn authorize(
+        &self,
+        idp: &IdpSettings,
+        max_age: Option<i64>,
+        refresh: bool,
+    ) -> Result<DeviceAuthorization, Fault> {
+        let discovered = self.metadata(&idp.issuer, refresh).await?;
+        let secret = client_secret(idp).map_err(|e| Fault::Config(e.to_string()))?;
         let endpoint = discovered
             .metadata
             .additional_metadata()
@@ -74,10 +83,9 @@ impl Oidc {
             .clone();
         self.device_authorization(idp, endpoint.as_str(), secret.as_ref(), max_age)
             .await
-            .map_err(|f| f.into_error(&idp.issuer))
     }
 
-    pub(super) async fn device_authorization(
+    async fn device_authorization(
         &self,
         idp: &IdpSettings,
         endpoint: &str,
@@ -111,7 +119,12 @@ impl Oidc {
         let body = read_capped(response).await?;
         if !status.is_success() {
             let what = match serde_json::from_slice::<ErrorBody>(&body) {
-                Ok(error) if matches!(error.error.as_str(), "invalid_client" | "unauthorized_client") => {
+                Ok(error)
+                    if matches!(
+                        error.error.as_str(),
+                        "invalid_client" | "unauthorized_client"
+                    ) =>
+                {
                     format!(
                         "it does not accept client id `{}` for the device flow: {}",
                         printable(&idp.client_id, 128),
@@ -123,10 +136,7 @@ impl Oidc {
                     printable(&idp.scopes, 200),
                     error.describe()
                 ),
-                Ok(error) => format!(
-                    "it refused the device authorization: {}",
-                    error.describe()
-                ),
+                Ok(error) => format!("it refused the device authorization: {}", error.describe()),
                 Err(_) => format!("its device authorization endpoint answered {status}"),
             };
             return Err(Fault::of_status(status, what));
@@ -199,8 +209,14 @@ mod tests {
                 refused.reason().contains("not an https link"),
                 "{link}: {refused:?}"
             );
-            assert!(!refused.reason().contains("alert"), "the link is not echoed");
+            assert!(
+                !refused.reason().contains("alert"),
+                "the link is not echoed"
+            );
         }
-        assert!(!link_is_safe(&format!("https://a.example/{}", "x".repeat(3000))));
+        assert!(!link_is_safe(&format!(
+            "https://a.example/{}",
+            "x".repeat(3000)
+        )));
     }
 }

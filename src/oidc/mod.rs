@@ -320,10 +320,7 @@ impl ErrorBody {
 /// At most `max` characters of `text`, without control characters (text from an IdP, shown to
 /// people).
 fn printable(text: &str, max: usize) -> String {
-    text.chars()
-        .filter(|c| !c.is_control())
-        .take(max)
-        .collect()
+    text.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 
 fn client_secret(idp: &IdpSettings) -> Result<Option<SecretString>, OidcError> {

@@ -351,3 +351,118 @@ fn approver_from(
 fn is_true(value: &Value) -> bool {
     matches!(value, Value::Bool(true)) || value.as_str() == Some("true")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn settings(approver_claim: &str) -> IdpSettings {
+        IdpSettings {
+            issuer: "https://idp.example.com".into(),
+            client_id: "custodian".into(),
+            client_secret: None,
+            scopes: "openid email".into(),
+            approver_claim: approver_claim.into(),
+            groups_claim: "groups".into(),
+        }
+    }
+
+    fn id_token(extra: Value) -> IdTokenClaims {
+        let mut claims = json!({
+            "iss": "https://idp.example.com", "aud": "custodian", "sub": "u1",
+            "iat": 1_000, "exp": 2_000, "auth_time": 990,
+        });
+        claims
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(claims).unwrap()
+    }
+
+    fn approver(idp: &IdpSettings, claims: &IdTokenClaims, userinfo: Option<Value>) -> Approver {
+        let userinfo = userinfo.map(|u| u.as_object().unwrap().clone());
+        approver_from(idp, claims, &claim_map(claims), userinfo.as_ref())
+    }
+
+    #[test]
+    fn claims_missing_from_the_id_token_come_from_userinfo() {
+        let idp = settings("email");
+        let bare = id_token(json!({}));
+        assert!(lacks_claims(&idp, &claim_map(&bare)));
+        let found = approver(
+            &idp,
+            &bare,
+            Some(
+                json!({"sub": "u1", "email": "a@example.com", "email_verified": true, "groups": ["ops"]}),
+            ),
+        );
+        assert_eq!(found.email.as_deref(), Some("a@example.com"));
+        assert_eq!(found.name.as_deref(), Some("a@example.com"));
+        assert_eq!(found.groups, ["ops"]);
+        assert_eq!(found.auth_time, Some(990));
+        // A complete ID token needs no userinfo, and wins over it.
+        let full =
+            id_token(json!({"email": "b@example.com", "email_verified": true, "groups": "one"}));
+        assert!(!lacks_claims(&idp, &claim_map(&full)));
+        let found = approver(&idp, &full, Some(json!({"sub": "u1", "groups": ["other"]})));
+        assert_eq!(found.email.as_deref(), Some("b@example.com"));
+        assert_eq!(found.groups, ["one"]);
+        // A custom approver claim (here a standard one) is looked up the same way.
+        let idp = settings("preferred_username");
+        let named = id_token(json!({"preferred_username": "bee"}));
+        assert_eq!(approver(&idp, &named, None).name.as_deref(), Some("bee"));
+        assert!(lacks_claims(&idp, &claim_map(&bare)));
+    }
+
+    #[test]
+    fn an_email_counts_only_when_verified_where_it_came_from() {
+        let idp = settings("email");
+        // In the ID token without email_verified: not verified, even if userinfo says so.
+        let unmarked = id_token(json!({"email": "a@example.com", "groups": []}));
+        let found = approver(
+            &idp,
+            &unmarked,
+            Some(json!({"sub": "u1", "email_verified": true})),
+        );
+        assert_eq!(found.email, None);
+        assert_eq!(found.name.as_deref(), Some("a@example.com (unverified)"));
+        for verified in [json!(false), json!("false"), json!(null)] {
+            let found = approver(
+                &idp,
+                &id_token(json!({})),
+                Some(json!({"sub": "u1", "email": "a@example.com", "email_verified": verified})),
+            );
+            assert_eq!(found.email, None, "{verified}");
+        }
+        let found = approver(
+            &idp,
+            &id_token(json!({})),
+            Some(json!({"sub": "u1", "email": "a@example.com", "email_verified": "true"})),
+        );
+        assert_eq!(found.email.as_deref(), Some("a@example.com"));
+    }
+
+    #[test]
+    fn issue_and_sign_in_times_are_checked_against_the_clock() {
+        let claims = id_token(json!({}));
+        assert!(check_times(&claims, 1_010).is_ok());
+        assert!(
+            check_times(&claims, 1_000 - 61)
+                .unwrap_err()
+                .contains("(iat)")
+        );
+        assert!(
+            check_times(&claims, 1_000 + 601)
+                .unwrap_err()
+                .contains("too old")
+        );
+        let ahead = id_token(json!({"auth_time": 1_100}));
+        assert!(check_times(&ahead, 1_000 + 41).is_ok());
+        let refused = check_times(&ahead, 1_010).unwrap_err();
+        assert!(
+            refused.contains("90 s in the future (auth_time)"),
+            "{refused}"
+        );
+    }
+}

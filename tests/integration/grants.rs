@@ -184,7 +184,10 @@ async fn approval_at_the_idp_activates_the_grant_with_the_approver(backend: Back
     assert_eq!(id_token["sub"], "alice");
     assert!(id_token["auth_time"].is_i64(), "{id_token:?}");
     for claim in ["email", "email_verified", "groups"] {
-        assert!(!id_token.contains_key(claim), "the ID token has {claim}: {id_token:?}");
+        assert!(
+            !id_token.contains_key(claim),
+            "the ID token has {claim}: {id_token:?}"
+        );
     }
     let tenant = custodian::tenants::TenantId::parse("acme").unwrap();
     let row = store::get(s.t.db(), &tenant, grant["grant_id"].as_str().unwrap())
@@ -778,12 +781,18 @@ async fn email_and_group_allowlists_use_claims_from_userinfo(backend: Backend) {
         .iter()
         .map(|r| r["max_age"].clone())
         .collect();
-    assert_eq!(max_ages, [Value::Null, Value::Null, json!("300"), json!("300")]);
+    assert_eq!(
+        max_ages,
+        [Value::Null, Value::Null, json!("300"), json!("300")]
+    );
     let id_tokens = s.idp.id_tokens().await;
     assert_eq!(id_tokens.len(), 4);
     for (i, token) in id_tokens.iter().enumerate() {
         assert_eq!(token.get("auth_time").is_some(), i >= 2, "{token}");
-        assert!(token.get("email").is_none() && token.get("groups").is_none(), "{token}");
+        assert!(
+            token.get("email").is_none() && token.get("groups").is_none(),
+            "{token}"
+        );
     }
     s.t.stop().await;
 }
@@ -814,7 +823,8 @@ async fn an_unverified_email_never_matches_an_email_allowlist(backend: Backend) 
     }
     // Where anyone may approve, eve can, but she is never recorded under alice's address.
     let acme = custodian::tenants::TenantId::parse("acme").unwrap();
-    s.t.environment_with(&acme, "open", &Policy::default()).await;
+    s.t.environment_with(&acme, "open", &Policy::default())
+        .await;
     let grant = request_in(&s.client, "open").await;
     s.idp.approve(user_code(&grant), Login::as_("eve")).await;
     let status = wait_until(&s.client, &grant, "active").await;
@@ -886,14 +896,20 @@ async fn verification_links_that_are_not_https_are_refused_and_never_rendered(ba
         )
         .await
         .unwrap_err();
-        assert!(refused.contains("is not an https link"), "{mode}: {refused}");
+        assert!(
+            refused.contains("is not an https link"),
+            "{mode}: {refused}"
+        );
         assert!(!refused.contains("try again"), "{mode}: {refused}");
         for canary in ["javascript", "alert", "idp.example.com"] {
             assert!(!refused.contains(canary), "{mode}: {refused}");
         }
     }
     assert!(
-        store::list(s.t.db(), &acme, None, 10).await.unwrap().is_empty(),
+        store::list(s.t.db(), &acme, None, 10)
+            .await
+            .unwrap()
+            .is_empty(),
         "no grant was stored"
     );
     // A row holding such a link (stored before links were checked) never renders it.
@@ -971,7 +987,10 @@ async fn a_misconfigured_client_is_reported_as_such_not_as_temporary(backend: Ba
     );
     assert!(!refused.contains("try again"), "{refused}");
     assert!(
-        store::list(s.t.db(), &acme, None, 10).await.unwrap().is_empty(),
+        store::list(s.t.db(), &acme, None, 10)
+            .await
+            .unwrap()
+            .is_empty(),
         "no grant was stored"
     );
     s.t.stop().await;

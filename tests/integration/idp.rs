@@ -250,7 +250,13 @@ impl Admin {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("master.key");
         let generated = custodian(
-            &["admin", "master-key", "generate", "--out", key.to_str().unwrap()],
+            &[
+                "admin",
+                "master-key",
+                "generate",
+                "--out",
+                key.to_str().unwrap(),
+            ],
             &[],
         );
         assert!(generated.status.success());
@@ -283,7 +289,10 @@ impl Admin {
 
     /// The tenant's stored (issuer, client id).
     async fn stored(&self, tenant: &str) -> (Option<String>, Option<String>) {
-        let url = format!("sqlite://{}", self.dir.path().join("custodian.db").display());
+        let url = format!(
+            "sqlite://{}",
+            self.dir.path().join("custodian.db").display()
+        );
         let db = custodian::store::Db::connect(&url, 1).await.unwrap();
         let t = custodian::tenants::get(&db, tenant).await.unwrap().unwrap();
         db.close().await;
@@ -297,11 +306,24 @@ async fn set_idp_checks_the_provider_and_stores_nothing_on_failure() {
         return;
     };
     let admin = Admin::new();
-    let created = admin.run(&["tenant", "create", "acme", "--issuer", "https://idp.acme.example.com"]);
+    let created = admin.run(&[
+        "tenant",
+        "create",
+        "acme",
+        "--issuer",
+        "https://idp.acme.example.com",
+    ]);
     assert!(created.0, "{created:?}");
     let set_idp = |issuer: &str, client: &str| {
         admin.run(&[
-            "tenant", "set-idp", "acme", "--issuer", issuer, "--client-id", client, "--scopes",
+            "tenant",
+            "set-idp",
+            "acme",
+            "--issuer",
+            issuer,
+            "--client-id",
+            client,
+            "--scopes",
             "openid email groups",
         ])
     };
