@@ -72,9 +72,10 @@ pub struct IdpSettings {
     pub client_secret: Option<SecretRef>,
     /// Space-separated scopes; must include `openid`.
     pub scopes: String,
-    /// The ID token claim that names the approver (`email` or `sub`).
+    /// The claim that names the approver (`email`, `sub`, or another claim), read from the ID
+    /// token or, when the ID token lacks it, from userinfo.
     pub approver_claim: String,
-    /// The ID token claim that lists the approver's groups.
+    /// The claim that lists the approver's groups (ID token first, then userinfo).
     pub groups_claim: String,
 }
 
@@ -138,6 +139,8 @@ pub const DEFAULT_SCOPES: &str = "openid email profile";
 pub enum TenantError {
     #[error("no tenant `{0}`")]
     NotFound(TenantId),
+    #[error("the client id must not be empty")]
+    InvalidClientId,
     #[error("scopes must include `openid`")]
     ScopesWithoutOpenid,
     #[error("{0} must be a claim name (letters, digits, '_', ':', '.', '/', '-')")]
@@ -211,21 +214,19 @@ pub async fn list(db: &Db) -> Result<Vec<Tenant>, StoreError> {
 }
 
 fn validate_issuer(issuer: &str) -> Result<(), TenantError> {
-    let ok = url::Url::parse(issuer).is_ok_and(|url| match url.scheme() {
-        "https" => url.host().is_some(),
-        "http" => matches!(url.host_str(), Some("localhost" | "127.0.0.1" | "[::1]")),
-        _ => false,
-    });
-    if ok {
+    if crate::oidc::is_acceptable_endpoint(issuer) {
         Ok(())
     } else {
         Err(TenantError::InvalidIssuer(issuer.to_owned()))
     }
 }
 
-/// Configures the tenant's identity provider.
-pub async fn set_idp(db: &Db, id: &TenantId, idp: &IdpSettings) -> Result<(), TenantError> {
+/// Checks IdP settings without contacting the provider (see `Oidc::check` for that).
+pub fn validate_idp(idp: &IdpSettings) -> Result<(), TenantError> {
     validate_issuer(&idp.issuer)?;
+    if idp.client_id.trim().is_empty() || idp.client_id.chars().any(char::is_control) {
+        return Err(TenantError::InvalidClientId);
+    }
     if !idp.scopes.split_whitespace().any(|s| s == "openid") {
         return Err(TenantError::ScopesWithoutOpenid);
     }
@@ -241,6 +242,13 @@ pub async fn set_idp(db: &Db, id: &TenantId, idp: &IdpSettings) -> Result<(), Te
     if !claim_ok(&idp.groups_claim) {
         return Err(TenantError::InvalidClaimName("groups claim"));
     }
+    Ok(())
+}
+
+/// Stores the tenant's identity provider settings (validated, not contacted: the admin command
+/// checks the provider with `Oidc::check` first).
+pub async fn set_idp(db: &Db, id: &TenantId, idp: &IdpSettings) -> Result<(), TenantError> {
+    validate_idp(idp)?;
     let done = sqlx::query(
         "UPDATE tenants SET idp_issuer = $1, idp_client_id = $2, idp_client_secret_ref = $3, \
          idp_scopes = $4, idp_approver_claim = $5, idp_groups_claim = $6 WHERE id = $7",

@@ -171,7 +171,9 @@ pub enum TenantCommand {
     },
     /// List tenants.
     List,
-    /// Configure the tenant's identity provider (a device-flow client registered there).
+    /// Configure the tenant's identity provider (a device-flow client registered there). The
+    /// provider is checked first: discovery, exact issuer, device endpoint, and one device
+    /// authorization with the client. Nothing is stored if a check fails.
     SetIdp {
         tenant: String,
         /// OIDC issuer URL (discovery at ISSUER/.well-known/openid-configuration).
@@ -189,10 +191,10 @@ pub enum TenantCommand {
         /// Scopes to ask for (must include openid).
         #[arg(long, default_value = crate::tenants::DEFAULT_SCOPES)]
         scopes: String,
-        /// ID token claim that names the approver.
+        /// Claim that names the approver (ID token, else userinfo).
         #[arg(long, default_value = "email")]
         approver_claim: String,
-        /// ID token claim that lists the approver's groups.
+        /// Claim that lists the approver's groups (ID token, else userinfo).
         #[arg(long, default_value = "groups")]
         groups_claim: String,
     },
@@ -311,8 +313,16 @@ async fn dispatch(app: &App, command: AdminCommand, now: clock::UnixSeconds) -> 
                 approver_claim,
                 groups_claim,
             };
+            tenants::validate_idp(&idp)?;
+            if tenants::get(db, tenant.as_str()).await?.is_none() {
+                return Err(tenants::TenantError::NotFound(tenant).into());
+            }
+            let checked = app.oidc.check(&idp).await?;
             tenants::set_idp(db, &tenant, &idp).await?;
             println!("tenant {tenant} now approves grants at {}", idp.issuer);
+            for note in checked.notes {
+                println!("note: {note}");
+            }
         }
         AdminCommand::Grants(command) => grants_command(app, command, now).await?,
         AdminCommand::MasterKey(MasterKeyCommand::Rotate { new_key_file }) => {

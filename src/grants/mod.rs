@@ -11,9 +11,12 @@
 //! - The device code is sealed at rest and dropped when the grant leaves `pending`; IdP tokens are
 //!   never stored.
 
+mod policy;
 pub mod poller;
 mod purpose;
 pub mod store;
+
+pub use policy::check_approver;
 
 /// A span of a grant's trace: a child of its `grant.request` span, whenever and wherever it is made.
 macro_rules! grant_span {
@@ -47,9 +50,8 @@ use tracing::Instrument;
 use crate::agent_tokens::AgentIdentity;
 use crate::app::App;
 use crate::clock::UnixSeconds;
-use crate::environments::{self, LoginFreshness, Policy};
+use crate::environments::{self, LoginFreshness};
 use crate::keys::Purpose;
-use crate::oidc::Approver;
 use crate::store::StoreError;
 use crate::tenants::TenantId;
 
@@ -256,15 +258,21 @@ pub enum GrantError {
         "this tenant has no identity provider configured, so no one can approve grants; ask a Custodian admin to run `custodian admin tenant set-idp`"
     )]
     NoIdentityProvider,
+    /// A transient failure (network, 5xx): trying again can work.
     #[error("{0}; the grant was not created, try again shortly")]
-    IdentityProvider(String),
+    IdentityProviderUnavailable(String),
+    /// The provider or the tenant's IdP settings are wrong: trying again will not help.
+    #[error(
+        "{0}. The grant was not created; this is a configuration problem that retrying will not fix: ask a Custodian admin to correct the tenant's identity provider (`custodian admin tenant set-idp` checks it)"
+    )]
+    IdentityProviderMisconfigured(String),
     #[error("grant `{id}` is already {state}")]
     AlreadyEnded { id: String, state: &'static str },
     #[error("grant `{id}` is {state}: {hint}")]
     NotUsable {
         id: String,
         state: &'static str,
-        hint: &'static str,
+        hint: String,
     },
     #[error("internal error")]
     Internal(#[from] InternalError),
@@ -483,16 +491,27 @@ pub async fn request(
         custodian.grant.max_uses = max_uses,
     );
     let trace_context = crate::telemetry::traceparent(&root);
+    // Ask the IdP for a sign-in as fresh as the policy requires, so that it re-authenticates a
+    // stale session and states `auth_time` (OIDC `max_age`).
+    let max_age = (env.policy.freshness == LoginFreshness::Required)
+        .then_some(env.policy.max_auth_age_seconds);
     let authorization = app
         .oidc
-        .start(&idp)
+        .start(&idp, max_age)
         .instrument(
             tracing::info_span!(parent: &root, "grant.device_authorization",
             custodian.grant.id = %id.as_str(),
             idp.issuer = %idp.issuer),
         )
         .await
-        .map_err(|e| GrantError::IdentityProvider(e.to_string()))?;
+        .map_err(|e| {
+            tracing::warn!(tenant.id = %caller.tenant, error = %e, "device authorization failed");
+            if e.is_transient() {
+                GrantError::IdentityProviderUnavailable(e.to_string())
+            } else {
+                GrantError::IdentityProviderMisconfigured(e.to_string())
+            }
+        })?;
     let now_ms = app.clock.now_ms();
     let expires_at = now_ms.div_euclid(1000)
         + i64::try_from(authorization.expires_in.as_secs()).unwrap_or(i64::MAX / 4);
@@ -699,12 +718,24 @@ pub async fn consume(
         GrantState::Exhausted => "all of its runs were used; request a new grant",
         GrantState::Expired => "its time ran out; request a new grant",
         GrantState::Revoked => "it was revoked; request a new grant",
-        GrantState::Denied => "the approver did not approve it",
+        // The stored reason: a decline at the IdP, or the policy check that failed.
+        GrantState::Denied => {
+            return Err(GrantError::NotUsable {
+                hint: format!(
+                    "{}; request a new grant",
+                    now.end_reason
+                        .as_deref()
+                        .unwrap_or("the approval was refused")
+                ),
+                id: now.id,
+                state: now.state.as_str(),
+            });
+        }
     };
     Err(GrantError::NotUsable {
         id: now.id,
         state: now.state.as_str(),
-        hint,
+        hint: hint.to_owned(),
     })
 }
 
@@ -760,81 +791,9 @@ async fn end_by(app: &App, grant: Grant, reason: &str) -> Result<GrantStatus, Gr
     Ok(GrantStatus::of(&now))
 }
 
-/// Whether `approver` may approve under `policy` at time `now`; the error is the denial reason.
-pub fn check_approver(
-    policy: &Policy,
-    approver: &Approver,
-    now: UnixSeconds,
-) -> Result<(), String> {
-    let who = approver.name.as_deref().unwrap_or(&approver.subject);
-    if policy.freshness == LoginFreshness::Required {
-        match approver.auth_time {
-            None => return Err("the identity provider did not say when the approver signed in (auth_time), and this environment requires a fresh sign-in".to_owned()),
-            Some(at) if now - at > policy.max_auth_age_seconds => {
-                return Err(format!(
-                    "the approver signed in {} s before approving; this environment requires a sign-in within {} s",
-                    now - at,
-                    policy.max_auth_age_seconds
-                ));
-            }
-            Some(_) => {}
-        }
-    }
-    if !policy.accepted_acr.is_empty()
-        && !approver
-            .acr
-            .as_ref()
-            .is_some_and(|acr| policy.accepted_acr.contains(acr))
-    {
-        return Err(format!(
-            "the approver's sign-in level (acr) is not one of: {}",
-            policy.accepted_acr.join(", ")
-        ));
-    }
-    if let Some(missing) = policy
-        .required_amr
-        .iter()
-        .find(|m| !approver.amr.contains(m))
-    {
-        return Err(format!(
-            "the approver's sign-in did not use the required method `{missing}` (amr)"
-        ));
-    }
-    let list = &policy.approvers;
-    if list.subjects.is_empty() && list.emails.is_empty() && list.groups.is_empty() {
-        return Ok(());
-    }
-    let allowed = list.subjects.contains(&approver.subject)
-        || approver
-            .email
-            .as_ref()
-            .is_some_and(|e| list.emails.iter().any(|a| a.eq_ignore_ascii_case(e)))
-        || approver.groups.iter().any(|g| list.groups.contains(g));
-    if allowed {
-        Ok(())
-    } else {
-        Err(format!(
-            "{who} is not allowed to approve grants for this environment"
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::environments::Approvers;
-
-    fn approver() -> Approver {
-        Approver {
-            subject: "alice".into(),
-            name: Some("alice@example.com".into()),
-            email: Some("alice@example.com".into()),
-            groups: vec!["platform".into()],
-            auth_time: Some(1000),
-            acr: Some("mfa".into()),
-            amr: vec!["pwd".into(), "otp".into()],
-        }
-    }
 
     #[test]
     fn grant_ids_are_128_bit_and_parsed_strictly() {
@@ -850,52 +809,6 @@ mod tests {
         ] {
             assert_eq!(GrantId::parse(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn policy_checks_who_how_recently_and_how() {
-        let mut policy = Policy::default();
-        assert_eq!(check_approver(&policy, &approver(), 1100), Ok(()));
-        let stale = check_approver(&policy, &approver(), 1000 + 301).unwrap_err();
-        assert!(stale.contains("within 300 s"), "{stale}");
-        let mut no_time = approver();
-        no_time.auth_time = None;
-        assert!(check_approver(&policy, &no_time, 1100).is_err());
-        policy.freshness = LoginFreshness::NotRequired;
-        assert_eq!(check_approver(&policy, &no_time, 999_999), Ok(()));
-
-        policy.approvers = Approvers {
-            subjects: vec![],
-            emails: vec!["ALICE@example.com".into()],
-            groups: vec![],
-        };
-        assert_eq!(check_approver(&policy, &approver(), 1100), Ok(()));
-        policy.approvers = Approvers {
-            subjects: vec![],
-            emails: vec![],
-            groups: vec!["sre".into()],
-        };
-        let refused = check_approver(&policy, &approver(), 1100).unwrap_err();
-        assert!(
-            refused.contains("alice@example.com is not allowed"),
-            "{refused}"
-        );
-        policy.approvers.groups.push("platform".into());
-        assert_eq!(check_approver(&policy, &approver(), 1100), Ok(()));
-
-        policy.accepted_acr = vec!["phr".into()];
-        assert!(
-            check_approver(&policy, &approver(), 1100)
-                .unwrap_err()
-                .contains("acr")
-        );
-        policy.accepted_acr = vec!["mfa".into()];
-        policy.required_amr = vec!["hwk".into()];
-        assert!(
-            check_approver(&policy, &approver(), 1100)
-                .unwrap_err()
-                .contains("`hwk`")
-        );
     }
 
     #[test]

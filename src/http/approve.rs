@@ -1,6 +1,7 @@
 //! The approval page a human opens from the agent's message: what is being asked, by which agent,
 //! for what, and a link to sign in at the IdP. Server-rendered, no scripts, every value escaped,
-//! not frameable, never cached. Unknown ids get a bare 404.
+//! not frameable, never cached. The sign-in link is rendered only when it is an https URL (plain
+//! http only to loopback), never `javascript:` or another scheme. Unknown ids get a bare 404.
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use super::error::HttpError;
 use crate::app::App;
 use crate::environments;
 use crate::grants::{Grant, GrantId, GrantState, store};
+use crate::oidc::link_is_safe;
 use crate::tenants::{self, TenantId};
 
 /// `GET /approve/{id}`.
@@ -99,15 +101,26 @@ fn html(grant: &Grant, tenant: &str, secrets: &[String]) -> String {
     let action = match grant.state {
         GrantState::Pending => {
             let code = grant.user_code.as_deref().unwrap_or("");
-            let link = grant
-                .verification_uri_complete
-                .as_deref()
-                .or(grant.verification_uri.as_deref())
-                .unwrap_or("");
+            // Only an https link (plain http on loopback) is ever linked; anything else the IdP
+            // sent is left out (requests refuse such links, so this guards older rows).
+            let link = [
+                grant.verification_uri_complete.as_deref(),
+                grant.verification_uri.as_deref(),
+            ]
+            .into_iter()
+            .flatten()
+            .find(|link| link_is_safe(link));
+            let sign_in = match link {
+                Some(link) => format!(
+                    "<p><a class=\"go\" href=\"{}\" rel=\"noreferrer noopener\">Sign in to approve</a></p>",
+                    attr(link)
+                ),
+                None => "<p>Open your identity provider's device sign-in page to enter it.</p>"
+                    .to_owned(),
+            };
             format!(
-                "<p>If you expected this request, confirm the code <code class=\"code\">{}</code> at your identity provider and sign in:</p>\n<p><a class=\"go\" href=\"{}\" rel=\"noreferrer noopener\">Sign in to approve</a></p>\n<p class=\"small\">If you did not expect it, do nothing: the request expires by itself.</p>",
+                "<p>If you expected this request, confirm the code <code class=\"code\">{}</code> at your identity provider and sign in:</p>\n{sign_in}\n<p class=\"small\">If you did not expect it, do nothing: the request expires by itself.</p>",
                 text(code),
-                attr(link)
             )
         }
         state => format!(

@@ -2,44 +2,57 @@
 //!
 //! Guarantees:
 //! - Discovery and JWKS come from the tenant's issuer (cached; refreshed once on an unknown `kid`).
-//! - ID tokens are verified for signature (asymmetric algorithms only), `iss`, `aud`, `exp`, and an
-//!   `iat` that is neither in the future nor stale; everything the policy needs is extracted into
-//!   [`Approver`] and the tokens themselves are dropped before this module returns.
-//! - Device codes and tokens are held in [`SecretString`]s and appear in no log line or error text.
-//! - HTTP follows no redirects (SSRF) and every request has a timeout.
+//! - When the environment requires a fresh sign-in, the device authorization asks for it with
+//!   `max_age`, so standard providers re-authenticate a stale session and return `auth_time`.
+//! - ID tokens are verified for signature (asymmetric algorithms only), `iss`, `aud`, `exp`, an
+//!   `iat` that is neither in the future nor stale, and an `auth_time` that is not in the future.
+//!   Email, groups and the approver's name come from the ID token, or from the userinfo endpoint
+//!   (called with the access token, its `sub` checked against the ID token's) when the ID token
+//!   lacks them. An email counts for policy only when the provider marks it `email_verified`.
+//!   Everything the policy needs is extracted into [`Approver`] and the tokens themselves are
+//!   dropped before this module returns.
+//! - A verification link that is not https (plain http only on loopback, for development) is
+//!   refused before it can reach an agent or a page.
+//! - Device codes and tokens are held in secret types and appear in no log line or error text.
+//! - HTTP follows no redirects (SSRF), every request has a timeout, and response bodies are capped.
+//! - Failures say whether they are transient (network, 5xx: try again) or a misconfiguration
+//!   (wrong client, issuer, endpoints: an admin must act).
 
+mod check;
 pub mod dev_idp;
+mod device;
+mod token;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openidconnect::core::{
-    CoreAuthDisplay, CoreClaimName, CoreClaimType, CoreClient, CoreClientAuthMethod,
-    CoreDeviceAuthorizationResponse, CoreGenderClaim, CoreGrantType, CoreJsonWebKey,
-    CoreJweContentEncryptionAlgorithm, CoreJweKeyManagementAlgorithm, CoreJwsSigningAlgorithm,
-    CoreResponseMode, CoreResponseType, CoreSubjectIdentifierType, CoreTokenType,
+    CoreAuthDisplay, CoreClaimName, CoreClaimType, CoreClientAuthMethod, CoreGrantType,
+    CoreJsonWebKey, CoreJweContentEncryptionAlgorithm, CoreJweKeyManagementAlgorithm,
+    CoreResponseMode, CoreResponseType, CoreSubjectIdentifierType,
 };
 use openidconnect::{
-    AdditionalClaims, AdditionalProviderMetadata, AuthType, ClaimsVerificationError, ClientId,
-    ClientSecret, DeviceAuthorizationUrl, EmptyExtraTokenFields, HttpRequest, HttpResponse,
-    IdTokenFields, IssuerUrl, ProviderMetadata, Scope, SignatureVerificationError,
-    StandardTokenResponse,
+    AdditionalProviderMetadata, DeviceAuthorizationUrl, DiscoveryError, HttpRequest, HttpResponse,
+    IssuerUrl, ProviderMetadata,
 };
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::UnixSeconds;
 use crate::tenants::IdpSettings;
 
+pub use check::{IdpCheck, IdpCheckFailed};
+pub use device::link_is_safe;
+
 /// How long discovery documents and keys are reused before being fetched again.
 const DISCOVERY_TTL: Duration = Duration::from_secs(600);
 /// Timeout of each request to an IdP.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Tolerated clock difference with the IdP.
-const CLOCK_SKEW_SECONDS: i64 = 60;
-/// An ID token issued longer ago than this is not accepted as a fresh approval.
-const MAX_TOKEN_AGE_SECONDS: i64 = 600;
+/// Largest IdP response body read (discovery, device authorization, token, userinfo).
+const MAX_BODY_BYTES: usize = 256 * 1024;
+/// Tolerated clock difference with the IdP (`iat`, `auth_time`).
+pub const CLOCK_SKEW_SECONDS: i64 = 60;
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 struct DeviceEndpoint {
@@ -62,22 +75,6 @@ type Metadata = ProviderMetadata<
     CoreSubjectIdentifierType,
 >;
 
-/// Every claim beyond the standard ones, so that the approver and groups claims are configurable.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-struct OtherClaims(HashMap<String, serde_json::Value>);
-impl AdditionalClaims for OtherClaims {}
-
-type TokenResponse = StandardTokenResponse<
-    IdTokenFields<
-        OtherClaims,
-        EmptyExtraTokenFields,
-        CoreGenderClaim,
-        CoreJweContentEncryptionAlgorithm,
-        CoreJwsSigningAlgorithm,
-    >,
-    CoreTokenType,
->;
-
 /// A started device authorization.
 pub struct DeviceAuthorization {
     pub device_code: SecretString,
@@ -88,12 +85,14 @@ pub struct DeviceAuthorization {
     pub interval: Duration,
 }
 
-/// Who approved, as verified from the ID token.
+/// Who approved, as verified from the ID token (and userinfo).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Approver {
     pub subject: String,
-    /// The value of the tenant's approver claim (`email` by default).
+    /// The value of the tenant's approver claim (`email` by default). An email the provider does
+    /// not mark verified is shown as `… (unverified)`.
     pub name: Option<String>,
+    /// The approver's email, only when the provider marks it verified (`email_verified: true`).
     pub email: Option<String>,
     pub groups: Vec<String>,
     pub auth_time: Option<UnixSeconds>,
@@ -121,15 +120,56 @@ pub enum PollOutcome {
     Unavailable(String),
 }
 
-/// Failures before a device authorization exists.
+/// Failures before a device authorization exists. Reasons are safe to show (no secrets).
 #[derive(Debug, thiserror::Error)]
 pub enum OidcError {
+    /// Transient: the provider could not be reached, timed out or answered 5xx/429.
     #[error("the identity provider at {issuer} is unavailable: {reason}")]
     Unavailable { issuer: String, reason: String },
-    #[error("the identity provider at {issuer} refused the device authorization: {reason}")]
-    Refused { issuer: String, reason: String },
+    /// Not transient: the provider or the tenant's settings are wrong; an admin must act.
+    #[error("the identity provider at {issuer} is misconfigured for this tenant: {reason}")]
+    Misconfigured { issuer: String, reason: String },
     #[error("the tenant's IdP client secret is not available: {0}")]
     ClientSecret(String),
+}
+
+impl OidcError {
+    /// Whether trying again later can succeed without anyone changing anything.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+/// A failure talking to an IdP, before it is attributed to an issuer.
+#[derive(Debug)]
+enum Fault {
+    Transient(String),
+    Config(String),
+}
+
+impl Fault {
+    fn into_error(self, issuer: &str) -> OidcError {
+        let issuer = issuer.to_owned();
+        match self {
+            Self::Transient(reason) => OidcError::Unavailable { issuer, reason },
+            Self::Config(reason) => OidcError::Misconfigured { issuer, reason },
+        }
+    }
+
+    fn reason(&self) -> &str {
+        match self {
+            Self::Transient(r) | Self::Config(r) => r,
+        }
+    }
+
+    /// Network errors are transient; so are 5xx and 429 answers. Everything else needs an admin.
+    fn of_status(status: reqwest::StatusCode, what: String) -> Self {
+        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            Self::Transient(what)
+        } else {
+            Self::Config(what)
+        }
+    }
 }
 
 struct Discovered {
@@ -140,18 +180,13 @@ struct Discovered {
 /// The device-flow client, shared by all tenants.
 pub struct Oidc {
     http: reqwest::Client,
-    discovered: Mutex<HashMap<String, std::sync::Arc<Discovered>>>,
+    discovered: Mutex<HashMap<String, Arc<Discovered>>>,
 }
 
 impl std::fmt::Debug for Oidc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Oidc").finish_non_exhaustive()
     }
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: String,
 }
 
 impl Default for Oidc {
@@ -174,11 +209,8 @@ impl Oidc {
         }
     }
 
-    async fn metadata(
-        &self,
-        issuer: &str,
-        refresh: bool,
-    ) -> Result<std::sync::Arc<Discovered>, String> {
+    /// The issuer's discovery document and keys, cached for [`DISCOVERY_TTL`] unless `refresh`.
+    async fn metadata(&self, issuer: &str, refresh: bool) -> Result<Arc<Discovered>, Fault> {
         if !refresh {
             let cached = self
                 .discovered
@@ -192,11 +224,19 @@ impl Oidc {
                 return Ok(found);
             }
         }
-        let issuer_url = IssuerUrl::new(issuer.to_owned()).map_err(|e| e.to_string())?;
+        let issuer_url =
+            IssuerUrl::new(issuer.to_owned()).map_err(|e| Fault::Config(e.to_string()))?;
         let metadata = Metadata::discover_async(issuer_url, &HttpClient(self.http.clone()))
             .await
-            .map_err(|e| crate::error_chain(&e))?;
-        let found = std::sync::Arc::new(Discovered {
+            .map_err(|e| {
+                let text = format!("discovery failed: {}", crate::error_chain(&e));
+                match e {
+                    DiscoveryError::Request(_) => Fault::Transient(text),
+                    DiscoveryError::Response(status, ..) => Fault::of_status(status, text),
+                    _ => Fault::Config(text),
+                }
+            })?;
+        let found = Arc::new(Discovered {
             metadata,
             fetched: Instant::now(),
         });
@@ -205,178 +245,6 @@ impl Oidc {
             .unwrap_or_else(|e| e.into_inner())
             .insert(issuer.to_owned(), found.clone());
         Ok(found)
-    }
-
-    /// Starts a device authorization at the tenant's IdP.
-    pub async fn start(&self, idp: &IdpSettings) -> Result<DeviceAuthorization, OidcError> {
-        let unavailable = |reason: String| OidcError::Unavailable {
-            issuer: idp.issuer.clone(),
-            reason,
-        };
-        let discovered = self
-            .metadata(&idp.issuer, false)
-            .await
-            .map_err(unavailable)?;
-        let secret = client_secret(idp)?;
-        let device_url = discovered
-            .metadata
-            .additional_metadata()
-            .device_authorization_endpoint
-            .clone();
-        let client = CoreClient::from_provider_metadata(
-            discovered.metadata.clone(),
-            ClientId::new(idp.client_id.clone()),
-            secret.map(|s| ClientSecret::new(s.expose_secret().to_owned())),
-        )
-        .set_device_authorization_url(device_url)
-        .set_auth_type(AuthType::RequestBody);
-        let http = HttpClient(self.http.clone());
-        let details: CoreDeviceAuthorizationResponse = client
-            .exchange_device_code()
-            .add_scopes(
-                idp.scopes
-                    .split_whitespace()
-                    .filter(|s| *s != "openid")
-                    .map(|s| Scope::new(s.to_owned())),
-            )
-            .request_async(&http)
-            .await
-            .map_err(|e| OidcError::Refused {
-                issuer: idp.issuer.clone(),
-                reason: crate::error_chain(&e),
-            })?;
-        Ok(DeviceAuthorization {
-            device_code: SecretString::from(details.device_code().secret().to_owned()),
-            user_code: details.user_code().secret().to_owned(),
-            verification_uri: details.verification_uri().to_string(),
-            verification_uri_complete: details
-                .verification_uri_complete()
-                .map(|u| u.secret().to_owned()),
-            expires_in: details.expires_in(),
-            interval: details.interval(),
-        })
-    }
-
-    /// Polls the token endpoint once for `device_code`.
-    pub async fn poll(
-        &self,
-        idp: &IdpSettings,
-        device_code: &SecretString,
-        now: UnixSeconds,
-    ) -> PollOutcome {
-        let discovered = match self.metadata(&idp.issuer, false).await {
-            Ok(d) => d,
-            Err(reason) => return PollOutcome::Unavailable(format!("discovery failed: {reason}")),
-        };
-        let secret = match client_secret(idp) {
-            Ok(secret) => secret,
-            Err(e) => return PollOutcome::Unavailable(e.to_string()),
-        };
-        let Some(token_url) = discovered.metadata.token_endpoint() else {
-            return PollOutcome::Rejected("the IdP announces no token endpoint".to_owned());
-        };
-        let mut form = vec![
-            ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
-            ("device_code", device_code.expose_secret()),
-            ("client_id", idp.client_id.as_str()),
-        ];
-        if let Some(secret) = &secret {
-            form.push(("client_secret", secret.expose_secret()));
-        }
-        let response = match self
-            .http
-            .post(token_url.url().as_str())
-            .form(&form)
-            .send()
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                return PollOutcome::Unavailable(format!(
-                    "token endpoint unreachable: {}",
-                    without_url(e)
-                ));
-            }
-        };
-        let status = response.status();
-        let body = match response.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                return PollOutcome::Unavailable(format!(
-                    "token response unreadable: {}",
-                    without_url(e)
-                ));
-            }
-        };
-        if status.is_server_error() {
-            return PollOutcome::Unavailable(format!("token endpoint answered {status}"));
-        }
-        if !status.is_success() {
-            return match serde_json::from_slice::<ErrorBody>(&body).map(|b| b.error) {
-                Ok(code) if code == "authorization_pending" => PollOutcome::Pending,
-                Ok(code) if code == "slow_down" => PollOutcome::SlowDown,
-                Ok(code) if code == "access_denied" => PollOutcome::Denied,
-                Ok(code) if code == "expired_token" => PollOutcome::Expired,
-                Ok(code) => PollOutcome::Rejected(format!(
-                    "the identity provider refused the device code ({})",
-                    code.chars().take(64).collect::<String>()
-                )),
-                Err(_) => PollOutcome::Unavailable(format!(
-                    "token endpoint answered {status} without an OAuth error"
-                )),
-            };
-        }
-        // From here the body holds tokens: it is parsed and dropped, never logged.
-        let tokens: TokenResponse = match serde_json::from_slice(&body) {
-            Ok(t) => t,
-            Err(_) => {
-                return PollOutcome::Unavailable(
-                    "token endpoint answered 200 with a malformed body".to_owned(),
-                );
-            }
-        };
-        drop(body);
-        match self.verify(idp, &tokens, now).await {
-            Ok(approver) => PollOutcome::Approved(approver),
-            Err(reason) => PollOutcome::Rejected(reason),
-        }
-    }
-
-    async fn verify(
-        &self,
-        idp: &IdpSettings,
-        tokens: &TokenResponse,
-        now: UnixSeconds,
-    ) -> Result<Approver, String> {
-        let Some(id_token) = tokens.extra_fields().id_token() else {
-            return Err("the identity provider returned no ID token".to_owned());
-        };
-        let mut refreshed = false;
-        loop {
-            let discovered = self.metadata(&idp.issuer, refreshed).await?;
-            let verifier = openidconnect::core::CoreIdTokenVerifier::new_public_client(
-                ClientId::new(idp.client_id.clone()),
-                discovered.metadata.issuer().clone(),
-                discovered.metadata.jwks().clone(),
-            )
-            .set_allowed_algs([
-                CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
-                CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha384,
-                CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha512,
-                CoreJwsSigningAlgorithm::RsaSsaPssSha256,
-                CoreJwsSigningAlgorithm::EcdsaP256Sha256,
-                CoreJwsSigningAlgorithm::EcdsaP384Sha384,
-                CoreJwsSigningAlgorithm::EdDsa,
-            ]);
-            // The device flow carries no nonce.
-            match id_token.claims(&verifier, |_: Option<&openidconnect::Nonce>| Ok(())) {
-                Ok(claims) => return approver_from(idp, claims, now),
-                Err(ClaimsVerificationError::SignatureVerification(
-                    SignatureVerificationError::NoMatchingKey,
-                )) if !refreshed => refreshed = true,
-                Err(e) => return Err(format!("the ID token does not verify: {e}")),
-            }
-        }
     }
 }
 
@@ -405,46 +273,54 @@ impl<'c> openidconnect::AsyncHttpClient<'c> for HttpClient {
     }
 }
 
-fn approver_from(
-    idp: &IdpSettings,
-    claims: &openidconnect::IdTokenClaims<OtherClaims, CoreGenderClaim>,
-    now: UnixSeconds,
-) -> Result<Approver, String> {
-    let issued = claims.issue_time().timestamp();
-    if issued > now + CLOCK_SKEW_SECONDS {
-        return Err("the ID token was issued in the future (iat)".to_owned());
+/// Reads a response body of at most [`MAX_BODY_BYTES`]; a larger one is an error.
+async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, Fault> {
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_BODY_BYTES {
+                    return Err(Fault::Config(format!(
+                        "the response is larger than {MAX_BODY_BYTES} bytes"
+                    )));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => {
+                return Err(Fault::Transient(format!(
+                    "the response could not be read: {}",
+                    without_url(e)
+                )));
+            }
+        }
     }
-    if issued < now - MAX_TOKEN_AGE_SECONDS {
-        return Err("the ID token is too old to approve with (iat)".to_owned());
+}
+
+/// An OAuth error answer (`{"error": …, "error_description": …}`), shortened and made printable.
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+    error_description: Option<String>,
+}
+
+impl ErrorBody {
+    fn code(&self) -> String {
+        printable(&self.error, 64)
     }
-    let other = &claims.additional_claims().0;
-    let subject = claims.subject().to_string();
-    let email = claims.email().map(|e| e.to_string());
-    let name = match idp.approver_claim.as_str() {
-        "sub" => Some(subject.clone()),
-        "email" => email.clone(),
-        claim => other.get(claim).and_then(|v| v.as_str()).map(str::to_owned),
-    };
-    let groups = match other.get(&idp.groups_claim) {
-        Some(serde_json::Value::Array(items)) => items
-            .iter()
-            .filter_map(|g| g.as_str().map(str::to_owned))
-            .collect(),
-        Some(serde_json::Value::String(one)) => vec![one.clone()],
-        _ => Vec::new(),
-    };
-    Ok(Approver {
-        subject,
-        name,
-        email,
-        groups,
-        auth_time: claims.auth_time().map(|t| t.timestamp()),
-        acr: claims.auth_context_ref().map(|a| a.to_string()),
-        amr: claims
-            .auth_method_refs()
-            .map(|list| list.iter().map(|m| m.to_string()).collect())
-            .unwrap_or_default(),
-    })
+
+    fn describe(&self) -> String {
+        match &self.error_description {
+            Some(d) if !d.trim().is_empty() => format!("{} ({})", self.code(), printable(d, 200)),
+            _ => self.code(),
+        }
+    }
+}
+
+/// At most `max` characters of `text`, without control characters (text from an IdP, shown to
+/// people).
+fn printable(text: &str, max: usize) -> String {
+    text.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 
 fn client_secret(idp: &IdpSettings) -> Result<Option<SecretString>, OidcError> {
@@ -457,4 +333,24 @@ fn client_secret(idp: &IdpSettings) -> Result<Option<SecretString>, OidcError> {
 /// A reqwest error without the URL (which could carry query parameters).
 fn without_url(error: reqwest::Error) -> String {
     crate::error_chain(&error.without_url())
+}
+
+/// Whether `url` names a loopback host (`localhost`, 127.0.0.0/8, `::1`).
+pub fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// Whether `text` is an issuer or endpoint URL Custodian talks to: https, or plain http on a
+/// loopback host (development and tests).
+pub fn is_acceptable_endpoint(text: &str) -> bool {
+    url::Url::parse(text).is_ok_and(|url| match url.scheme() {
+        "https" => url.host().is_some(),
+        "http" => is_loopback(&url),
+        _ => false,
+    })
 }

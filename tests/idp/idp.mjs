@@ -1,22 +1,36 @@
 // A real OpenID Provider (npm `oidc-provider`, device flow enabled) for Custodian's tests.
 //
+// The provider runs in oidc-provider's DEFAULT claim behaviour: no `require_auth_time`, no
+// `conformIdTokenClaims` override, nothing more lenient than Keycloak, Okta, Entra ID or Google.
+// Consequences the gateway must cope with, as it must with those providers:
+// - `auth_time` is in the ID token only when the client asks for it (`max_age`);
+// - the device flow always issues an access token, so scope claims (`email`, `email_verified`,
+//   `groups`, `name`) are served ONLY by the userinfo endpoint; the ID token carries `sub` and the
+//   authentication claims. `GET /test/id_tokens` lets tests prove it.
+//
 // Started by the Rust test harness on a loopback port; prints one JSON line {"issuer": ...} when
 // ready. Approval is driven by the tests over HTTP through the provider's own device pages and the
 // interaction endpoints below (login, consent, abort), which call interactionDetails /
-// interactionFinished exactly as a real login UI would.
+// interactionResult exactly as a real login UI would.
 //
 // Knobs for the tests (environment):
 //   CLIENTS        JSON array of client ids (public clients, device grant)       ["custodian"]
 //   DEVICE_TTL     device code lifetime in seconds                                  600
 //   INTERVAL       polling interval announced in device authorization responses      1
-// and at run time, POST /test/mode {"mode": ...}:
-//   "normal"       untouched provider responses
-//   "slow_down"    the next token poll is answered `slow_down`, then back to normal
-//   "wrong_aud"    ID tokens are re-signed (with the provider's key) for another audience
-//   "garbage"      the token endpoint answers 200 with a body that is not JSON
-//   "down"         every endpoint answers 503
+// and at run time, POST /test/mode {"mode": ...}: faults of a broken or hostile provider,
+//   "normal"              untouched provider responses
+//   "slow_down"           the next token poll is answered `slow_down`, then back to normal
+//   "wrong_aud"           ID tokens are re-signed (with the provider's key) for another audience
+//   "garbage"             the token endpoint answers 200 with a body that is not JSON
+//   "down"                every endpoint answers 503
+//   "userinfo_other_sub"  userinfo answers with another subject's claims than the ID token's
+//   "userinfo_down"       the userinfo endpoint answers 503
+//   "javascript_link"     device authorizations carry verification_uri_complete `javascript:…`
+//   "http_link"           device authorizations carry a plain-http link to a non-loopback host
+//   "no_device_endpoint"  discovery announces no device_authorization_endpoint
 // GET /test/polls lists the times (ms) of token requests seen; GET /test/issued every device code
-// and token handed out.
+// and token handed out; GET /test/id_tokens the decoded claims of every ID token issued;
+// GET /test/device_requests the client_id, scope and max_age of every device authorization request.
 
 import http from 'node:http';
 import crypto from 'node:crypto';
@@ -27,10 +41,15 @@ const clients = JSON.parse(process.env.CLIENTS || '["custodian"]');
 const deviceTtl = Number(process.env.DEVICE_TTL || 600);
 const interval = Number(process.env.INTERVAL || 1);
 
+// `email_verified` is part of each account's claims as a real directory would hold it: eve has
+// put alice's address on her own profile (unverified, as Entra ID allows); trent's directory says
+// nothing about verification at all.
 const accounts = {
-  alice: { email: 'alice@example.com', groups: ['platform', 'developers'] },
-  bob: { email: 'bob@example.com', groups: ['developers'] },
-  mallory: { email: 'mallory@example.net', groups: [] },
+  alice: { email: 'alice@example.com', email_verified: true, groups: ['platform', 'developers'] },
+  bob: { email: 'bob@example.com', email_verified: true, groups: ['developers'] },
+  mallory: { email: 'mallory@example.net', email_verified: true, groups: [] },
+  eve: { email: 'alice@example.com', email_verified: false, groups: [] },
+  trent: { email: 'trent@example.com', groups: [] },
 };
 
 const { privateKey } = await jose.generateKeyPair('RS256', { extractable: true });
@@ -41,6 +60,8 @@ const polls = [];
 // Every device code and token this provider hands out, so tests can look for them where they must
 // never appear (logs, database, tool results).
 const issued = [];
+const idTokens = [];
+const deviceRequests = [];
 
 const server = http.createServer();
 await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
@@ -50,8 +71,6 @@ const provider = new Provider(issuer, {
   clients: clients.map((id) => ({
     client_id: id,
     token_endpoint_auth_method: 'none',
-    // Custodian checks how recently the approver signed in; the IdP must say (OIDC auth_time).
-    require_auth_time: true,
     grant_types: ['urn:ietf:params:oauth:grant-type:device_code'],
     response_types: [],
     redirect_uris: [],
@@ -72,9 +91,8 @@ const provider = new Provider(issuer, {
     },
     devInteractions: { enabled: false },
   },
-  scopes: ['openid', 'email', 'profile', 'groups'],
-  claims: { openid: ['sub'], email: ['email', 'email_verified'], groups: ['groups'], profile: ['name'] },
-  conformIdTokenClaims: false,
+  // The claims this directory holds, by scope (oidc-provider's way of declaring them).
+  claims: { email: ['email', 'email_verified'], groups: ['groups'], profile: ['name'] },
   ttl: { DeviceCode: deviceTtl, AccessToken: 600, IdToken: 600, Interaction: 600, Session: 600, Grant: 600 },
   interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
   findAccount: async (ctx, id) => {
@@ -82,10 +100,9 @@ const provider = new Provider(issuer, {
     if (!account) return undefined;
     return {
       accountId: id,
-      claims: async () => ({ sub: id, email: account.email, email_verified: true, groups: account.groups, name: id }),
+      claims: async () => ({ sub: id, name: id, ...account }),
     };
   },
-  pkce: { required: () => false },
 });
 
 async function readJson(req) {
@@ -101,7 +118,7 @@ function send(res, status, value) {
 
 // Rewrites and faults applied around the provider's own responses.
 provider.use(async (ctx, next) => {
-  if (mode === 'down') {
+  if (mode === 'down' || (mode === 'userinfo_down' && ctx.path === '/me')) {
     ctx.status = 503;
     ctx.body = 'down for maintenance';
     return;
@@ -122,14 +139,41 @@ provider.use(async (ctx, next) => {
     }
   }
   await next();
+  if (ctx.path === '/.well-known/openid-configuration' && mode === 'no_device_endpoint') {
+    const { device_authorization_endpoint: _, ...rest } = ctx.body;
+    ctx.body = rest;
+  }
+  if (ctx.path === '/device/auth') {
+    const params = ctx.oidc?.params ?? {};
+    deviceRequests.push({
+      client_id: params.client_id ?? null,
+      scope: params.scope ?? null,
+      max_age: params.max_age ?? null,
+      status: ctx.status,
+    });
+  }
   if (ctx.path === '/device/auth' && ctx.status === 200 && ctx.body) {
     ctx.body = { ...ctx.body, interval };
     issued.push(ctx.body.device_code);
+    if (mode === 'javascript_link') {
+      ctx.body = { ...ctx.body, verification_uri_complete: 'javascript:alert(document.domain)' };
+    }
+    if (mode === 'http_link') {
+      ctx.body = {
+        ...ctx.body,
+        verification_uri: 'http://idp.example.com/device',
+        verification_uri_complete: `http://idp.example.com/device?user_code=${ctx.body.user_code}`,
+      };
+    }
   }
   if (ctx.path === '/token' && ctx.status === 200 && ctx.body) {
     for (const key of ['access_token', 'id_token', 'refresh_token']) {
       if (ctx.body[key]) issued.push(ctx.body[key]);
     }
+    if (ctx.body.id_token) idTokens.push(jose.decodeJwt(ctx.body.id_token));
+  }
+  if (ctx.path === '/me' && ctx.status === 200 && ctx.body && mode === 'userinfo_other_sub') {
+    ctx.body = { ...ctx.body, sub: 'mallory', email: 'mallory@example.net', groups: ['platform'] };
   }
   if (ctx.path === '/token' && ctx.status === 200 && ctx.body?.id_token && mode === 'wrong_aud') {
     const claims = jose.decodeJwt(ctx.body.id_token);
@@ -157,6 +201,12 @@ server.on('request', async (req, res) => {
     }
     if (url.pathname === '/test/issued') {
       return send(res, 200, issued);
+    }
+    if (url.pathname === '/test/id_tokens') {
+      return send(res, 200, idTokens);
+    }
+    if (url.pathname === '/test/device_requests') {
+      return send(res, 200, deviceRequests);
     }
     if (match && mode !== 'down') {
       const details = await provider.interactionDetails(req, res);

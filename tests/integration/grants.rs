@@ -1,5 +1,7 @@
-//! Task grants against a real OpenID Provider (`oidc-provider`, device flow), on SQLite and
-//! PostgreSQL: approval, denial, expiry, slow_down, policy, bad tokens, outages, restarts, races.
+//! Task grants against a real OpenID Provider (`oidc-provider`, device flow, default claim
+//! behaviour: email and groups only from userinfo, `auth_time` only on `max_age`), on SQLite and
+//! PostgreSQL: approval, denial, expiry, slow_down, policy, bad tokens and links, outages,
+//! misconfiguration, restarts, races.
 
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use crate::harness::{Backend, TestApp};
 use crate::idp::{Login, TestIdp};
 use crate::mcp_clients::connect;
 use crate::on_both_backends;
+use custodian::clock::Clock;
 use custodian::environments::{Approvers, Policy};
 use custodian::grants::store;
 
@@ -28,6 +31,12 @@ on_both_backends!(
     requests_over_policy_or_for_others_get_specific_refusals,
     idp_secrets_appear_in_no_result_log_or_column,
     clients_declaring_url_elicitation_are_offered_the_approval_page,
+    email_and_group_allowlists_use_claims_from_userinfo,
+    an_unverified_email_never_matches_an_email_allowlist,
+    a_sign_in_time_in_the_future_is_refused,
+    userinfo_about_another_subject_or_unavailable_is_refused,
+    verification_links_that_are_not_https_are_refused_and_never_rendered,
+    a_misconfigured_client_is_reported_as_such_not_as_temporary,
 );
 
 type Client = rmcp::service::RunningService<rmcp::RoleClient, rmcp::model::ClientConfig>;
@@ -64,13 +73,26 @@ async fn setup(backend: Backend, device_ttl: u64, policy: Policy) -> Option<Setu
 }
 
 async fn request(client: &Client) -> Value {
+    request_in(client, "staging").await
+}
+
+async fn request_in(client: &Client, environment: &str) -> Value {
     call(
         client,
         "request_grant",
-        json!({"environment": "staging", "purpose": "run the staging migration"}),
+        json!({"environment": environment, "purpose": "run the staging migration"}),
     )
     .await
     .expect("request_grant succeeds")
+}
+
+/// The stored grant row.
+async fn row(t: &TestApp, grant: &Value) -> custodian::grants::Grant {
+    let tenant = custodian::tenants::TenantId::parse("acme").unwrap();
+    store::get(t.db(), &tenant, grant["grant_id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap()
 }
 
 async fn wait_state(client: &Client, grant: &Value, seconds: u64) -> Value {
@@ -150,6 +172,23 @@ async fn approval_at_the_idp_activates_the_grant_with_the_approver(backend: Back
     let status = wait_until(&s.client, &grant, "active").await;
     assert_eq!(status["approver"], "alice@example.com");
     assert_eq!(status["uses_left"], 10);
+    // The provider in its default configuration: Custodian asked for a sign-in within the
+    // policy's 300 s, so the ID token states auth_time; email and groups were NOT in the ID token
+    // (they came from userinfo).
+    let requests = s.idp.device_requests().await;
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0]["max_age"], "300", "{requests:?}");
+    let id_tokens = s.idp.id_tokens().await;
+    assert_eq!(id_tokens.len(), 1);
+    let id_token = id_tokens[0].as_object().unwrap();
+    assert_eq!(id_token["sub"], "alice");
+    assert!(id_token["auth_time"].is_i64(), "{id_token:?}");
+    for claim in ["email", "email_verified", "groups"] {
+        assert!(
+            !id_token.contains_key(claim),
+            "the ID token has {claim}: {id_token:?}"
+        );
+    }
     let tenant = custodian::tenants::TenantId::parse("acme").unwrap();
     let row = store::get(s.t.db(), &tenant, grant["grant_id"].as_str().unwrap())
         .await
@@ -261,6 +300,32 @@ async fn approver_outside_the_policy_is_denied_with_the_reason(backend: Backend)
         Value::Null,
         "a refused approver is not recorded as the approver"
     );
+    // `run` on it names the real cause, with a runner registered so nothing else can be blamed.
+    let acme = custodian::tenants::TenantId::parse("acme").unwrap();
+    custodian::runners::add(
+        s.t.db(),
+        &acme,
+        "r1",
+        "default",
+        "https://runner.invalid:8443/",
+        1,
+    )
+    .await
+    .unwrap();
+    let refused = call(
+        &s.client,
+        "run",
+        json!({"grant_id": grant["grant_id"], "argv": ["true"]}),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        refused,
+        format!(
+            "grant `{}` is denied: bob@example.com is not allowed to approve grants for this environment; request a new grant",
+            grant["grant_id"].as_str().unwrap()
+        )
+    );
     s.t.stop().await;
 }
 
@@ -322,7 +387,7 @@ async fn idp_outage_keeps_the_grant_pending_until_it_recovers(backend: Backend) 
     .await
     .unwrap_err();
     assert!(
-        refused.contains("unavailable") || refused.contains("refused"),
+        refused.contains("unavailable") && refused.contains("try again shortly"),
         "{refused}"
     );
     let tenant = custodian::tenants::TenantId::parse("acme").unwrap();
@@ -655,5 +720,278 @@ async fn clients_declaring_url_elicitation_are_offered_the_approval_page(backend
     // A client without the capability (the rmcp client of `setup`) gets none and still works.
     let plain = request(&s.client).await;
     assert_eq!(plain["state"], "pending");
+    s.t.stop().await;
+}
+
+fn allow(emails: &[&str], groups: &[&str]) -> Approvers {
+    Approvers {
+        subjects: vec![],
+        emails: emails.iter().map(|e| e.to_string()).collect(),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+    }
+}
+
+async fn email_and_group_allowlists_use_claims_from_userinfo(backend: Backend) {
+    let Some(s) = setup(backend, 600, Policy::default()).await else {
+        return;
+    };
+    let acme = custodian::tenants::TenantId::parse("acme").unwrap();
+    // Email allowlist without a fresh sign-in (no max_age sent); group allowlist with one.
+    let by_email = Policy {
+        approvers: allow(&["alice@example.com"], &[]),
+        freshness: custodian::environments::LoginFreshness::NotRequired,
+        ..Policy::default()
+    };
+    s.t.environment_with(&acme, "by-email", &by_email).await;
+    let by_group = Policy {
+        approvers: allow(&[], &["platform"]),
+        ..Policy::default()
+    };
+    s.t.environment_with(&acme, "by-group", &by_group).await;
+
+    for (environment, account, expected) in [
+        ("by-email", "alice", "active"),
+        ("by-email", "bob", "denied"),
+        ("by-group", "alice", "active"),
+        ("by-group", "mallory", "denied"),
+    ] {
+        let grant = request_in(&s.client, environment).await;
+        s.idp.approve(user_code(&grant), Login::as_(account)).await;
+        let status = wait_until(&s.client, &grant, expected).await;
+        let stored = row(&s.t, &grant).await;
+        if expected == "active" {
+            assert_eq!(status["approver"], "alice@example.com");
+            assert_eq!(stored.approver_email.as_deref(), Some("alice@example.com"));
+            assert_eq!(stored.approver_groups, ["platform", "developers"]);
+        } else {
+            let reason = status["reason"].as_str().unwrap();
+            assert!(
+                reason.contains(" is not allowed to approve grants for this environment"),
+                "{environment}/{account}: {reason}"
+            );
+            assert_eq!(stored.approver_sub, None);
+        }
+    }
+    // max_age went out only where the policy requires a fresh sign-in, and auth_time came back
+    // only then; no ID token carried email or groups.
+    let max_ages: Vec<Value> = s
+        .idp
+        .device_requests()
+        .await
+        .iter()
+        .map(|r| r["max_age"].clone())
+        .collect();
+    assert_eq!(
+        max_ages,
+        [Value::Null, Value::Null, json!("300"), json!("300")]
+    );
+    let id_tokens = s.idp.id_tokens().await;
+    assert_eq!(id_tokens.len(), 4);
+    for (i, token) in id_tokens.iter().enumerate() {
+        assert_eq!(token.get("auth_time").is_some(), i >= 2, "{token}");
+        assert!(
+            token.get("email").is_none() && token.get("groups").is_none(),
+            "{token}"
+        );
+    }
+    s.t.stop().await;
+}
+
+async fn an_unverified_email_never_matches_an_email_allowlist(backend: Backend) {
+    let policy = Policy {
+        approvers: allow(&["alice@example.com", "trent@example.com"], &[]),
+        ..Policy::default()
+    };
+    let Some(s) = setup(backend, 600, policy).await else {
+        return;
+    };
+    // eve put alice's address on her profile (email_verified: false); trent's provider says
+    // nothing about verification.
+    for (account, shown) in [
+        ("eve", "alice@example.com (unverified)"),
+        ("trent", "trent@example.com (unverified)"),
+    ] {
+        let grant = request(&s.client).await;
+        s.idp.approve(user_code(&grant), Login::as_(account)).await;
+        let status = wait_until(&s.client, &grant, "denied").await;
+        assert_eq!(
+            status["reason"],
+            format!(
+                "{shown} is not allowed to approve grants for this environment; the identity provider sent no verified email for them (email_verified must be true)"
+            )
+        );
+    }
+    // Where anyone may approve, eve can, but she is never recorded under alice's address.
+    let acme = custodian::tenants::TenantId::parse("acme").unwrap();
+    s.t.environment_with(&acme, "open", &Policy::default())
+        .await;
+    let grant = request_in(&s.client, "open").await;
+    s.idp.approve(user_code(&grant), Login::as_("eve")).await;
+    let status = wait_until(&s.client, &grant, "active").await;
+    assert_eq!(status["approver"], "alice@example.com (unverified)");
+    let stored = row(&s.t, &grant).await;
+    assert_eq!(stored.approver_sub.as_deref(), Some("eve"));
+    assert_eq!(stored.approver_email, None);
+    s.t.stop().await;
+}
+
+async fn a_sign_in_time_in_the_future_is_refused(backend: Backend) {
+    let Some(s) = setup(backend, 600, Policy::default()).await else {
+        return;
+    };
+    let grant = request(&s.client).await;
+    let future = Login {
+        auth_age_seconds: -3600,
+        ..Login::as_("alice")
+    };
+    s.idp.approve(user_code(&grant), future).await;
+    let status = wait_until(&s.client, &grant, "denied").await;
+    let reason = status["reason"].as_str().unwrap();
+    assert!(reason.contains("in the future (auth_time)"), "{reason}");
+    let auth_time = s.idp.id_tokens().await[0]["auth_time"].as_i64().unwrap();
+    assert!(auth_time > s.t.clock.now() + 3000, "the IdP did send it");
+    assert_eq!(row(&s.t, &grant).await.approver_sub, None);
+    s.t.stop().await;
+}
+
+async fn userinfo_about_another_subject_or_unavailable_is_refused(backend: Backend) {
+    let policy = Policy {
+        approvers: allow(&[], &["platform"]),
+        ..Policy::default()
+    };
+    let Some(s) = setup(backend, 600, policy).await else {
+        return;
+    };
+    for (mode, expected) in [
+        ("userinfo_other_sub", "another subject than the ID token"),
+        ("userinfo_down", "503"),
+    ] {
+        s.idp.set_mode(mode).await;
+        let grant = request(&s.client).await;
+        s.idp.approve(user_code(&grant), Login::as_("bob")).await;
+        let status = wait_until(&s.client, &grant, "denied").await;
+        let reason = status["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("userinfo endpoint did not supply them") && reason.contains(expected),
+            "{mode}: {reason}"
+        );
+        let stored = row(&s.t, &grant).await;
+        assert_eq!(stored.approver_sub, None, "{mode}");
+        assert!(stored.approver_groups.is_empty(), "{mode}");
+    }
+    s.t.stop().await;
+}
+
+async fn verification_links_that_are_not_https_are_refused_and_never_rendered(backend: Backend) {
+    let Some(s) = setup(backend, 600, Policy::default()).await else {
+        return;
+    };
+    let acme = custodian::tenants::TenantId::parse("acme").unwrap();
+    for mode in ["javascript_link", "http_link"] {
+        s.idp.set_mode(mode).await;
+        let refused = call(
+            &s.client,
+            "request_grant",
+            json!({"environment": "staging", "purpose": "x"}),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            refused.contains("is not an https link"),
+            "{mode}: {refused}"
+        );
+        assert!(!refused.contains("try again"), "{mode}: {refused}");
+        for canary in ["javascript", "alert", "idp.example.com"] {
+            assert!(!refused.contains(canary), "{mode}: {refused}");
+        }
+    }
+    assert!(
+        store::list(s.t.db(), &acme, None, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "no grant was stored"
+    );
+    // A row holding such a link (stored before links were checked) never renders it.
+    let id = custodian::grants::GrantId::generate();
+    store::insert(
+        s.t.db(),
+        &s.t.app.audit_key,
+        &store::NewGrant {
+            tenant: &acme,
+            id: &id,
+            environment: "staging",
+            agent_token_id: "t",
+            agent_name: "codex",
+            purpose: "old row",
+            ttl_seconds: 60,
+            max_uses: 1,
+            expires_at: s.t.clock.now() + 600,
+            user_code: "OLD-CODE",
+            verification_uri: "http://idp.example.com/device",
+            verification_uri_complete: Some("javascript:alert(document.domain)"),
+            device_code_sealed: "not-used",
+            poll_interval_ms: 3_600_000,
+            trace_context: None,
+        },
+        s.t.clock.now_ms(),
+    )
+    .await
+    .unwrap();
+    let page = reqwest::get(format!("{}/approve/{}", s.t.base_url, id.as_str()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("OLD-CODE"), "{page}");
+    for canary in ["javascript", "alert(", "idp.example.com", "href="] {
+        assert!(!page.contains(canary), "{canary} rendered: {page}");
+    }
+    s.t.stop().await;
+}
+
+async fn a_misconfigured_client_is_reported_as_such_not_as_temporary(backend: Backend) {
+    let Some(s) = setup(backend, 600, Policy::default()).await else {
+        return;
+    };
+    // The client was deleted at the IdP after set-idp checked it.
+    let acme = custodian::tenants::TenantId::parse("acme").unwrap();
+    custodian::tenants::set_idp(
+        s.t.db(),
+        &acme,
+        &custodian::tenants::IdpSettings {
+            issuer: s.idp.issuer.clone(),
+            client_id: "nobody".to_owned(),
+            client_secret: None,
+            scopes: "openid email groups".to_owned(),
+            approver_claim: "email".to_owned(),
+            groups_claim: "groups".to_owned(),
+        },
+    )
+    .await
+    .unwrap();
+    let refused = call(
+        &s.client,
+        "request_grant",
+        json!({"environment": "staging", "purpose": "x"}),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        refused.contains("misconfigured")
+            && refused.contains("does not accept client id `nobody`")
+            && refused.contains("invalid_client")
+            && refused.contains("retrying will not fix"),
+        "{refused}"
+    );
+    assert!(!refused.contains("try again"), "{refused}");
+    assert!(
+        store::list(s.t.db(), &acme, None, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "no grant was stored"
+    );
     s.t.stop().await;
 }

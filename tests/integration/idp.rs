@@ -1,12 +1,14 @@
 //! The real OpenID Provider for tests: `oidc-provider` (npm) with the device flow, run by Node on a
-//! loopback port. Approval goes through the provider's own device pages and its interaction
-//! endpoints, as a person's browser would.
+//! loopback port in its default claim behaviour (email and groups only from userinfo, `auth_time`
+//! only when asked for with `max_age`). Approval goes through the provider's own device pages and
+//! its interaction endpoints, as a person's browser would. The tests of `tenant set-idp`'s checks
+//! against it live here too.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::processes::Proc;
+use crate::processes::{Proc, custodian, free_port};
 
 pub struct TestIdp {
     pub issuer: String,
@@ -17,8 +19,8 @@ pub struct TestIdp {
 #[derive(Debug, Clone, Default)]
 pub struct Login {
     pub account: &'static str,
-    /// How long ago the approver signed in (sets `auth_time`).
-    pub auth_age_seconds: u64,
+    /// How long ago the approver signed in (sets `auth_time`; negative: in the future).
+    pub auth_age_seconds: i64,
     pub acr: Option<&'static str>,
     pub amr: Vec<&'static str>,
 }
@@ -91,9 +93,23 @@ impl TestIdp {
 
     /// Every device code and token the provider handed out.
     pub async fn issued(&self) -> Vec<String> {
-        reqwest::get(format!("{}/test/issued", self.issuer))
+        self.test_json("issued").await
+    }
+
+    /// The claims of every ID token the provider issued, in order.
+    pub async fn id_tokens(&self) -> Vec<serde_json::Value> {
+        self.test_json("id_tokens").await
+    }
+
+    /// `client_id`, `scope`, `max_age` and `status` of every device authorization request.
+    pub async fn device_requests(&self) -> Vec<serde_json::Value> {
+        self.test_json("device_requests").await
+    }
+
+    async fn test_json<T: serde::de::DeserializeOwned>(&self, what: &str) -> T {
+        reqwest::get(format!("{}/test/{what}", self.issuer))
             .await
-            .expect("issued")
+            .expect(what)
             .json()
             .await
             .expect("json")
@@ -221,4 +237,144 @@ fn hidden_inputs(html: &str) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// `custodian admin --config … ARGS` on a SQLite database of its own.
+struct Admin {
+    dir: tempfile::TempDir,
+    config: String,
+}
+
+impl Admin {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("master.key");
+        let generated = custodian(
+            &[
+                "admin",
+                "master-key",
+                "generate",
+                "--out",
+                key.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(generated.status.success());
+        let port = free_port();
+        let config = dir.path().join("custodian.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\npublic_url = \"http://127.0.0.1:{port}\"\n\n[database]\nurl = \"sqlite://{}\"\n\n[secrets]\nmaster_key_file = \"{}\"\n",
+                dir.path().join("custodian.db").display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let config = config.display().to_string();
+        Self { dir, config }
+    }
+
+    /// Runs the command; returns (success, stdout, stderr).
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let mut all = vec!["admin", "--config", &self.config];
+        all.extend_from_slice(args);
+        let out = custodian(&all, &[]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The tenant's stored (issuer, client id).
+    async fn stored(&self, tenant: &str) -> (Option<String>, Option<String>) {
+        let url = format!(
+            "sqlite://{}",
+            self.dir.path().join("custodian.db").display()
+        );
+        let db = custodian::store::Db::connect(&url, 1).await.unwrap();
+        let t = custodian::tenants::get(&db, tenant).await.unwrap().unwrap();
+        db.close().await;
+        (t.idp_issuer, t.idp_client_id)
+    }
+}
+
+#[tokio::test]
+async fn set_idp_checks_the_provider_and_stores_nothing_on_failure() {
+    let Some(idp) = TestIdp::start(600) else {
+        return;
+    };
+    let admin = Admin::new();
+    let created = admin.run(&[
+        "tenant",
+        "create",
+        "acme",
+        "--issuer",
+        "https://idp.acme.example.com",
+    ]);
+    assert!(created.0, "{created:?}");
+    let set_idp = |issuer: &str, client: &str| {
+        admin.run(&[
+            "tenant",
+            "set-idp",
+            "acme",
+            "--issuer",
+            issuer,
+            "--client-id",
+            client,
+            "--scopes",
+            "openid email groups",
+        ])
+    };
+    let untouched = (Some("https://idp.acme.example.com".to_owned()), None);
+
+    // Each problem is reported at set time, naming what is wrong, and nothing is stored.
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let with_slash = format!("{}/", idp.issuer);
+    let cases: [(&str, &str, &[&str]); 3] = [
+        (&closed, "custodian", &["cannot be fetched", &closed]),
+        (
+            &with_slash,
+            "custodian",
+            &["trailing slash", &format!("--issuer {}", idp.issuer)],
+        ),
+        (
+            &idp.issuer,
+            "nobody",
+            &["does not accept client id `nobody`", "invalid_client"],
+        ),
+    ];
+    for (issuer, client, expected) in cases {
+        let (ok, _, stderr) = set_idp(issuer, client);
+        assert!(!ok, "{issuer} {client} was accepted");
+        for part in expected {
+            assert!(stderr.contains(part), "`{part}` missing from:\n{stderr}");
+        }
+        assert!(stderr.contains("nothing was stored"), "{stderr}");
+        assert_eq!(admin.stored("acme").await, untouched);
+    }
+    idp.set_mode("no_device_endpoint").await;
+    let (ok, _, stderr) = set_idp(&idp.issuer, "custodian");
+    assert!(!ok);
+    assert!(
+        stderr.contains("no device_authorization_endpoint"),
+        "{stderr}"
+    );
+    assert_eq!(admin.stored("acme").await, untouched);
+
+    // A provider that passes every check is stored, after exactly one device authorization with
+    // the client (the wrong client's was refused).
+    idp.set_mode("normal").await;
+    let (ok, stdout, stderr) = set_idp(&idp.issuer, "custodian");
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("now approves grants at"), "{stdout}");
+    assert_eq!(
+        admin.stored("acme").await,
+        (Some(idp.issuer.clone()), Some("custodian".to_owned()))
+    );
+    let requests = idp.device_requests().await;
+    let statuses: Vec<_> = requests.iter().map(|r| r["status"].clone()).collect();
+    assert_eq!(statuses, [401, 200], "{requests:?}");
+    assert_eq!(requests[1]["client_id"], "custodian");
 }
