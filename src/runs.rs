@@ -141,7 +141,7 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
                 .unwrap_or_else(|| GrantError::NotUsable {
                     id: seen.grant_id.clone(),
                     state: seen.state.as_str(),
-                    hint: "request a new grant",
+                    hint: "request a new grant".to_owned(),
                 })
                 .into(),
         );
