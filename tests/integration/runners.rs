@@ -570,7 +570,7 @@ async fn timeouts_kill_the_whole_tree_and_leave_nothing_behind(backend: Backend)
     )
     .await
     .unwrap();
-    assert_eq!(result["timed_out"], true);
+    assert_eq!(result["timed_out"], true, "{result}");
     assert_eq!(result["exit_code"], Value::Null);
     assert!(!result["stdout"].as_str().unwrap().contains("never"));
     tokio::time::sleep(Duration::from_millis(300)).await;

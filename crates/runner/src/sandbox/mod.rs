@@ -26,10 +26,8 @@ mod etc;
 pub mod filter;
 pub mod inner;
 
-use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -105,30 +103,25 @@ pub struct Sandbox {
     isolation: Isolation,
     /// The runner is root: each run gets its own host uid from `config.uid_base`.
     per_run_uids: bool,
-    slots: Slots,
+    /// Where per-run uids are locked (root only): one lock file per uid, held while a run uses it,
+    /// so that runners sharing a host never hand the same uid to two runs.
+    uid_locks: Option<PathBuf>,
+    next_slot: std::sync::atomic::AtomicU32,
     bwrap_args: Vec<OsString>,
     /// The copy of `/etc` runs see, removed with the sandbox.
     _etc: Option<tempfile::TempDir>,
 }
 
-/// The per-run uid slots in use.
-type Slots = Arc<Mutex<BTreeSet<u32>>>;
-
-/// What a started command holds until it is over: its uid slot and (unisolated) its work dir.
-pub struct Lease {
-    slot: Option<(u32, Slots)>,
-    _work: Option<tempfile::TempDir>,
+/// A per-run host uid, held (through its lock) until the run is over.
+struct UidSlot {
+    uid: u32,
+    _lock: std::fs::File,
 }
 
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Some((slot, slots)) = self.slot.take() {
-            slots
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&slot);
-        }
-    }
+/// What a started command holds until it is over: its uid and (unisolated) its work dir.
+pub struct Lease {
+    _slot: Option<UidSlot>,
+    _work: Option<tempfile::TempDir>,
 }
 
 /// How many host uids a root runner uses, one per concurrent run.
@@ -152,7 +145,8 @@ impl Sandbox {
             config,
             isolation,
             per_run_uids: root,
-            slots: Arc::default(),
+            uid_locks: root.then(uid_lock_dir).flatten(),
+            next_slot: std::sync::atomic::AtomicU32::new(0),
             bwrap_args,
             _etc: etc,
         }
@@ -162,19 +156,25 @@ impl Sandbox {
         self.isolation
     }
 
-    /// Kills whatever still runs under a per-run uid (a previous runner that was killed between
-    /// fork and its death signal): run at start, before any run of this runner exists. Returns
+    /// Kills whatever still runs under a per-run uid that no live run holds (left by a runner that
+    /// was killed between fork and its death signal): run at start. Returns
     /// how many processes it killed. Nothing of a run lives on disk, so processes are all there is
     /// to sweep.
     pub fn sweep(&self) -> usize {
         if !self.per_run_uids || self.isolation != Isolation::Full {
             return 0;
         }
+        let Some(dir) = self.uid_locks.as_deref() else {
+            return 0;
+        };
         let range = self.config.uid_base..self.config.uid_base.saturating_add(UID_SLOTS);
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return 0;
         };
         let mut killed = 0;
+        // Uids whose lock is free belong to no live run (of this runner or another on this host).
+        let mut orphaned: std::collections::BTreeMap<u32, Option<std::fs::File>> =
+            std::collections::BTreeMap::new();
         for entry in entries.filter_map(Result::ok) {
             let Some(pid) = entry
                 .file_name()
@@ -189,7 +189,11 @@ impl Sandbox {
                 .find_map(|l| l.strip_prefix("Uid:"))
                 .and_then(|v| v.split_whitespace().next())
                 .and_then(|v| v.parse::<u32>().ok());
-            if uid.is_some_and(|uid| range.contains(&uid)) {
+            let Some(uid) = uid.filter(|uid| range.contains(uid)) else {
+                continue;
+            };
+            let lock = orphaned.entry(uid).or_insert_with(|| lock_uid(dir, uid));
+            if lock.is_some() {
                 // SAFETY: kill takes plain integers.
                 if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
                     killed += 1;
@@ -232,16 +236,24 @@ impl Sandbox {
         }
     }
 
-    fn take_slot(&self) -> Result<Option<(u32, Slots)>, String> {
+    fn take_slot(&self) -> Result<Option<UidSlot>, String> {
         if !self.per_run_uids || self.isolation != Isolation::Full {
             return Ok(None);
         }
-        let mut used = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = (0..UID_SLOTS)
-            .find(|s| !used.contains(s))
-            .ok_or("every per-run uid is in use")?;
-        used.insert(slot);
-        Ok(Some((slot, self.slots.clone())))
+        let dir = self
+            .uid_locks
+            .as_deref()
+            .ok_or("no directory to lock per-run uids in")?;
+        let start = self
+            .next_slot
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for offset in 0..UID_SLOTS {
+            let uid = self.config.uid_base + (start.wrapping_add(offset) % UID_SLOTS);
+            if let Some(lock) = lock_uid(dir, uid) {
+                return Ok(Some(UidSlot { uid, _lock: lock }));
+            }
+        }
+        Err("every per-run uid is in use".to_owned())
     }
 
     /// The command that runs `argv` in a fresh sandbox with `env` (and nothing else of the
@@ -303,7 +315,7 @@ impl Sandbox {
             .process_group(0)
             .kill_on_drop(true);
         let parent = std::process::id() as libc::pid_t;
-        let host_id = slot.as_ref().map(|(slot, _)| self.config.uid_base + slot);
+        let host_id = slot.as_ref().map(|slot| slot.uid);
         // SAFETY: the closure runs in the forked child before exec and calls only setgroups,
         // setgid, setuid, prctl, getppid and _exit, which are async-signal-safe; it allocates
         // nothing.
@@ -327,7 +339,10 @@ impl Sandbox {
             });
         }
         let layers = serde_json::to_string(&layers).map_err(|e| e.to_string())?;
-        let lease = Lease { slot, _work: work };
+        let lease = Lease {
+            _slot: slot,
+            _work: work,
+        };
         let lease = finish(&mut command, layers, lease);
         Ok((command, lease))
     }
@@ -357,6 +372,33 @@ impl Sandbox {
         };
         Report::new(self, inside)
     }
+}
+
+/// The directory of per-run uid locks: root's own, not writable by anyone else.
+fn uid_lock_dir() -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = if Path::new("/run").is_dir() {
+        PathBuf::from("/run/custodian-runner-uids")
+    } else {
+        std::env::temp_dir().join("custodian-runner-uids")
+    };
+    std::fs::create_dir_all(&dir).ok()?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).ok()?;
+    Some(dir)
+}
+
+/// Takes the lock of `uid` if no one (in this or another process) holds it.
+fn lock_uid(dir: &Path, uid: u32) -> Option<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(uid.to_string()))
+        .ok()?;
+    // SAFETY: flock takes the descriptor of a file we own and integer flags.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    locked.then_some(file)
 }
 
 /// Builds bubblewrap's arguments once: they are the same for every run.
