@@ -13,6 +13,7 @@ mod config;
 mod grants;
 mod harness;
 mod idp;
+mod isolation;
 mod mcp_clients;
 mod processes;
 mod runners;
