@@ -169,7 +169,14 @@ impl World {
 
     /// Runs `script` as the attacker (see [`attack`]).
     async fn attack(&self, script: &str, args: &[&str], stdin: Option<String>) -> Attack {
-        attack(&self.attacker.client, &self.attacker.grant, script, args, stdin).await
+        attack(
+            &self.attacker.client,
+            &self.attacker.grant,
+            script,
+            args,
+            stdin,
+        )
+        .await
     }
 
     /// Starts the victim's run holding its secret (see [`VICTIM_HOLDS`]) and returns once the
@@ -223,7 +230,12 @@ impl World {
     fn leftovers(&self) -> Vec<String> {
         let mut found: Vec<String> = host_processes_with("environ", &self.secret)
             .into_iter()
-            .map(|p| format!("process {} `{}` has it in its environment", p.pid, p.cmdline))
+            .map(|p| {
+                format!(
+                    "process {} `{}` has it in its environment",
+                    p.pid, p.cmdline
+                )
+            })
             .collect();
         let temp = std::env::temp_dir();
         let mut roots = vec![temp.as_path(), Path::new("/dev/shm"), Path::new("/var/tmp")];
@@ -511,9 +523,9 @@ fn evidence(text: &str, value: &str, name: &str) -> String {
         .filter(|l| carries(l, value))
         .take(8)
         .map(|l| {
-            forms(value)
-                .iter()
-                .fold(l.to_owned(), |l, form| l.replace(form.as_str(), &format!("<{name}>")))
+            forms(value).iter().fold(l.to_owned(), |l, form| {
+                l.replace(form.as_str(), &format!("<{name}>"))
+            })
         })
         .map(|l| l.chars().take(300).collect())
         .collect();

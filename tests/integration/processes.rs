@@ -179,7 +179,9 @@ impl RunAs {
     pub fn apply(self, command: &mut Command) -> &mut Command {
         use std::os::unix::process::CommandExt;
         if self == Self::Unprivileged {
-            command.uid(Self::UNPRIVILEGED_ID).gid(Self::UNPRIVILEGED_ID);
+            command
+                .uid(Self::UNPRIVILEGED_ID)
+                .gid(Self::UNPRIVILEGED_ID);
         }
         command
     }

@@ -97,10 +97,7 @@ async fn the_dev_data_directory_is_out_of_reach(user: RunAs) {
     assert_eq!(own["stdout"], "[REDACTED:DEMO_API_KEY]\n", "{own}");
 
     let loot = attack(&client, &grant, LOOT_DEV, &[data_arg], None).await;
-    assert!(
-        dev.terminate(std::time::Duration::from_secs(10))
-            .success()
-    );
+    assert!(dev.terminate(std::time::Duration::from_secs(10)).success());
 
     let control = base64::Engine::encode(
         &base64::engine::general_purpose::STANDARD,
@@ -121,7 +118,9 @@ async fn the_dev_data_directory_is_out_of_reach(user: RunAs) {
     assert!(sealed.len() >= 2, "control failed: {sealed:?}");
     for (name, ciphertext) in &sealed {
         if everything.contains(ciphertext.as_str()) {
-            violations.push(format!("the run read the sealed secret {name} from the database"));
+            violations.push(format!(
+                "the run read the sealed secret {name} from the database"
+            ));
         }
     }
     if carries(&everything, &prod_secret) {
@@ -194,12 +193,26 @@ fn seed_prod(dir: &Path, data: &Path, secret: &str, user: RunAs) {
     admin(&["--config", config, "tenant", "create", "dev"], None);
     admin(
         &[
-            "--config", config, "env", "create", "dev", "prod", "--secret", "PROD_TOKEN",
+            "--config",
+            config,
+            "env",
+            "create",
+            "dev",
+            "prod",
+            "--secret",
+            "PROD_TOKEN",
         ],
         None,
     );
     admin(
-        &["--config", config, "secret", "set", "dev/prod", "PROD_TOKEN"],
+        &[
+            "--config",
+            config,
+            "secret",
+            "set",
+            "dev/prod",
+            "PROD_TOKEN",
+        ],
         Some(secret),
     );
 }

@@ -122,7 +122,9 @@ fn cut_short(
                 violations.push(format!("the run came back after {elapsed:?}; {why}"));
             }
             if !says(&result) {
-                violations.push(format!("the result does not say it was cut short: {result}"));
+                violations.push(format!(
+                    "the result does not say it was cut short: {result}"
+                ));
             }
             if result["exit_code"] != Value::Null {
                 violations.push(format!("the command was not killed: {result}"));

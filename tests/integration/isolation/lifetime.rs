@@ -4,8 +4,7 @@
 use std::time::Duration;
 
 use super::{
-    Gateway, Reaper, World, assert_none, carries, controls, digits, evidence, outlived,
-    wait_until,
+    Gateway, Reaper, World, assert_none, carries, controls, digits, evidence, outlived, wait_until,
 };
 use crate::processes::{self, RunAs};
 
@@ -82,7 +81,10 @@ async fn a_planted_daemon_dies_with_its_run_and_harvests_nothing(user: RunAs) {
         return;
     };
     let mut reaper = Reaper::default();
-    let (setsid, double_fork) = (format!("daemon-{}", digits()), format!("daemon-{}", digits()));
+    let (setsid, double_fork) = (
+        format!("daemon-{}", digits()),
+        format!("daemon-{}", digits()),
+    );
     reaper.watch(&setsid);
     reaper.watch(&double_fork);
     let ports = [processes::free_port(), processes::free_port()].map(|p| p.to_string());
@@ -112,7 +114,9 @@ async fn a_planted_daemon_dies_with_its_run_and_harvests_nothing(user: RunAs) {
         .expect("the victim's run");
     assert_eq!(victim["stdout"], "[REDACTED:VICTIM_TOKEN]\n", "{victim}");
 
-    let collect = w.attack(COLLECT, &[&ports[0], &ports[1], FETCH], None).await;
+    let collect = w
+        .attack(COLLECT, &[&ports[0], &ports[1], FETCH], None)
+        .await;
     for (name, text) in &collect.routes {
         if carries(text, &w.secret) {
             violations.push(format!(

@@ -85,7 +85,12 @@ async fn a_run_holds_no_privilege(user: RunAs) {
     ]
     .iter()
     .filter(|c| !stdout.contains(&format!("{c}-{token}")))
-    .map(|c| format!("control failed: no {c} line, the attack did not run as written: {}", attack.result))
+    .map(|c| {
+        format!(
+            "control failed: no {c} line, the attack did not run as written: {}",
+            attack.result
+        )
+    })
     .collect();
     violations.extend(
         stdout
@@ -122,7 +127,8 @@ const FORK_LOOP: &str = r#"( i=0; while [ "$i" -lt "$1" ]; do sleep "$2" & i=$((
 exec sleep "$2""#;
 
 /// The victim needs a few processes of its own while the fork loop holds everything it can.
-const VICTIM_FORKS: &str = r#"for i in 1 2 3 4 5 6 7 8; do printf %s "$VICTIM_TOKEN" | wc -c; done; echo victim-done"#;
+const VICTIM_FORKS: &str =
+    r#"for i in 1 2 3 4 5 6 7 8; do printf %s "$VICTIM_TOKEN" | wc -c; done; echo victim-done"#;
 
 async fn a_fork_loop_does_not_starve_another_grants_run(user: RunAs) {
     let Some(w) = World::start(user).await else {

@@ -99,7 +99,11 @@ async fn another_runs_files_and_processes_are_out_of_reach(user: RunAs) {
     if carries(&attack.result.to_string(), &w.secret) {
         violations.push("the attacker's raw output carries VICTIM_TOKEN".to_owned());
     }
-    assert_none("another run's secrets reached the attacker", user, &violations);
+    assert_none(
+        "another run's secrets reached the attacker",
+        user,
+        &violations,
+    );
     w.stop().await;
 }
 
@@ -136,7 +140,11 @@ async fn the_runners_key_certificate_and_config_are_out_of_reach(user: RunAs) {
             .lines()
             .filter(|l| !l.starts_with("-----") && l.len() >= 16)
             .collect();
-        assert!(!body.is_empty(), "{what}: no PEM body in {}", path.display());
+        assert!(
+            !body.is_empty(),
+            "{what}: no PEM body in {}",
+            path.display()
+        );
         let seen = body.iter().filter(|l| everything.contains(*l)).count();
         if seen > 0 {
             violations.push(format!(
