@@ -147,7 +147,7 @@ impl World {
         let (gateway, mcp_url) = match gateway {
             Gateway::InProcess => (None, t.mcp_url("acme")),
             Gateway::Process => {
-                let (process, base) = serve(&t, &pki, dir.path()).await;
+                let (process, base) = serve(&t, (&pki.ca(), &cert, &key), dir.path()).await;
                 (Some(process), format!("{base}/t/acme/mcp"))
             }
         };
@@ -299,12 +299,12 @@ async fn attack(
     Attack::new(result, control)
 }
 
-/// Starts `custodian serve` on the test gateway's database and returns it with its base URL.
-async fn serve(t: &TestApp, pki: &Pki, dir: &Path) -> (Proc, String) {
+/// Starts `custodian serve` with the runner TLS material `(ca, cert, key)` on the test gateway's
+/// database, and returns it with its base URL.
+async fn serve(t: &TestApp, tls: (&Path, &Path, &Path), dir: &Path) -> (Proc, String) {
     let database = t.database();
-    let key = dir.join("master.key");
-    std::fs::write(&key, &database.master_key).unwrap();
-    let (cert, tls_key) = pki.gateway();
+    let master_key = dir.join("master.key");
+    std::fs::write(&master_key, &database.master_key).unwrap();
     let port = processes::free_port();
     let config = dir.join("custodian.toml");
     std::fs::write(
@@ -314,10 +314,10 @@ async fn serve(t: &TestApp, pki: &Pki, dir: &Path) -> (Proc, String) {
              [database]\nurl = \"{}\"\n\n[secrets]\nmaster_key_file = \"{}\"\n\n\
              [runners]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nmax_output_bytes = 262144\n",
             database.url,
-            key.display(),
-            pki.ca().display(),
-            cert.display(),
-            tls_key.display()
+            master_key.display(),
+            tls.0.display(),
+            tls.1.display(),
+            tls.2.display()
         ),
     )
     .unwrap();
@@ -387,18 +387,17 @@ impl Reaper {
             .flat_map(|m| host_processes_with("cmdline", m))
             .collect()
     }
-}
 
-/// Processes carrying one of the reaper's markers, still alive after `moment`.
-fn outlived(reaper: &Reaper, moment: &str) -> Vec<String> {
-    reaper
-        .survivors()
-        .into_iter()
-        .map(|p| {
-            let shown: String = p.cmdline.chars().take(120).collect();
-            format!("process {} `{shown}…` was alive after {moment}", p.pid)
-        })
-        .collect()
+    /// The survivors, described as still alive after `moment`.
+    fn outlived(&self, moment: &str) -> Vec<String> {
+        self.survivors()
+            .into_iter()
+            .map(|p| {
+                let shown: String = p.cmdline.chars().take(120).collect();
+                format!("process {} `{shown}…` was alive after {moment}", p.pid)
+            })
+            .collect()
+    }
 }
 
 impl Drop for Reaper {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use rmcp::model::CallToolRequestParams;
 use serde_json::{Value, json};
 
-use super::{Reaper, World, assert_none, digits, outlived, wait_until};
+use super::{Reaper, World, assert_none, digits, wait_until};
 use crate::processes::RunAs;
 use crate::runners::run;
 
@@ -59,7 +59,7 @@ async fn revoking_the_grant_cancels_its_run(user: RunAs) {
         |result| result["cancelled"] == true,
     );
     let _ = wait_until(Duration::from_secs(1), || reaper.survivors().is_empty()).await;
-    violations.extend(outlived(&reaper, "its run ended"));
+    violations.extend(reaper.outlived("its run ended"));
     assert_none("a revoked grant's run went on", user, &violations);
     w.stop().await;
 }
@@ -95,7 +95,7 @@ async fn a_run_ends_when_its_grant_expires(user: RunAs) {
         |result| result["cancelled"] == true || result["timed_out"] == true,
     );
     let _ = wait_until(Duration::from_secs(1), || reaper.survivors().is_empty()).await;
-    violations.extend(outlived(&reaper, "its run ended"));
+    violations.extend(reaper.outlived("its run ended"));
     assert_none("a run outlived its grant", user, &violations);
     w.stop().await;
 }

@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use super::{
-    Gateway, Reaper, World, assert_none, carries, controls, digits, evidence, outlived, wait_until,
-};
+use super::{Gateway, Reaper, World, assert_none, carries, controls, digits, evidence, wait_until};
 use crate::processes::{self, RunAs};
 
 as_root_and_unprivileged!(
@@ -103,7 +101,7 @@ async fn a_planted_daemon_dies_with_its_run_and_harvests_nothing(user: RunAs) {
         ],
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    violations.extend(outlived(&reaper, "the attacker's run"));
+    violations.extend(reaper.outlived("the attacker's run"));
 
     let victim = w
         .victim_runs(
@@ -125,7 +123,7 @@ async fn a_planted_daemon_dies_with_its_run_and_harvests_nothing(user: RunAs) {
             ));
         }
     }
-    violations.extend(outlived(&reaper, "the victim's later run"));
+    violations.extend(reaper.outlived("the victim's later run"));
     assert_none("a daemon outlived its run", user, &violations);
     w.stop().await;
 }
@@ -176,7 +174,7 @@ const GONE_WITHIN: Duration = Duration::from_secs(4);
 async fn left_behind(w: &World, reaper: &Reaper, what: &str) -> Vec<String> {
     let remaining = || {
         let mut found = w.leftovers();
-        found.extend(outlived(reaper, what));
+        found.extend(reaper.outlived(what));
         found
     };
     let _ = wait_until(GONE_WITHIN, || remaining().is_empty()).await;
