@@ -113,6 +113,7 @@ pub struct TestAppBuilder {
     backend: Backend,
     database: Option<Arc<TestDb>>,
     extra_toml: String,
+    max_output_bytes: usize,
     metrics: Option<custodian::metrics::Metrics>,
 }
 
@@ -122,6 +123,7 @@ impl TestApp {
             backend,
             database: None,
             extra_toml: String::new(),
+            max_output_bytes: 4096,
             metrics: None,
         }
     }
@@ -306,11 +308,18 @@ impl TestAppBuilder {
         key: &std::path::Path,
     ) -> Self {
         self.extra_toml = format!(
-            "\n[runners]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nmax_output_bytes = 4096\n",
+            "\n[runners]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nmax_output_bytes = {}\n",
             ca.display(),
             cert.display(),
-            key.display()
+            key.display(),
+            self.max_output_bytes
         );
+        self
+    }
+
+    /// Output kept per stream of a run (default 4096); call before [`Self::runner_tls`].
+    pub fn max_output_bytes(mut self, bytes: usize) -> Self {
+        self.max_output_bytes = bytes;
         self
     }
 

@@ -14,6 +14,7 @@ mod docs;
 mod grants;
 mod harness;
 mod idp;
+mod isolation;
 mod mcp_clients;
 mod processes;
 mod purpose;

@@ -79,15 +79,18 @@ pub fn read_until(child: &mut Child, marker: &str) -> String {
 
 /// Spawns `custodian ARGS` with piped stdout/stderr.
 pub fn spawn(args: &[&str]) -> Proc {
-    Proc(
-        Command::new(CUSTODIAN)
-            .args(args)
-            .env_remove("CUSTODIAN_CONFIG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn custodian"),
-    )
+    spawn_as(args, RunAs::Root)
+}
+
+/// Spawns `custodian ARGS` as `user`, with piped stdout/stderr.
+pub fn spawn_as(args: &[&str], user: RunAs) -> Proc {
+    let mut command = Command::new(CUSTODIAN);
+    command
+        .args(args)
+        .env_remove("CUSTODIAN_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    Proc(user.apply(&mut command).spawn().expect("spawn custodian"))
 }
 
 /// Waits until `url` answers 200.
@@ -158,4 +161,132 @@ pub fn python_client_approving(
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).expect("client prints JSON")
+}
+
+/// The user a spawned server (runner, `custodian dev`) runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunAs {
+    /// The test's own user, root (see [`require_root`]).
+    Root,
+    /// `nobody` (uid and gid 65534), with no supplementary groups.
+    Unprivileged,
+}
+
+impl RunAs {
+    pub const UNPRIVILEGED_ID: u32 = 65534;
+
+    /// Makes `command` run as this user (std drops root's supplementary groups with the uid).
+    pub fn apply(self, command: &mut Command) -> &mut Command {
+        use std::os::unix::process::CommandExt;
+        if self == Self::Unprivileged {
+            command
+                .uid(Self::UNPRIVILEGED_ID)
+                .gid(Self::UNPRIVILEGED_ID);
+        }
+        command
+    }
+
+    /// Hands `path` and everything below it to this user.
+    pub fn own(self, path: &Path) {
+        if self == Self::Root {
+            return;
+        }
+        let id = Some(Self::UNPRIVILEGED_ID);
+        std::os::unix::fs::lchown(path, id, id).expect("chown");
+        if path.is_dir() && !path.is_symlink() {
+            for entry in std::fs::read_dir(path).expect("read dir") {
+                self.own(&entry.expect("dir entry").path());
+            }
+        }
+    }
+}
+
+/// Whether this test process is root, which tests that start servers as root and as `nobody`
+/// and look into every process of the host need. Outside CI a non-root run skips them.
+pub fn require_root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        == Some("0");
+    if !root {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "this test must run as root in CI (it starts runners as root and as uid 65534)"
+        );
+        eprintln!("skipping: not root");
+    }
+    root
+}
+
+/// A process of this host, as seen from the test (root sees every pid).
+#[derive(Debug, Clone)]
+pub struct HostProcess {
+    pub pid: u32,
+    /// The command line, NULs shown as spaces.
+    pub cmdline: String,
+}
+
+fn host_processes() -> impl Iterator<Item = (u32, std::path::PathBuf)> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse::<u32>().ok()?, e.path())))
+        .filter(move |(pid, _)| *pid != me)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn describe(pid: u32, dir: &Path) -> HostProcess {
+    let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
+    HostProcess {
+        pid,
+        cmdline: String::from_utf8_lossy(&cmdline).replace('\0', " "),
+    }
+}
+
+/// Processes of the host whose `/proc/PID/FILE` (`cmdline`, `environ`) contains `needle`.
+pub fn host_processes_with(file: &str, needle: &str) -> Vec<HostProcess> {
+    host_processes()
+        .filter(|(_, dir)| {
+            std::fs::read(dir.join(file)).is_ok_and(|bytes| contains(&bytes, needle.as_bytes()))
+        })
+        .map(|(pid, dir)| describe(pid, &dir))
+        .collect()
+}
+
+/// Sends SIGKILL to `pid` (a process this test started).
+pub fn sigkill(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Regular files below `root` (symbolic links not followed) whose content contains `needle`.
+pub fn files_containing(root: &Path, needle: &str) -> Vec<PathBuf> {
+    let mut found = vec![];
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let path = entry.path();
+        if kind.is_dir() {
+            found.extend(files_containing(&path, needle));
+        } else if kind.is_file()
+            && entry.metadata().is_ok_and(|m| m.len() < 64 << 20)
+            && std::fs::read(&path).is_ok_and(|bytes| contains(&bytes, needle.as_bytes()))
+        {
+            found.push(path);
+        }
+    }
+    found
 }

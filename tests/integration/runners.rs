@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::harness::{Backend, TestApp};
 use crate::mcp_clients::connect;
 use crate::on_both_backends;
-use crate::processes::{CUSTODIAN, Proc};
+use crate::processes::{CUSTODIAN, Proc, RunAs};
 use custodian::tenants::TenantId;
 use custodian_protocol::Identity;
 
@@ -22,11 +22,11 @@ on_both_backends!(
     timeouts_kill_the_whole_tree_and_leave_nothing_behind,
 );
 
-const TD: &str = "custodian.local";
+pub(crate) const TD: &str = "custodian.local";
 /// Contains characters that base64, percent-encoding and hex all change.
 const CANARY: &str = "cAnArY-7f3a/9+Qx=zz~k";
 
-type Client = rmcp::service::RunningService<rmcp::RoleClient, rmcp::model::ClientConfig>;
+pub(crate) type Client = rmcp::service::RunningService<rmcp::RoleClient, rmcp::model::ClientConfig>;
 
 /// A CA and certificates in a temporary directory.
 pub struct Pki {
@@ -81,13 +81,23 @@ impl Pki {
 /// A `custodian-runner` process.
 pub struct TestRunner {
     pub url: String,
+    /// Where its configuration and TLS material live on this host.
+    pub files: RunnerFiles,
     log: PathBuf,
     work_root: tempfile::TempDir,
     process: Proc,
     _dir: tempfile::TempDir,
 }
 
-fn runner_binary() -> Option<PathBuf> {
+/// A runner's configuration file and its copies of the TLS material, owned by the runner's user.
+pub struct RunnerFiles {
+    pub config: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+pub(crate) fn runner_binary() -> Option<PathBuf> {
     let path = Path::new(CUSTODIAN).with_file_name("custodian-runner");
     if path.exists() {
         return Some(path);
@@ -121,35 +131,67 @@ impl TestRunner {
         name: &str,
         env: &[(&str, &str)],
     ) -> Option<Self> {
+        Self::spawn(ca, cert, tenant, name, env, RunAs::Root).await
+    }
+
+    /// Like [`TestRunner::start`], running as `user`.
+    pub async fn start_as(
+        ca: &Path,
+        cert: &(PathBuf, PathBuf),
+        tenant: &str,
+        name: &str,
+        user: RunAs,
+    ) -> Option<Self> {
+        Self::spawn(ca, cert, tenant, name, &[], user).await
+    }
+
+    async fn spawn(
+        ca: &Path,
+        cert: &(PathBuf, PathBuf),
+        tenant: &str,
+        name: &str,
+        env: &[(&str, &str)],
+        user: RunAs,
+    ) -> Option<Self> {
         let binary = runner_binary()?;
         let dir = tempfile::tempdir().unwrap();
         let work_root = tempfile::tempdir().unwrap();
         let port = crate::processes::free_port();
-        let config = dir.path().join("runner.toml");
+        let files = RunnerFiles {
+            config: dir.path().join("runner.toml"),
+            cert: dir.path().join("runner.pem"),
+            key: dir.path().join("runner.key"),
+            ca: dir.path().join("ca.pem"),
+        };
+        for (from, to) in [(&cert.0, &files.cert), (&cert.1, &files.key)] {
+            std::fs::copy(from, to).unwrap();
+        }
+        std::fs::copy(ca, &files.ca).unwrap();
         std::fs::write(
-            &config,
+            &files.config,
             format!(
                 "listen = \"127.0.0.1:{port}\"\ntrust_domain = \"{TD}\"\ntenant = \"{tenant}\"\nname = \"{name}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n",
-                cert.0.display(),
-                cert.1.display(),
-                ca.display(),
+                files.cert.display(),
+                files.key.display(),
+                files.ca.display(),
             ),
         )
         .unwrap();
         let log = dir.path().join("runner.log");
-        let process = Proc(
-            Command::new(binary)
-                .arg("--config")
-                .arg(&config)
-                .env("RUST_LOG", "debug")
-                // Anything the runner wrote to disk for a run would land here.
-                .env("TMPDIR", work_root.path())
-                .envs(env.iter().copied())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap(),
-        );
+        let stderr = std::fs::File::create(&log).unwrap();
+        user.own(dir.path());
+        user.own(work_root.path());
+        let mut command = Command::new(binary);
+        command
+            .arg("--config")
+            .arg(&files.config)
+            .env("RUST_LOG", "debug")
+            // Anything the runner wrote to disk for a run would land here.
+            .env("TMPDIR", work_root.path())
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let process = Proc(user.apply(&mut command).spawn().unwrap());
         for _ in 0..100 {
             if tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
@@ -157,6 +199,7 @@ impl TestRunner {
             {
                 return Some(Self {
                     url: format!("https://127.0.0.1:{port}"),
+                    files,
                     log,
                     work_root,
                     process,
@@ -174,6 +217,17 @@ impl TestRunner {
     /// Stops the runner with SIGTERM (it flushes its telemetry) and waits for it.
     pub fn stop(self, within: Duration) -> std::process::ExitStatus {
         self.process.terminate(within)
+    }
+
+    /// Kills the runner with SIGKILL (no clean-up of its own) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.process.0.kill();
+        let _ = self.process.0.wait();
+    }
+
+    /// The directory the runner's work directories are made in, where the runner has one.
+    pub fn work_root(&self) -> &Path {
+        self.work_root.path()
     }
 
     pub fn log(&self) -> String {
@@ -245,13 +299,17 @@ async fn setup(backend: Backend) -> Option<Setup> {
     })
 }
 
-async fn run(client: &Client, args: Value) -> Result<Value, String> {
+/// Calls `run`; an error result or a failed call (gateway gone) is `Err` with its text.
+pub(crate) async fn run(
+    client: &rmcp::Peer<rmcp::RoleClient>,
+    args: Value,
+) -> Result<Value, String> {
     let result = client
         .call_tool(
             CallToolRequestParams::new("run").with_arguments(args.as_object().unwrap().clone()),
         )
         .await
-        .expect("the call itself succeeds");
+        .map_err(|e| format!("the call failed: {e}"))?;
     if result.is_error == Some(true) {
         return Err(serde_json::to_value(&result.content).unwrap()[0]["text"]
             .as_str()
