@@ -317,8 +317,8 @@ impl Sandbox {
         let parent = std::process::id() as libc::pid_t;
         let host_id = slot.as_ref().map(|slot| slot.uid);
         // SAFETY: the closure runs in the forked child before exec and calls only setgroups,
-        // setgid, setuid, prctl, getppid and _exit, which are async-signal-safe; it allocates
-        // nothing.
+        // setgid, setuid, prctl, open, write, close, getppid and _exit, which are
+        // async-signal-safe; it allocates nothing (the path is a static C string).
         unsafe {
             command.pre_exec(move || {
                 if let Some(id) = host_id {
@@ -332,6 +332,16 @@ impl Sandbox {
                 }
                 // Dies with the runner; set after the uid change (which clears it).
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                // First in line for the OOM killer, before the runner: a run that exhausts the
+                // host's (or the pod's) memory is what gets killed. Raising it needs no privilege.
+                let fd = libc::open(
+                    c"/proc/self/oom_score_adj".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if fd >= 0 {
+                    libc::write(fd, b"1000".as_ptr().cast(), 4);
+                    libc::close(fd);
+                }
                 if libc::getppid() != parent {
                     libc::_exit(126);
                 }
@@ -523,7 +533,7 @@ impl Report {
                 "yes after exec, and visible to other runs of this runner's uid".to_owned()
             },
             limits: format!(
-                "per run: {} processes (rlimit in the run's own user namespace), {} bytes of work dir and of /tmp (tmpfs); per process: {} bytes of address space, CPU time = timeout; cgroups not used",
+                "per run: {} processes (rlimit in the run's own user namespace), {} bytes each for /work, /tmp and /dev/shm (tmpfs); per process: {} bytes of address space, CPU time = timeout; runs are first for the OOM killer (oom_score_adj 1000); cgroups not used",
                 sandbox.config.processes, sandbox.config.tmpfs_bytes, sandbox.config.memory_bytes
             ),
         }
