@@ -58,7 +58,8 @@ pub fn to_call_tool_result(mut result: RunResult, form: TextForm, id_bytes: usiz
     let stderr = std::mem::take(&mut result.stderr);
     let reported = result.redactions.clone();
     result.truncated = true;
-    let mut room = budget.saturating_sub(serialized_len(&render(&result, form)));
+    // The summary's byte counts grow by a few digits once output is back in: leave room for them.
+    let mut room = budget.saturating_sub(serialized_len(&render(&result, form)) + 32);
     loop {
         let (keep_out, keep_err) = split(&stdout, &stderr, room, form);
         result.stdout = stdout[..keep_out].to_owned();
@@ -69,7 +70,8 @@ pub fn to_call_tool_result(mut result: RunResult, form: TextForm, id_bytes: usiz
         if size <= budget || room == 0 {
             return reply;
         }
-        // The summary's numbers grew with the output: take the difference off and measure again.
+        // Still over (more digits than allowed for, or an escaping the cost model does not
+        // know): take the difference off and measure again.
         room = room.saturating_sub(size - budget);
     }
 }
