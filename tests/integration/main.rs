@@ -12,6 +12,7 @@ mod cli;
 mod config;
 mod grants;
 mod harness;
+mod hostile;
 mod idp;
 mod mcp_clients;
 mod processes;
