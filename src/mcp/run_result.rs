@@ -8,8 +8,10 @@
 //! - The whole JSON-RPC message, with its SSE framing, fits in [`MAX_MESSAGE_BYTES`] (1 MiB, the
 //!   official Python SDK's limit per SSE event and the strictest among standard clients), whatever
 //!   the output holds. Output that would not fit is cut at a character boundary (the start of each
-//!   stream is kept, the longer stream gives way first), `truncated` is set, and the redaction
-//!   counts are recounted over the output actually returned.
+//!   stream is kept, the longer stream gives way first) and `truncated` is set.
+//! - The redaction counts describe the output returned: each is the number of `[REDACTED:NAME]`
+//!   labels in it, never more than the redactors reported (output dropped at a cap, by the runner
+//!   or here, no longer counts; a label the command printed itself cannot raise a count).
 
 use std::collections::BTreeMap;
 
@@ -50,13 +52,14 @@ pub fn to_call_tool_result(mut result: RunResult, form: TextForm, id_bytes: usiz
     let budget = MAX_MESSAGE_BYTES
         .saturating_sub(FRAMING_BYTES)
         .saturating_sub(id_bytes);
+    let reported = recount(&result.redactions, &result.stdout, &result.stderr);
+    result.redactions = reported.clone();
     let whole = render(&result, form);
     if serialized_len(&whole) <= budget {
         return whole;
     }
     let stdout = std::mem::take(&mut result.stdout);
     let stderr = std::mem::take(&mut result.stderr);
-    let reported = result.redactions.clone();
     result.truncated = true;
     // The summary's byte counts grow by a few digits once output is back in: leave room for them.
     let mut room = budget.saturating_sub(serialized_len(&render(&result, form)) + 32);

@@ -18,4 +18,5 @@ mod mcp_clients;
 mod processes;
 mod runners;
 mod secrets;
+mod served;
 mod telemetry;

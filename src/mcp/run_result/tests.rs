@@ -87,18 +87,22 @@ fn plain_text_at_the_default_cap_arrives_whole() {
 #[test]
 fn a_result_that_fits_is_sent_once_with_a_summary() {
     let reply = to_call_tool_result(
-        result("hello-output\n".into(), "warn-output".into(), &[("API_KEY", 2)]),
+        result(
+            "hello-output [REDACTED:API_KEY]\n".into(),
+            "warn-output [REDACTED:API_KEY]".into(),
+            &[("API_KEY", 2)],
+        ),
         TextForm::Summary,
         1,
     );
     let got = structured(&reply);
-    assert_eq!(got.stdout, "hello-output\n");
+    assert_eq!(got.stdout, "hello-output [REDACTED:API_KEY]\n");
     assert_eq!(got.redactions["API_KEY"], 2);
     assert!(!got.truncated);
     let summary = text(&reply);
     assert!(!summary.contains("hello-output") && !summary.contains("warn-output"));
     assert!(summary.contains("exited with code 0"), "{summary}");
-    assert!(summary.contains("stdout 13 bytes, stderr 11 bytes"), "{summary}");
+    assert!(summary.contains("stdout 32 bytes, stderr 30 bytes"), "{summary}");
     assert!(summary.contains("API_KEY ×2"), "{summary}");
     assert_eq!(reply.is_error, Some(false));
 }
@@ -135,14 +139,20 @@ fn redaction_counts_describe_the_output_returned() {
         got.redactions,
         BTreeMap::from([("A".to_owned(), 1), ("C".to_owned(), 1)])
     );
-    // A label the command printed itself never raises a count above what the redactor reported.
+    // Output the runner dropped at its cap no longer counts, even when nothing is cut here; a
+    // label the command printed itself never raises a count above what was reported.
+    let reply = to_call_tool_result(
+        result(
+            "[REDACTED:A] [REDACTED:A]".into(),
+            String::new(),
+            &[("A", 1), ("B", 5)],
+        ),
+        TextForm::Summary,
+        1,
+    );
     assert_eq!(
-        recount(
-            &BTreeMap::from([("A".to_owned(), 1)]),
-            "[REDACTED:A][REDACTED:A]",
-            ""
-        )["A"],
-        1
+        structured(&reply).redactions,
+        BTreeMap::from([("A".to_owned(), 1)])
     );
 }
 
