@@ -519,7 +519,12 @@ fn validate_server(raw: RawServer, problems: &mut Vec<String>) -> Option<ServerC
         30,
         problems,
     );
-    let idle_timeout = seconds("idle_timeout_seconds", raw.idle_timeout_seconds, 60, problems);
+    let idle_timeout = seconds(
+        "idle_timeout_seconds",
+        raw.idle_timeout_seconds,
+        60,
+        problems,
+    );
     Some(ServerConfig {
         listen: listen?,
         public_url: public_url?,

@@ -176,6 +176,9 @@ mod tests {
             p.hosts(),
             ["custodian.example.com", "custodian.example.com:443"]
         );
-        assert_eq!(p.origins_with_ports(), ["https://custodian.example.com:443"]);
+        assert_eq!(
+            p.origins_with_ports(),
+            ["https://custodian.example.com:443"]
+        );
     }
 }

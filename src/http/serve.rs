@@ -54,8 +54,8 @@ impl Limits {
     pub fn from_config(server: &ServerConfig) -> Self {
         let mut max_connections = server.max_connections;
         if let Some(files) = open_files_limit() {
-            let fits = usize::try_from(files.saturating_sub(RESERVED_FILES).max(1))
-                .unwrap_or(usize::MAX);
+            let fits =
+                usize::try_from(files.saturating_sub(RESERVED_FILES).max(1)).unwrap_or(usize::MAX);
             if fits < max_connections {
                 tracing::warn!(
                     configured = max_connections,
@@ -140,9 +140,8 @@ pub async fn serve(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
         let io = TokioIo::new(Watched::new(tcp, limits.idle_timeout));
-        let connection = graceful.watch(
-            http.serve_connection(io, TowerToHyperService::new(router.clone())),
-        );
+        let connection =
+            graceful.watch(http.serve_connection(io, TowerToHyperService::new(router.clone())));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");

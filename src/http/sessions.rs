@@ -244,7 +244,10 @@ impl Sessions {
             self.close_transport(id).await;
         }
         if !to_close.is_empty() {
-            tracing::debug!(sessions.closed = to_close.len(), "released idle MCP sessions");
+            tracing::debug!(
+                sessions.closed = to_close.len(),
+                "released idle MCP sessions"
+            );
         }
     }
 

@@ -48,7 +48,11 @@ impl TextForm {
 }
 
 /// The answer to a `run` call whose JSON-RPC id serialises to `id_bytes` bytes.
-pub fn to_call_tool_result(mut result: RunResult, form: TextForm, id_bytes: usize) -> CallToolResult {
+pub fn to_call_tool_result(
+    mut result: RunResult,
+    form: TextForm,
+    id_bytes: usize,
+) -> CallToolResult {
     let budget = MAX_MESSAGE_BYTES
         .saturating_sub(FRAMING_BYTES)
         .saturating_sub(id_bytes);
@@ -108,11 +112,7 @@ fn summary(result: &RunResult) -> String {
             .collect();
         format!("; redacted {}", names.join(", "))
     };
-    let truncated = if result.truncated {
-        " (truncated)"
-    } else {
-        ""
-    };
+    let truncated = if result.truncated { " (truncated)" } else { "" };
     format!(
         "The command {ended} after {} ms: stdout {} bytes, stderr {} bytes{truncated}{redacted}; {} runs left on the grant. The output is in the structured result (stdout, stderr).",
         result.duration_ms,
@@ -134,7 +134,10 @@ fn split(out: &str, err: &str, room: usize, form: TextForm) -> (usize, usize) {
     } else {
         (half, room - half)
     };
-    (prefix_within(out, room_out, form), prefix_within(err, room_err, form))
+    (
+        prefix_within(out, room_out, form),
+        prefix_within(err, room_err, form),
+    )
 }
 
 fn prefix_within(s: &str, room: usize, form: TextForm) -> usize {

@@ -172,12 +172,18 @@ async fn header_floods_are_refused_and_health_keeps_answering() {
     };
     let target = addr(&t);
     // A normal request passes; a header block just over 64 KiB, or over 100 headers, gets 431.
-    assert_eq!(status_of(target, request_with_headers(10, 100)).await, Some(200));
+    assert_eq!(
+        status_of(target, request_with_headers(10, 100)).await,
+        Some(200)
+    );
     assert_eq!(
         status_of(target, request_with_headers(20, 3400)).await,
         Some(431)
     );
-    assert_eq!(status_of(target, request_with_headers(150, 10)).await, Some(431));
+    assert_eq!(
+        status_of(target, request_with_headers(150, 10)).await,
+        Some(431)
+    );
     // Many floods at once (200 KB each, in 50 headers): none is served, health answers.
     let floods: Vec<_> = (0..100)
         .map(|_| tokio::spawn(status_of(target, request_with_headers(50, 4000))))
@@ -477,4 +483,74 @@ async fn idle_sessions_expire_and_are_released() {
     assert_eq!(stale.status(), 404);
     assert_eq!(open_session(&t, "acme", &token).await.0, 200);
     t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_open_file_limit_caps_connections_instead_of_exhausting_them() {
+    use crate::processes::{CUSTODIAN, Proc, free_port, wait_healthy};
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("custodian.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nheader_read_timeout_seconds = 2\n\n[database]\nurl = \"sqlite://{}/custodian.db\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let key = custodian::keys::MasterKey::generate()
+        .to_base64()
+        .to_string();
+    let log = dir.path().join("gateway.log");
+    // The gateway as a service manager might start it: 300 open files at most.
+    let _gateway = Proc(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n 300 && exec {CUSTODIAN} serve --config {}",
+                config.display()
+            ))
+            .env_remove("CUSTODIAN_CONFIG")
+            .env("CUSTODIAN_MASTER_KEY", key)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&format!("{base}/healthz")).await;
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // More slowloris connections than the process can hold files.
+    let attackers: Vec<_> = (0..400)
+        .map(|_| {
+            tokio::spawn(slowloris(
+                target,
+                Duration::from_millis(200),
+                Duration::from_secs(30),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    for probe in 0..6 {
+        let started = Instant::now();
+        let answer = http.get(format!("{base}/readyz")).send().await;
+        assert!(
+            answer.as_ref().is_ok_and(|r| r.status() == 200),
+            "probe {probe} after {:?}: {answer:?}\n{}",
+            started.elapsed(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut closed = vec![];
+    for attacker in attackers {
+        closed.push(attacker.await.unwrap());
+    }
+    all_cut_off_within(&closed, Duration::from_secs(20));
 }

@@ -104,7 +104,10 @@ async fn rmcp_clients_work_at_every_protocol_version() {
             .unwrap();
         assert_eq!(result.is_error, Some(false), "{version}");
         let structured = result.structured_content.unwrap();
-        assert_eq!(structured["environments"][0]["name"], "staging", "{version}");
+        assert_eq!(
+            structured["environments"][0]["name"], "staging",
+            "{version}"
+        );
         client.cancel().await.unwrap();
     }
     // Each client ended its session with DELETE: nothing is left open.
@@ -268,10 +271,22 @@ async fn loopback_spellings_are_accepted_and_foreign_hosts_refused() {
         (format!("localhost:{other}"), None),
         (format!("[::1]:{other}"), None),
         (format!("127.0.0.2:{port}"), None),
-        (format!("localhost:{port}"), Some("https://evil.example".to_owned())),
-        (format!("localhost:{port}"), Some(format!("http://localhost:{other}"))),
-        (format!("localhost:{port}"), Some(format!("https://localhost:{port}"))),
-        (format!("localhost:{port}"), Some(format!("http://[::2]:{port}"))),
+        (
+            format!("localhost:{port}"),
+            Some("https://evil.example".to_owned()),
+        ),
+        (
+            format!("localhost:{port}"),
+            Some(format!("http://localhost:{other}")),
+        ),
+        (
+            format!("localhost:{port}"),
+            Some(format!("https://localhost:{port}")),
+        ),
+        (
+            format!("localhost:{port}"),
+            Some(format!("http://[::2]:{port}")),
+        ),
     ] {
         let mut request = mcp.post().header("host", &host).body(list);
         if let Some(origin) = &origin {

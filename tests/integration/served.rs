@@ -158,12 +158,19 @@ async fn a_run_at_the_output_cap_reaches_the_python_sdk_whole() {
         assert_eq!(result["truncated"], true, "{protocol:?}");
         let stdout = result["stdout"].as_str().unwrap();
         let stderr = result["stderr"].as_str().unwrap();
-        assert!(full_stdout.starts_with(stdout), "{protocol:?}: stdout is not intact");
+        assert!(
+            full_stdout.starts_with(stdout),
+            "{protocol:?}: stdout is not intact"
+        );
         assert!(stdout.len() > 150_000, "{protocol:?}: {}", stdout.len());
         assert!(!stderr.is_empty() && stderr.chars().all(|c| c == '\u{1}'));
         // The counts describe the output returned.
         let labels = stdout.matches("[REDACTED:SECRET]").count();
-        assert_eq!(result["redactions"], json!({"SECRET": labels}), "{protocol:?}");
+        assert_eq!(
+            result["redactions"],
+            json!({"SECRET": labels}),
+            "{protocol:?}"
+        );
         // The output travels once (twice only for 2025-03-26, whose clients read text only).
         let text = run["text"][0].as_str().unwrap();
         match protocol {
@@ -183,7 +190,10 @@ async fn otlp_sink() -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
         let sink = sink.clone();
         async move {
             sink.lock().unwrap().push(body.to_vec());
-            ([("content-type", "application/x-protobuf")], Vec::<u8>::new())
+            (
+                [("content-type", "application/x-protobuf")],
+                Vec::<u8>::new(),
+            )
         }
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -202,7 +212,8 @@ async fn no_tool_result_or_secret_reaches_logs_or_spans_at_trace() {
     };
     // Output the agent sees but that appears in no argument: the halves are joined by the shell.
     let result_canary = "toolresult-6e1f-canary";
-    let command = "printf '%s-%s\\n' toolresult 6e1f-canary; echo \"$SECRET\"; echo \"$SECRET\" >&2";
+    let command =
+        "printf '%s-%s\\n' toolresult 6e1f-canary; echo \"$SECRET\"; echo \"$SECRET\" >&2";
     let client = connect(&served.url, &served.token).await;
     let listed = client
         .call_tool(CallToolRequestParams::new("list_environments"))

@@ -63,7 +63,10 @@ fn output_at_the_default_cap_always_fits_one_message_and_says_it_was_cut() {
                 assert_eq!(got.truncated, !whole, "{form:?} {c:?}");
                 // Cut only as far as needed: nearly the whole budget is used.
                 if !whole {
-                    assert!(size > MAX_MESSAGE_BYTES - 8192 - id_bytes, "{form:?} {c:?}: {size}");
+                    assert!(
+                        size > MAX_MESSAGE_BYTES - 8192 - id_bytes,
+                        "{form:?} {c:?}: {size}"
+                    );
                 }
             }
         }
@@ -102,7 +105,10 @@ fn a_result_that_fits_is_sent_once_with_a_summary() {
     let summary = text(&reply);
     assert!(!summary.contains("hello-output") && !summary.contains("warn-output"));
     assert!(summary.contains("exited with code 0"), "{summary}");
-    assert!(summary.contains("stdout 32 bytes, stderr 30 bytes"), "{summary}");
+    assert!(
+        summary.contains("stdout 32 bytes, stderr 30 bytes"),
+        "{summary}"
+    );
     assert!(summary.contains("API_KEY ×2"), "{summary}");
     assert_eq!(reply.is_error, Some(false));
 }
@@ -115,11 +121,7 @@ fn clients_before_structured_content_get_the_result_as_json_text() {
     for version in [ProtocolVersion::V_2025_06_18, ProtocolVersion::V_2025_11_25] {
         assert_eq!(TextForm::for_version(Some(&version)), TextForm::Summary);
     }
-    let reply = to_call_tool_result(
-        result("out".into(), String::new(), &[]),
-        TextForm::Json,
-        1,
-    );
+    let reply = to_call_tool_result(result("out".into(), String::new(), &[]), TextForm::Json, 1);
     let from_text: Value = serde_json::from_str(&text(&reply)).unwrap();
     assert_eq!(Some(from_text), reply.structured_content);
 }
@@ -129,7 +131,11 @@ fn redaction_counts_describe_the_output_returned() {
     let filler = worst(1_100_000, 'x');
     let stdout = format!("[REDACTED:A] {filler} [REDACTED:A] [REDACTED:B]");
     let reply = to_call_tool_result(
-        result(stdout, "[REDACTED:C]".into(), &[("A", 2), ("B", 1), ("C", 1)]),
+        result(
+            stdout,
+            "[REDACTED:C]".into(),
+            &[("A", 2), ("B", 1), ("C", 1)],
+        ),
         TextForm::Summary,
         1,
     );
