@@ -13,6 +13,14 @@ use tokio::net::TcpStream;
 use crate::harness::{Backend, TestApp, parse_mcp_body};
 use crate::mcp_clients::connect;
 
+/// A gateway on SQLite with these `[server]` keys.
+async fn gateway(server: &str) -> Option<TestApp> {
+    TestApp::builder(Backend::Sqlite)
+        .server_toml(server)
+        .start()
+        .await
+}
+
 fn addr(t: &TestApp) -> SocketAddr {
     t.base_url.trim_start_matches("http://").parse().unwrap()
 }
@@ -103,11 +111,7 @@ fn all_cut_off_within(closed: &[Option<Duration>], limit: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_below_the_connection_cap_never_delays_health() {
-    let Some(t) = TestApp::builder(Backend::Sqlite)
-        .server_toml("header_read_timeout_seconds = 2")
-        .start()
-        .await
-    else {
+    let Some(t) = gateway("header_read_timeout_seconds = 2").await else {
         return;
     };
     // 400 half-open connections hold no slot anyone else needs: health answers at once.
@@ -118,11 +122,7 @@ async fn slowloris_below_the_connection_cap_never_delays_health() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_over_the_connection_cap_is_rotated_out() {
-    let Some(t) = TestApp::builder(Backend::Sqlite)
-        .server_toml("header_read_timeout_seconds = 1\nmax_connections = 100")
-        .start()
-        .await
-    else {
+    let Some(t) = gateway("header_read_timeout_seconds = 1\nmax_connections = 100").await else {
         return;
     };
     // Three times the cap: the excess waits for a slot, every slot is freed within the header
@@ -167,7 +167,7 @@ fn request_with_headers(count: usize, size: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_floods_are_refused_and_health_keeps_answering() {
-    let Some(t) = TestApp::builder(Backend::Sqlite).start().await else {
+    let Some(t) = gateway("").await else {
         return;
     };
     let target = addr(&t);
@@ -201,11 +201,7 @@ async fn header_floods_are_refused_and_health_keeps_answering() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_body_is_answered_408() {
-    let Some(t) = TestApp::builder(Backend::Sqlite)
-        .server_toml("body_read_timeout_seconds = 1")
-        .start()
-        .await
-    else {
+    let Some(t) = gateway("body_read_timeout_seconds = 1").await else {
         return;
     };
     let acme = t.tenant("acme").await;
@@ -230,11 +226,7 @@ async fn a_trickled_body_is_answered_408() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_disconnected() {
-    let Some(t) = TestApp::builder(Backend::Sqlite)
-        .server_toml("idle_timeout_seconds = 1")
-        .start()
-        .await
-    else {
+    let Some(t) = gateway("idle_timeout_seconds = 1").await else {
         return;
     };
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -268,11 +260,7 @@ async fn a_client_that_stops_reading_is_disconnected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_answers_outlive_the_idle_timeout() {
-    let Some(t) = TestApp::builder(Backend::Sqlite)
-        .server_toml("idle_timeout_seconds = 2")
-        .start()
-        .await
-    else {
+    let Some(t) = gateway("idle_timeout_seconds = 2").await else {
         return;
     };
     let acme = t.tenant("acme").await;
@@ -343,11 +331,7 @@ fn assert_session_refused(opened: &(u16, Option<String>, Value), what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_caps_refuse_with_a_clear_error() {
-    let Some(t) = TestApp::builder(Backend::Sqlite)
-        .server_toml("max_sessions_per_token = 5\nmax_sessions_per_tenant = 8")
-        .start()
-        .await
-    else {
+    let Some(t) = gateway("max_sessions_per_token = 5\nmax_sessions_per_tenant = 8").await else {
         return;
     };
     let acme = t.tenant("acme").await;
@@ -415,11 +399,7 @@ async fn open_sessions(t: &TestApp, token: &str, count: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ended_sessions_are_released() {
-    let Some(t) = TestApp::builder(Backend::Sqlite)
-        .server_toml("max_sessions_per_token = 1000")
-        .start()
-        .await
-    else {
+    let Some(t) = gateway("max_sessions_per_token = 1000").await else {
         return;
     };
     let acme = t.tenant("acme").await;
@@ -449,10 +429,7 @@ async fn ended_sessions_are_released() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sessions_expire_and_are_released() {
-    let Some(t) = TestApp::builder(Backend::Sqlite)
-        .server_toml("max_sessions_per_token = 1000\nsession_idle_timeout_seconds = 2")
-        .start()
-        .await
+    let Some(t) = gateway("max_sessions_per_token = 1000\nsession_idle_timeout_seconds = 2").await
     else {
         return;
     };

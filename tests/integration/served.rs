@@ -179,7 +179,10 @@ async fn a_run_at_the_output_cap_reaches_the_python_sdk_whole() {
         }
         assert!(!seen.to_string().contains(SECRET));
     }
-    served.stop().await;
+    // At the default filter the gateway logs its own lines, not rmcp's per-session ones.
+    let (gateway_log, _) = served.stop().await;
+    assert!(gateway_log.contains("run finished"), "{gateway_log}");
+    assert!(!gateway_log.contains("rmcp"), "{gateway_log}");
 }
 
 /// An OTLP/HTTP endpoint keeping every request body it receives.
