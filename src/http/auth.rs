@@ -123,7 +123,8 @@ pub async fn authenticate(
                 && let Err(limit) = app.sessions.bind(&created, &identity)
             {
                 app.sessions.close(&created).await;
-                tracing::warn!(tenant.id = %identity.tenant, agent.token = %identity.token_name, "MCP session refused: {limit}");
+                // The client is told; at debug so that a flood of attempts cannot flood the log.
+                tracing::debug!(tenant.id = %identity.tenant, agent.token = %identity.token_name, "MCP session refused: {limit}");
                 return super::jsonrpc::too_many_sessions(&limit.to_string());
             }
         }
