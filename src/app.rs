@@ -3,14 +3,13 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditKey;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::grants::Limits;
-use crate::http::auth::SessionBindings;
+use crate::http::sessions::Sessions;
 use crate::keys::MasterKey;
 use crate::oidc::Oidc;
 use crate::runners::Dispatcher;
@@ -26,8 +25,8 @@ pub struct App {
     pub db: Db,
     /// The one source of time.
     pub clock: Arc<dyn Clock>,
-    /// Which agent token opened each live MCP session.
-    pub sessions: SessionBindings,
+    /// The live MCP sessions and which agent token opened each.
+    pub sessions: Sessions,
     /// Protects secrets at rest (device codes now, secret values later).
     pub master_key: MasterKey,
     /// The device-flow client for every tenant's IdP.
@@ -50,7 +49,7 @@ pub struct App {
 
 impl App {
     pub fn new(config: Config, db: Db, clock: Arc<dyn Clock>, master_key: MasterKey) -> Self {
-        let sessions = SessionBindings::new(config.server.session_idle_timeout);
+        let sessions = Sessions::new(&config.server);
         let runners = &config.runners;
         let material = match (&runners.ca_file, &runners.cert_file, &runners.key_file) {
             (Some(ca), Some(cert), Some(key)) => match ClientMaterial::load(ca, cert, key) {
@@ -119,7 +118,7 @@ impl App {
 pub struct Server {
     pub local_addr: std::net::SocketAddr,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
@@ -138,20 +137,13 @@ impl Server {
         let poller = crate::grants::poller::spawn(app.clone(), shutdown.child_token());
         let router = crate::http::router(app.clone(), shutdown.child_token())
             .layer(tower_http::trace::TraceLayer::new_for_http());
+        let sweeper = crate::http::sessions::spawn_sweeper(app.clone(), shutdown.child_token());
+        let limits = crate::http::serve::Limits::from_config(&app.config.server);
         let stop = shutdown.clone();
-        // MCP answers are small SSE frames: without TCP_NODELAY, Nagle's algorithm and delayed ACKs
-        // add ~40 ms to every call.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
         let task = tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
+            crate::http::serve::serve(listener, router, limits, stop).await;
             let _ = poller.await;
-            served
+            let _ = sweeper.await;
         });
         Ok(Self {
             local_addr,
@@ -165,9 +157,7 @@ impl Server {
     pub async fn shutdown(self, grace: std::time::Duration) -> anyhow::Result<()> {
         self.shutdown.cancel();
         match tokio::time::timeout(grace, self.task).await {
-            Ok(joined) => joined
-                .context("server task panicked")?
-                .context("server error"),
+            Ok(joined) => joined.context("server task panicked"),
             Err(_) => {
                 tracing::warn!(
                     "requests still running after the shutdown grace period; dropping them"

@@ -19,6 +19,10 @@ pub const ENV_PREFIX: &str = "CUSTODIAN_";
 /// Default body limit for MCP requests (1 MiB): tool arguments are small.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 
+/// Default output kept per stream of a `run` (256 KiB). Both streams at this size fit, with room to
+/// spare, in the 1 MiB a standard MCP client accepts in one message (see `mcp::run_result`).
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 256 * 1024;
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -81,6 +85,20 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// How long an idle MCP session is kept.
     pub session_idle_timeout: Duration,
+    /// MCP sessions one agent token may hold open at once.
+    pub max_sessions_per_token: usize,
+    /// MCP sessions one tenant may hold open at once.
+    pub max_sessions_per_tenant: usize,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers (also how long an idle keep-alive
+    /// connection is kept).
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a request body.
+    pub body_read_timeout: Duration,
+    /// How long a connection may stall (no byte read from or written to the client while the
+    /// gateway waits on it) before it is closed.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -203,6 +221,12 @@ impl Config {
             max_body_bytes: section.take("max_body_bytes"),
             shutdown_grace_seconds: section.take("shutdown_grace_seconds"),
             session_idle_timeout_seconds: section.take("session_idle_timeout_seconds"),
+            max_sessions_per_token: section.take("max_sessions_per_token"),
+            max_sessions_per_tenant: section.take("max_sessions_per_tenant"),
+            max_connections: section.take("max_connections"),
+            header_read_timeout_seconds: section.take("header_read_timeout_seconds"),
+            body_read_timeout_seconds: section.take("body_read_timeout_seconds"),
+            idle_timeout_seconds: section.take("idle_timeout_seconds"),
         };
         section.finish();
         let mut section = Section::new(&mut root, "database", DATABASE_KEYS, &mut problems);
@@ -272,10 +296,10 @@ impl Config {
             max_output_bytes: usize::try_from(positive(
                 "runners.max_output_bytes",
                 max_output,
-                1 << 20,
+                DEFAULT_MAX_OUTPUT_BYTES as i64,
                 &mut problems,
             ))
-            .unwrap_or(1 << 20),
+            .unwrap_or(DEFAULT_MAX_OUTPUT_BYTES),
         };
         let mut section = Section::new(&mut root, "log", LOG_KEYS, &mut problems);
         let log = LogConfig {
@@ -313,6 +337,12 @@ const SERVER_KEYS: &[&str] = &[
     "max_body_bytes",
     "shutdown_grace_seconds",
     "session_idle_timeout_seconds",
+    "max_sessions_per_token",
+    "max_sessions_per_tenant",
+    "max_connections",
+    "header_read_timeout_seconds",
+    "body_read_timeout_seconds",
+    "idle_timeout_seconds",
 ];
 const DATABASE_KEYS: &[&str] = &["url", "max_connections"];
 const LOG_KEYS: &[&str] = &["format", "filter"];
@@ -336,6 +366,12 @@ struct RawServer {
     max_body_bytes: Option<i64>,
     shutdown_grace_seconds: Option<i64>,
     session_idle_timeout_seconds: Option<i64>,
+    max_sessions_per_token: Option<i64>,
+    max_sessions_per_tenant: Option<i64>,
+    max_connections: Option<i64>,
+    header_read_timeout_seconds: Option<i64>,
+    body_read_timeout_seconds: Option<i64>,
+    idle_timeout_seconds: Option<i64>,
 }
 
 struct RawDatabase {
@@ -451,6 +487,44 @@ fn validate_server(raw: RawServer, problems: &mut Vec<String>) -> Option<ServerC
         1800,
         problems,
     );
+    let seconds = |key: &str, value: Option<i64>, default: i64, problems: &mut Vec<String>| {
+        Duration::from_secs(positive(&format!("server.{key}"), value, default, problems))
+    };
+    let count = |key: &str, value: Option<i64>, default: i64, problems: &mut Vec<String>| {
+        usize::try_from(positive(&format!("server.{key}"), value, default, problems))
+            .unwrap_or(usize::MAX)
+    };
+    let max_sessions_per_token = count(
+        "max_sessions_per_token",
+        raw.max_sessions_per_token,
+        32,
+        problems,
+    );
+    let max_sessions_per_tenant = count(
+        "max_sessions_per_tenant",
+        raw.max_sessions_per_tenant,
+        1000,
+        problems,
+    );
+    let max_connections = count("max_connections", raw.max_connections, 1024, problems);
+    let header_read_timeout = seconds(
+        "header_read_timeout_seconds",
+        raw.header_read_timeout_seconds,
+        10,
+        problems,
+    );
+    let body_read_timeout = seconds(
+        "body_read_timeout_seconds",
+        raw.body_read_timeout_seconds,
+        30,
+        problems,
+    );
+    let idle_timeout = seconds(
+        "idle_timeout_seconds",
+        raw.idle_timeout_seconds,
+        60,
+        problems,
+    );
     Some(ServerConfig {
         listen: listen?,
         public_url: public_url?,
@@ -459,6 +533,12 @@ fn validate_server(raw: RawServer, problems: &mut Vec<String>) -> Option<ServerC
         max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
         shutdown_grace: Duration::from_secs(shutdown_grace),
         session_idle_timeout: Duration::from_secs(idle),
+        max_sessions_per_token,
+        max_sessions_per_tenant,
+        max_connections,
+        header_read_timeout,
+        body_read_timeout,
+        idle_timeout,
     })
 }
 

@@ -155,7 +155,9 @@ fn migrate_report(applied: &[crate::store::AppliedMigration]) -> String {
 }
 
 /// Installs the log subscriber (and OTLP trace export when configured by the standard variables);
-/// `RUST_LOG` overrides the configured filter.
+/// `RUST_LOG` overrides the configured filter. Whatever the filter, MCP message contents (tool
+/// results among them) are never logged, and rmcp's per-session lines stay at `warn` unless the
+/// filter names `rmcp` (see [`crate::mcp::logs`]).
 pub(crate) fn init_logging(log: &LogConfig) -> crate::telemetry::Telemetry {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -164,13 +166,20 @@ pub(crate) fn init_logging(log: &LogConfig) -> crate::telemetry::Telemetry {
         eprintln!("warning: trace export is off: {e:#}");
         crate::telemetry::Telemetry::default()
     });
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.filter))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let configured = env
+        .iter()
+        .find(|(name, _)| name == "RUST_LOG")
+        .map_or(log.filter.as_str(), |(_, value)| value.as_str());
+    let filter = tracing_subscriber::EnvFilter::try_new(crate::mcp::logs::directives(configured))
+        .unwrap_or_else(|e| {
+            eprintln!("warning: log filter `{configured}` is not valid ({e}); using `info`");
+            tracing_subscriber::EnvFilter::new(crate::mcp::logs::directives("info"))
+        });
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let registry = tracing_subscriber::registry()
+        .with(crate::mcp::logs::Quiet)
         .with(filter)
         .with(telemetry.layer());
     let _ = match log.format {

@@ -7,91 +7,31 @@
 //!   a tenant that does not exist: status, body and headers do not tell whether a tenant exists.
 //! - A session is bound to the token that created it: the same session id presented with any other
 //!   token is answered as an unknown session (`404`).
-//! - Requests inside a session must name a supported `MCP-Protocol-Version`.
+//! - A request's `MCP-Protocol-Version`, when present, must name a supported version; inside a
+//!   session it may be left out (the session's negotiated version applies, as the spec allows for
+//!   2025-03-26 clients).
+//! - Ending a session with `DELETE` answers `204 No Content`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use secrecy::SecretString;
 
 use super::error::HttpError;
-use crate::agent_tokens::{self, AgentIdentity, Verified};
+use super::sessions::SessionCheck;
+use crate::agent_tokens::{self, Verified};
 use crate::app::App;
 use crate::tenants::TenantId;
 
 const SESSION_HEADER: &str = "mcp-session-id";
 const PROTOCOL_HEADER: &str = "mcp-protocol-version";
 
-/// Protocol versions served; the header is required from 2025-06-18 on, so older ones are refused.
-pub const SUPPORTED_PROTOCOL_VERSIONS: &[&str] = &["2025-06-18", "2025-11-25", "2026-07-28"];
-
-/// Which token opened each live MCP session.
-#[derive(Debug)]
-pub struct SessionBindings {
-    idle_timeout: Duration,
-    bindings: Mutex<HashMap<String, Binding>>,
-}
-
-#[derive(Debug)]
-struct Binding {
-    tenant: TenantId,
-    token_id: String,
-    last_seen: Instant,
-}
-
-enum SessionCheck {
-    /// No session id: an `initialize` or a stateless (2026-07-28) request.
-    None,
-    Known,
-    Foreign,
-}
-
-impl SessionBindings {
-    pub fn new(idle_timeout: Duration) -> Self {
-        Self {
-            idle_timeout,
-            bindings: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn check(&self, session: Option<&str>, who: &AgentIdentity) -> SessionCheck {
-        let Some(session) = session else {
-            return SessionCheck::None;
-        };
-        let mut bindings = self.bindings.lock().unwrap_or_else(|e| e.into_inner());
-        match bindings.get_mut(session) {
-            Some(b) if b.tenant == who.tenant && b.token_id == who.token_id => {
-                b.last_seen = Instant::now();
-                SessionCheck::Known
-            }
-            _ => SessionCheck::Foreign,
-        }
-    }
-
-    fn bind(&self, session: &str, who: &AgentIdentity) {
-        let mut bindings = self.bindings.lock().unwrap_or_else(|e| e.into_inner());
-        let idle = self.idle_timeout;
-        bindings.retain(|_, b| b.last_seen.elapsed() < idle);
-        bindings.insert(
-            session.to_owned(),
-            Binding {
-                tenant: who.tenant.clone(),
-                token_id: who.token_id.clone(),
-                last_seen: Instant::now(),
-            },
-        );
-    }
-
-    fn unbind(&self, session: &str) {
-        let mut bindings = self.bindings.lock().unwrap_or_else(|e| e.into_inner());
-        bindings.remove(session);
-    }
-}
+/// Protocol versions served.
+pub const SUPPORTED_PROTOCOL_VERSIONS: &[&str] =
+    &["2025-03-26", "2025-06-18", "2025-11-25", "2026-07-28"];
 
 /// The URL of the RFC 9728 document for a tenant's MCP endpoint.
 pub fn metadata_url(app: &App, tenant: &str) -> String {
@@ -164,55 +104,54 @@ pub async fn authenticate(
         )
         .into_response();
     }
-    // Inside a session the header is mandatory; outside one (initialize, or a stateless
-    // 2026-07-28 request) it is checked when present.
-    let required = matches!(checked, SessionCheck::Known);
-    if let Err(error) = check_protocol_header(request.headers(), required) {
+    // Without the header, rmcp applies the session's negotiated version (2025-03-26 clients
+    // send none); a header that is present must name a supported version.
+    if let Err(error) = check_protocol_header(request.headers()) {
         return error.into_response();
     }
 
-    let is_delete = request.method() == axum::http::Method::DELETE;
+    let is_delete = request.method() == Method::DELETE;
     request.extensions_mut().insert(identity.clone());
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
 
     match (&session, checked) {
         (None, SessionCheck::None) if response.status().is_success() => {
-            if let Some(created) = response
+            let created = response
                 .headers()
                 .get(SESSION_HEADER)
                 .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            if let Some(created) = created
+                && let Err(limit) = app.sessions.bind(&created, &identity)
             {
-                app.sessions.bind(created, &identity);
+                app.sessions.close(&created).await;
+                // The client is told; at debug so that a flood of attempts cannot flood the log.
+                tracing::debug!(tenant.id = %identity.tenant, agent.token = %identity.token_name, "MCP session refused: {limit}");
+                return super::jsonrpc::too_many_sessions(&limit.to_string());
             }
         }
         (Some(session), SessionCheck::Known) if is_delete && response.status().is_success() => {
-            app.sessions.unbind(session)
+            app.sessions.forget(session);
+            // rmcp answers 202; the SDKs expect 200 or 204 (the Python SDK logs 202 as a failure).
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            response.headers_mut().remove(header::CONTENT_LENGTH);
+            *response.body_mut() = axum::body::Body::empty();
         }
         _ => {}
     }
     response
 }
 
-fn check_protocol_header(headers: &HeaderMap, required: bool) -> Result<(), HttpError> {
+fn check_protocol_header(headers: &HeaderMap) -> Result<(), HttpError> {
     let mut values = headers.get_all(PROTOCOL_HEADER).iter();
-    let first = values.next();
-    let first = if values.next().is_some() {
-        Some(Err(())) // several values: none of them is "the" version
-    } else {
-        first.map(|v| v.to_str().map_err(drop))
+    let Some(first) = values.next() else {
+        return Ok(());
     };
-    match first {
-        None if !required => Ok(()),
-        None => Err(HttpError::new(
-            StatusCode::BAD_REQUEST,
-            "missing_protocol_version",
-            format!(
-                "the MCP-Protocol-Version header is required; supported: {}",
-                SUPPORTED_PROTOCOL_VERSIONS.join(", ")
-            ),
-        )),
+    // Several values: none of them is "the" version.
+    let single = values.next().is_none().then_some(first);
+    match single.map(HeaderValue::to_str) {
         Some(Ok(v)) if SUPPORTED_PROTOCOL_VERSIONS.contains(&v) => Ok(()),
-        Some(_) => Err(HttpError::new(
+        _ => Err(HttpError::new(
             StatusCode::BAD_REQUEST,
             "unsupported_protocol_version",
             format!(

@@ -1,6 +1,10 @@
 //! Host and Origin validation against the configured public URL (DNS-rebinding and cross-site
 //! protection). rmcp's defaults accept only loopback hosts and check no Origin, so the gateway
 //! decides both itself, before authentication, and hands rmcp the same lists.
+//!
+//! When the public URL names a loopback host (`localhost`, `127.0.0.1`, `[::1]`), the other two
+//! loopback spellings with the same port are accepted too, in `Host` and in `Origin`: they name the
+//! same listener, and a DNS-rebinding attacker's page can only send its own host name.
 
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
@@ -20,21 +24,21 @@ pub struct OriginPolicy {
 
 impl OriginPolicy {
     pub fn new(public_url: &Url, extra_hosts: &[String], extra_origins: &[String]) -> Self {
-        let host = public_url
-            .host_str()
-            .unwrap_or_default()
-            .to_ascii_lowercase();
         let mut hosts = vec![];
-        match public_url.port() {
-            Some(port) => hosts.push(format!("{host}:{port}")),
-            None => {
-                let default_port = public_url.port_or_known_default().unwrap_or(443);
-                hosts.push(host.clone());
-                hosts.push(format!("{host}:{default_port}"));
+        let mut origins = vec![];
+        for url in equivalent_urls(public_url) {
+            let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+            match url.port() {
+                Some(port) => hosts.push(format!("{host}:{port}")),
+                None => {
+                    let default_port = url.port_or_known_default().unwrap_or(443);
+                    hosts.push(host.clone());
+                    hosts.push(format!("{host}:{default_port}"));
+                }
             }
+            origins.push(url.origin().ascii_serialization());
         }
         hosts.extend(extra_hosts.iter().map(|h| h.to_ascii_lowercase()));
-        let mut origins = vec![public_url.origin().ascii_serialization()];
         origins.extend(extra_origins.iter().cloned());
         Self { hosts, origins }
     }
@@ -99,6 +103,27 @@ impl OriginPolicy {
     }
 }
 
+/// The public URL, and for a loopback one its other loopback spellings (same scheme and port).
+fn equivalent_urls(public_url: &Url) -> Vec<Url> {
+    const LOOPBACK: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
+    let loopback = match public_url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip == std::net::Ipv4Addr::LOCALHOST,
+        Some(url::Host::Ipv6(ip)) => ip == std::net::Ipv6Addr::LOCALHOST,
+        None => false,
+    };
+    let mut urls = vec![public_url.clone()];
+    if loopback {
+        for host in LOOPBACK {
+            let mut url = public_url.clone();
+            if url.set_host(Some(host)).is_ok() && !urls.contains(&url) {
+                urls.push(url);
+            }
+        }
+    }
+    urls
+}
+
 /// Middleware: rejects requests whose `Host` or `Origin` the policy does not allow.
 pub async fn check_origin(
     State(policy): State<Arc<OriginPolicy>>,
@@ -108,5 +133,52 @@ pub async fn check_origin(
     match policy.check(&request) {
         Ok(()) => next.run(request).await,
         Err(error) => error.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(public_url: &str) -> OriginPolicy {
+        OriginPolicy::new(&Url::parse(public_url).expect("valid URL"), &[], &[])
+    }
+
+    #[test]
+    fn a_loopback_public_url_accepts_every_loopback_spelling_of_its_port() {
+        for public in [
+            "http://127.0.0.1:8080",
+            "http://localhost:8080",
+            "http://[::1]:8080",
+        ] {
+            let p = policy(public);
+            for host in ["127.0.0.1:8080", "localhost:8080", "[::1]:8080"] {
+                assert!(p.hosts().contains(&host.to_owned()), "{public}: {host}");
+            }
+            let mut origins = p.origins_with_ports();
+            origins.sort();
+            assert_eq!(
+                origins,
+                [
+                    "http://127.0.0.1:8080",
+                    "http://[::1]:8080",
+                    "http://localhost:8080"
+                ]
+            );
+            assert!(!p.hosts().iter().any(|h| h.ends_with(":8081")));
+        }
+    }
+
+    #[test]
+    fn a_public_host_gets_no_loopback_spellings() {
+        let p = policy("https://custodian.example.com");
+        assert_eq!(
+            p.hosts(),
+            ["custodian.example.com", "custodian.example.com:443"]
+        );
+        assert_eq!(
+            p.origins_with_ports(),
+            ["https://custodian.example.com:443"]
+        );
     }
 }

@@ -7,7 +7,8 @@
 //! - `tools/call` whose `params` are not `{name: string, arguments?: object}` → `-32602` naming
 //!   the field.
 //!
-//! Bodies over the configured limit are refused with `413` while being read.
+//! Bodies over the configured limit are refused with `413` while being read, and bodies that take
+//! longer than `server.body_read_timeout_seconds` to arrive with `408`.
 
 use std::sync::Arc;
 
@@ -24,6 +25,8 @@ use crate::app::App;
 const PARSE_ERROR: i64 = -32700;
 const INVALID_REQUEST: i64 = -32600;
 const INVALID_PARAMS: i64 = -32602;
+/// JSON-RPC's implementation-defined server error, used for refusals of capacity.
+const SERVER_ERROR: i64 = -32000;
 
 /// A JSON-RPC error answered before dispatch.
 struct RpcError {
@@ -49,6 +52,17 @@ impl IntoResponse for RpcError {
     }
 }
 
+/// `429` with a JSON-RPC error: the caller holds too many MCP sessions (see `sessions`).
+pub fn too_many_sessions(message: &str) -> Response {
+    RpcError {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        id: Value::Null,
+        code: SERVER_ERROR,
+        message: message.to_owned(),
+    }
+    .into_response()
+}
+
 /// Middleware: buffers and checks POST bodies (see the module docs).
 pub async fn validate(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     if request.method() != Method::POST {
@@ -56,9 +70,21 @@ pub async fn validate(State(app): State<Arc<App>>, request: Request, next: Next)
     }
     let (parts, body) = request.into_parts();
     let limit = app.config.server.max_body_bytes;
-    let bytes = match to_bytes(body, limit).await {
-        Ok(bytes) => bytes,
+    let timeout = app.config.server.body_read_timeout;
+    let bytes = match tokio::time::timeout(timeout, to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => bytes,
         Err(_) => {
+            return HttpError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} s",
+                    timeout.as_secs()
+                ),
+            )
+            .into_response();
+        }
+        Ok(Err(_)) => {
             return HttpError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",

@@ -5,6 +5,8 @@ pub mod auth;
 pub mod error;
 pub mod guard;
 pub mod jsonrpc;
+pub mod serve;
+pub mod sessions;
 
 use std::sync::Arc;
 
@@ -13,7 +15,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router, middleware};
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,9 @@ use crate::mcp::CustodianMcp;
 use error::HttpError;
 use guard::OriginPolicy;
 
+/// The longest pause between SSE keep-alives on an open MCP stream.
+const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Builds the gateway's router. `shutdown` ends open MCP streams when cancelled.
 pub fn router(app: Arc<App>, shutdown: CancellationToken) -> Router {
     let server = &app.config.server;
@@ -31,18 +35,18 @@ pub fn router(app: Arc<App>, shutdown: CancellationToken) -> Router {
         &server.allowed_hosts,
         &server.allowed_origins,
     ));
-    let mut sessions = LocalSessionManager::default();
-    sessions.session_config.keep_alive = Some(server.session_idle_timeout);
     let mcp_config = StreamableHttpServerConfig::default()
         .with_allowed_hosts(policy.hosts().to_vec())
         .with_allowed_origins(policy.origins_with_ports())
         .enforce_origin_validation()
         .with_max_request_body_bytes(server.max_body_bytes)
+        // Long answers must keep moving to outlive the connection idle timeout (see `serve`).
+        .with_sse_keep_alive(Some((server.idle_timeout / 3).min(SSE_KEEP_ALIVE)))
         .with_cancellation_token(shutdown);
     let handler_app = app.clone();
     let mcp = StreamableHttpService::new(
         move || Ok(CustodianMcp::new(handler_app.clone())),
-        Arc::new(sessions),
+        app.sessions.manager(),
         mcp_config,
     );
 

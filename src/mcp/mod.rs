@@ -3,6 +3,9 @@
 //! The caller's identity comes from the HTTP request that carried the call (put there by
 //! [`crate::http::auth`]), never from the MCP session.
 
+pub mod logs;
+pub mod run_result;
+
 use std::sync::Arc;
 
 use rmcp::RoleServer;
@@ -151,6 +154,7 @@ optionally `stdin` and `timeout_seconds`. Each call uses one of the grant's runs
 in a fresh, empty working directory that is deleted afterwards: nothing persists between runs. \
 Returns exit_code, stdout, stderr, and how many times each secret was found and replaced by \
 [REDACTED:NAME] in the output.",
+        output_schema = rmcp::handler::server::tool::schema_for_output::<RunResult>(),
         annotations(
             title = "Run a command with a grant",
             read_only_hint = false,
@@ -163,9 +167,13 @@ Returns exit_code, stdout, stderr, and how many times each secret was found and 
         &self,
         Parameters(args): Parameters<RunArgs>,
         Extension(parts): Extension<http::request::Parts>,
-    ) -> Result<Json<RunResult>, ToolError> {
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ToolError> {
         let caller = identity(&parts)?;
-        Ok(Json(runs::run(&self.app, caller, args).await?))
+        let result = runs::run(&self.app, caller, args).await?;
+        let form = run_result::TextForm::for_version(context.protocol_version().as_ref());
+        let id_bytes = run_result::serialized_len(&context.id);
+        Ok(run_result::to_call_tool_result(result, form, id_bytes))
     }
 
     #[tool(
@@ -258,6 +266,7 @@ impl ServerHandler for CustodianMcp {
 
     fn supported_protocol_versions(&self) -> std::borrow::Cow<'static, [ProtocolVersion]> {
         std::borrow::Cow::Borrowed(&[
+            ProtocolVersion::V_2025_03_26,
             ProtocolVersion::V_2025_06_18,
             ProtocolVersion::V_2025_11_25,
             ProtocolVersion::V_2026_07_28,

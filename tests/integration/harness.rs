@@ -114,6 +114,7 @@ pub struct TestAppBuilder {
     database: Option<Arc<TestDb>>,
     extra_toml: String,
     max_output_bytes: usize,
+    server_toml: String,
     metrics: Option<custodian::metrics::Metrics>,
 }
 
@@ -124,6 +125,7 @@ impl TestApp {
             database: None,
             extra_toml: String::new(),
             max_output_bytes: 4096,
+            server_toml: String::new(),
             metrics: None,
         }
     }
@@ -323,6 +325,13 @@ impl TestAppBuilder {
         self
     }
 
+    /// Adds keys to the `[server]` section.
+    pub fn server_toml(mut self, toml: &str) -> Self {
+        self.server_toml.push_str(toml);
+        self.server_toml.push('\n');
+        self
+    }
+
     /// Shares the database of another test gateway (restarts, several replicas).
     pub fn on_database(mut self, database: Arc<TestDb>) -> Self {
         self.database = Some(database);
@@ -339,8 +348,8 @@ impl TestAppBuilder {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let toml = format!(
-            "[server]\nlisten = \"{addr}\"\npublic_url = \"http://{addr}\"\n\n[database]\nurl = \"{}\"\nmax_connections = 5\n{}",
-            db.url, self.extra_toml
+            "[server]\nlisten = \"{addr}\"\npublic_url = \"http://{addr}\"\n{}\n[database]\nurl = \"{}\"\nmax_connections = 5\n{}",
+            self.server_toml, db.url, self.extra_toml
         );
         let config = Config::from_toml(&toml, std::iter::empty()).expect("valid test config");
         let clock = OffsetClock::new();

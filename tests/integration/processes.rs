@@ -147,11 +147,17 @@ pub fn python_client_approving(
     token: &str,
     approve: &[&str],
 ) -> serde_json::Value {
+    let mut args = vec![url];
+    args.extend_from_slice(approve);
+    python_client_args(python, token, &args)
+}
+
+/// Runs `tests/clients/python_client.py ARGS` (options, then the URL) with `token`.
+pub fn python_client_args(python: &Path, token: &str, args: &[&str]) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/python_client.py");
     let output = Command::new(python)
         .arg(script)
-        .arg(url)
-        .args(approve)
+        .args(args)
         .env("CUSTODIAN_TOKEN", token)
         .output()
         .expect("run python client");
