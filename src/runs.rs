@@ -131,21 +131,8 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
             format!("must be between 1 and {max}, got {timeout}"),
         ));
     }
-    // A grant that is not active is refused for what it is, before any runner is looked up.
-    let seen = grants::status(app, caller, &args.grant_id).await?;
-    if seen.state != GrantState::Active {
-        return Err(
-            grants::consume(app, caller, &args.grant_id, &serde_json::Value::Null)
-                .await
-                .err()
-                .unwrap_or_else(|| GrantError::NotUsable {
-                    id: seen.grant_id.clone(),
-                    state: seen.state.as_str(),
-                    hint: "request a new grant".to_owned(),
-                })
-                .into(),
-        );
-    }
+    // A grant that cannot run is refused for what it is, before any runner is looked up.
+    let seen = grants::usable(app, caller, &args.grant_id).await?;
     let env = environments::get(&app.db, &caller.tenant, &seen.environment)
         .await
         .map_err(GrantError::from)?
@@ -157,8 +144,7 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
         return Err(RunError::NoRunner(env.policy.runner_pool));
     }
     // Written with the use, in one transaction, before anything is decrypted or sent.
-    let runner =
-        pool[usize::try_from(seen.max_uses - seen.uses_left).unwrap_or(0) % pool.len()].clone();
+    let runner = pool[usize::try_from(seen.uses).unwrap_or(0) % pool.len()].clone();
     let exec_id = uuid::Uuid::new_v4().to_string();
     let shown: String = argv.join(" ").chars().take(2000).collect();
     let audited = serde_json::json!({

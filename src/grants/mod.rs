@@ -711,32 +711,41 @@ pub async fn consume(
         return Ok(now);
     }
     // Not taken: say why, from the state as it is now.
-    let now = own_grant(app, caller, id).await?;
-    let hint = match now.state {
-        GrantState::Pending => "wait until grant_status says active",
-        GrantState::Active => "it has no runs left or just expired; request a new grant",
-        GrantState::Exhausted => "all of its runs were used; request a new grant",
-        GrantState::Expired => "its time ran out; request a new grant",
-        GrantState::Revoked => "it was revoked; request a new grant",
+    Err(not_usable(own_grant(app, caller, id).await?))
+}
+
+/// Why `grant` cannot be used for a run, for the agent.
+pub fn not_usable(grant: Grant) -> GrantError {
+    let hint = match grant.state {
+        GrantState::Pending => "wait until grant_status says active".to_owned(),
+        GrantState::Active => "it has no runs left or just expired; request a new grant".to_owned(),
+        GrantState::Exhausted => "all of its runs were used; request a new grant".to_owned(),
+        GrantState::Expired => "its time ran out; request a new grant".to_owned(),
+        GrantState::Revoked => "it was revoked; request a new grant".to_owned(),
         // The stored reason: a decline at the IdP, or the policy check that failed.
-        GrantState::Denied => {
-            return Err(GrantError::NotUsable {
-                hint: format!(
-                    "{}; request a new grant",
-                    now.end_reason
-                        .as_deref()
-                        .unwrap_or("the approval was refused")
-                ),
-                id: now.id,
-                state: now.state.as_str(),
-            });
-        }
+        GrantState::Denied => format!(
+            "{}; request a new grant",
+            grant
+                .end_reason
+                .as_deref()
+                .unwrap_or("the approval was refused")
+        ),
     };
-    Err(GrantError::NotUsable {
-        id: now.id,
-        state: now.state.as_str(),
-        hint: hint.to_owned(),
-    })
+    GrantError::NotUsable {
+        id: grant.id,
+        state: grant.state.as_str(),
+        hint,
+    }
+}
+
+/// The caller's grant if it can take a run now, or why not (nothing is spent either way).
+pub async fn usable(app: &App, caller: &AgentIdentity, id: &str) -> Result<Grant, GrantError> {
+    let grant = own_grant(app, caller, id).await?;
+    if grant.state == GrantState::Active && grant.uses < grant.max_uses {
+        Ok(grant)
+    } else {
+        Err(not_usable(grant))
+    }
 }
 
 /// `revoke_grant` by the agent that requested it.
