@@ -23,7 +23,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends bubblewrap ca-certificates curl postgresql-client python3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /var/lib/custodian-runner --create-home runner
-COPY --from=build /src/target/release/custodian-runner /usr/local/bin/custodian-runner
+COPY --from=build /src/target/release/custodian-runner /src/target/release/custodian-sandbox /usr/local/bin/
 USER 10001:10001
 EXPOSE 7443
 ENTRYPOINT ["/usr/local/bin/custodian-runner"]

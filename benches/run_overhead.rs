@@ -2,16 +2,20 @@
 //! loopback with a warm mTLS connection:
 //!
 //! 1. baseline: spawning `true` directly (tokio::process);
-//! 2. sandbox: the runner's exec path for `true` (helper re-exec, rlimits, Landlock, seccomp,
-//!    work directory, redaction);
+//! 2. sandbox: the runner's exec path for `true` with isolation fully on (bubblewrap namespaces,
+//!    private tmpfs root, the `custodian-sandbox` helper's rlimits, Landlock and seccomp,
+//!    redaction);
 //! 3. full: `tools/call run {argv: ["true"]}` through the gateway (MCP, auth, grant use, secrets,
 //!    mTLS dispatch to a runner, redaction twice, timeline event).
 //!
 //! and, for the audit log and tracing, the grant-use transaction with and without its audit record,
 //! and the full run again with OTLP trace export on.
 //!
-//! `cargo bench --bench run_overhead [-- --calls N]` prints p50/p99 and the extra milliseconds over
-//! the baselines. Budgets: sandbox spawn ≤ 5 ms p50 over fork/exec; gateway overhead ≤ 1 ms p50.
+//! `cargo build --release --workspace --bins && cargo bench --bench run_overhead [-- --calls N]`
+//! prints p50/p99 and the extra milliseconds over the baselines (the first command builds the
+//! small `custodian-sandbox` helper the runner uses; without it the bench falls back to
+//! re-executing the `custodian` binary and says so). Budgets: sandbox spawn ≤ 5 ms p50 over
+//! fork/exec; gateway overhead ≤ 1 ms p50.
 
 mod common;
 use common::arg;
@@ -93,7 +97,7 @@ fn main() {
         };
         let stop = tokio_util::sync::CancellationToken::new();
         let sandbox = custodian_runner::sandbox::Sandbox::new(
-            HELPER.into(),
+            custodian_runner::sandbox::helper_beside(HELPER.as_ref()),
             runner_config.sandbox.clone(),
             custodian_runner::Isolation::Full,
         );
@@ -239,7 +243,10 @@ fn main() {
         .await;
         telemetry.shutdown();
 
-        println!("`true` over loopback, {calls} calls each (p50 / p99, ms)");
+        println!(
+            "`true` over loopback, {calls} calls each (p50 / p99, ms); sandbox helper {}",
+            custodian_runner::sandbox::helper_beside(HELPER.as_ref()).display()
+        );
         for (name, (p50, p99)) in [
             ("spawn `true` directly", baseline),
             ("runner sandbox exec", sandbox),

@@ -39,6 +39,7 @@ pub async fn prepare(
 ) -> anyhow::Result<Arc<server::Runner>> {
     sandbox::make_undumpable();
     tls::check_identity(&config.cert_file, &config.identity().to_string())?;
+    let helper = sandbox::helper_beside(&helper);
     let sandbox = sandbox::Sandbox::new(helper, config.sandbox.clone(), isolation);
     let swept = sandbox.sweep();
     if swept > 0 {

@@ -86,7 +86,7 @@ async fn check(
     key: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     sandbox::make_undumpable();
-    let sandbox = Sandbox::new(helper.clone(), config, Isolation::Full);
+    let sandbox = Sandbox::new(sandbox::helper_beside(&helper), config, Isolation::Full);
     let report = sandbox.check(&key.unwrap_or(helper)).await;
     println!("{}", serde_json::to_string_pretty(&report)?);
     let missing = report.missing();

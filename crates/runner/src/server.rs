@@ -71,6 +71,9 @@ pub async fn serve(
             () = shutdown.cancelled() => return Ok(()),
             accepted = listener.accept() => accepted?,
         };
+        // The reply follows a heartbeat on the same connection: without this, Nagle's algorithm
+        // holds it until the gateway's delayed ACK (~40 ms per run).
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let runner = runner.clone();
         let gateway = gateway.clone();

@@ -128,7 +128,8 @@ pub struct Lease {
 const UID_SLOTS: u32 = 65_536;
 
 impl Sandbox {
-    /// `helper` is the binary that answers to [`HELPER_ARG`] (normally the runner itself).
+    /// `helper` is the binary that answers to [`HELPER_ARG`]: `custodian-sandbox` or the runner
+    /// itself (see [`helper_beside`]).
     pub fn new(helper: PathBuf, config: SandboxConfig, isolation: Isolation) -> Self {
         // SAFETY: geteuid only reads the process's credentials.
         let root = unsafe { libc::geteuid() } == 0;
@@ -409,6 +410,17 @@ fn lock_uid(dir: &Path, uid: u32) -> Option<std::fs::File> {
     // SAFETY: flock takes the descriptor of a file we own and integer flags.
     let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
     locked.then_some(file)
+}
+
+/// The helper to bind into runs: `custodian-sandbox` beside `exe` when it is there (a 1 MB binary
+/// starts in a fraction of the time a re-exec of the whole runner takes), else `exe` itself.
+pub fn helper_beside(exe: &Path) -> PathBuf {
+    let small = exe.with_file_name("custodian-sandbox");
+    if small.is_file() {
+        small
+    } else {
+        exe.to_path_buf()
+    }
 }
 
 /// Builds bubblewrap's arguments once: they are the same for every run.
