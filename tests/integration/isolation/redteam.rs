@@ -14,7 +14,7 @@ use serde_json::json;
 use super::privilege::compile_probe;
 use super::{Reaper, World, assert_none, carries, controls, digits, evidence, wait_until};
 use crate::processes::{RunAs, host_processes_with};
-use crate::runners::{run, runner_binary};
+use crate::runners::run;
 
 as_root_and_unprivileged!(
     a_run_writes_only_to_its_capped_mounts,
@@ -52,8 +52,8 @@ fn sentinels(
 /// `$1`: a token the sentinels carry. A run's writable memory is its three size-capped tmpfs
 /// mounts; anything else it can fill (the root, `/dev`: both tmpfs without a size) is memory
 /// taken from every other run. Each place gets a file of 1 MiB and a directory; the file counts
-/// only when it is there with its size. Lowering the run's OOM score would make another run the
-/// OOM killer's first choice.
+/// only when it is there with its size. The run's OOM score must be 1000 (first for the OOM
+/// killer), and lowering it would make another run or the runner the OOM killer's first choice.
 const FILL: &str = r#"for d in /work /tmp /dev/shm; do
   head -c 1048576 /dev/zero > "$d/fill" 2>/dev/null && [ "$(wc -c < "$d/fill")" = 1048576 ] && echo "control-write$d-$1"
 done
@@ -64,7 +64,7 @@ for d in / /dev /dev/pts /run /run/custodian /etc /usr /proc /proc/self; do
   mkdir "$d/dir" 2>/dev/null && [ -d "$d/dir" ] && echo "PWNED-mkdir$name-$1"
 done
 read -r before < /proc/self/oom_score_adj
-[ "$before" = 1000 ] && echo "control-oom-score-$1"
+echo "oom-score-adj $before"
 echo 0 > /proc/self/oom_score_adj 2>/dev/null
 read -r after < /proc/self/oom_score_adj
 [ "$after" -lt "$before" ] && echo "PWNED-oom-score-lowered-to-$after-$1"
@@ -78,12 +78,21 @@ async fn a_run_writes_only_to_its_capped_mounts(user: RunAs) {
     let token = digits();
     let attack = w.attack(FILL, &[&token], None).await;
     let stdout = attack.result["stdout"].as_str().unwrap_or_default();
-    let violations = sentinels(
+    let mut violations = sentinels(
         stdout,
         &token,
-        &["write/work", "write/tmp", "write/dev/shm", "oom-score"],
+        &["write/work", "write/tmp", "write/dev/shm"],
         &attack.result,
     );
+    let score = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("oom-score-adj "));
+    if score != Some("1000") {
+        violations.push(format!(
+            "the run's OOM score adjustment is {score:?}, not 1000: another run or the runner \
+             would be killed before it"
+        ));
+    }
     assert_none("a run wrote outside its size caps", user, &violations);
     w.stop().await;
 }
@@ -145,21 +154,6 @@ async fn another_runs_abstract_socket_is_out_of_reach(user: RunAs) {
     let Some(w) = World::start(user).await else {
         return;
     };
-    // Only Landlock scopes abstract sockets (Linux 6.12); `check` reports whether it can here.
-    let check = Command::new(runner_binary().unwrap())
-        .arg("check")
-        .output()
-        .unwrap();
-    if !String::from_utf8_lossy(&check.stdout)
-        .contains("fully enforced (files, abstract unix sockets")
-    {
-        eprintln!(
-            "skipping: this kernel's Landlock cannot scope abstract unix sockets (see \
-             `custodian-runner check`), so runs reach each other's, as SECURITY.md states"
-        );
-        w.stop().await;
-        return;
-    }
     let mut reaper = Reaper::default();
     let name = format!("custodian-victim-{}", digits());
     reaper.watch(&name);
@@ -176,6 +170,21 @@ async fn another_runs_abstract_socket_is_out_of_reach(user: RunAs) {
     })
     .await
     .unwrap_or_else(|()| panic!("the victim's socket never served its secret"));
+    // Only Landlock scopes abstract sockets (Linux 6.12); the runner's report at start (logged
+    // before it served the victim) says whether it can here.
+    if !w
+        .runner
+        .log()
+        .contains("fully enforced (files, abstract unix sockets")
+    {
+        eprintln!(
+            "skipping: this kernel's Landlock cannot scope abstract unix sockets (see \
+             `custodian-runner check`), so runs reach each other's, as SECURITY.md states"
+        );
+        drop(reaper);
+        w.stop().await;
+        return;
+    }
     let attack = w
         .attack("python3 -c \"$1\" \"$0\" | out sockets", &[HARVEST], None)
         .await;
