@@ -49,6 +49,7 @@ mod dev;
 mod grant_bound;
 mod lifetime;
 mod privilege;
+mod redteam;
 mod snooping;
 
 /// What the attacker's scripts share: `P`, the shape of every canary (see [`canary`]) as an

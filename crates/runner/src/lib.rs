@@ -38,6 +38,9 @@ pub async fn prepare(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<server::Runner>> {
     sandbox::make_undumpable();
+    if sandbox::raise_open_files().is_none() {
+        tracing::warn!("cannot raise the limit of open files to its hard limit");
+    }
     tls::check_identity(&config.cert_file, &config.identity().to_string())?;
     let helper = sandbox::helper_beside(&helper);
     let sandbox = sandbox::Sandbox::new(helper, config.sandbox.clone(), isolation);

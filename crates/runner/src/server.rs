@@ -30,6 +30,13 @@ use crate::sandbox::Sandbox;
 /// the next write or the one after, and its run is killed.
 const HEARTBEAT: Duration = Duration::from_millis(250);
 
+/// How long a client may take to complete its TLS handshake. Runs share the runner's network, so
+/// a command can open connections to this port; one that never handshakes holds an open file of
+/// the runner until then.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (e.g. out of open files) before the next one.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 type Body = BoxBody<Bytes, Infallible>;
 
 /// Everything a request needs.
@@ -67,9 +74,22 @@ pub async fn serve(
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let gateway = runner.config.gateway().to_string();
     loop {
-        let (tcp, peer) = tokio::select! {
+        let accepted = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            accepted = listener.accept() => accepted?,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of open files (a flood of connections that never handshake), out of memory,
+                // or a connection reset before it was accepted: never a reason to stop serving
+                // the runs in flight and the next ones.
+                tracing::warn!(error = %e, "cannot accept a connection; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                }
+            }
         };
         // The reply follows a heartbeat on the same connection: without this, Nagle's algorithm
         // holds it until the gateway's delayed ACK (~40 ms per run).
@@ -78,10 +98,14 @@ pub async fn serve(
         let runner = runner.clone();
         let gateway = gateway.clone();
         tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(tls) => tls,
-                Err(e) => {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
                     tracing::warn!(peer = %peer, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(peer = %peer, "TLS handshake timed out");
                     return;
                 }
             };

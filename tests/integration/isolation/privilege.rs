@@ -21,11 +21,12 @@ as_root_and_unprivileged!(
 /// The escape kit, compiled on the host at test time.
 const PROBE: &str = include_str!("probe.c");
 
-/// Compiles [`PROBE`] with the machine's C compiler; `None` (a skip) outside CI when there is none.
-fn compile_probe(dir: &std::path::Path) -> Option<PathBuf> {
+/// Compiles the C program `code` with the machine's C compiler; `None` (a skip) outside CI when
+/// there is none.
+pub(super) fn compile_probe(dir: &std::path::Path, code: &str) -> Option<PathBuf> {
     let source = dir.join("probe.c");
     let binary = dir.join("probe");
-    std::fs::write(&source, PROBE).unwrap();
+    std::fs::write(&source, code).unwrap();
     match Command::new("gcc")
         .args(["-O1", "-s", "-o"])
         .arg(&binary)
@@ -34,7 +35,7 @@ fn compile_probe(dir: &std::path::Path) -> Option<PathBuf> {
     {
         Ok(out) if out.status.success() => Some(binary),
         Ok(out) => panic!(
-            "probe.c does not compile: {}",
+            "the probe does not compile: {}",
             String::from_utf8_lossy(&out.stderr)
         ),
         Err(e) => {
@@ -66,7 +67,7 @@ done
 
 async fn a_run_holds_no_privilege(user: RunAs) {
     let build = tempfile::tempdir().unwrap();
-    let Some(probe) = compile_probe(build.path()) else {
+    let Some(probe) = compile_probe(build.path(), PROBE) else {
         return;
     };
     let Some(w) = World::start(user).await else {

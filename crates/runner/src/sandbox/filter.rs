@@ -1,13 +1,15 @@
 //! The seccomp filters every command runs under: a deny-list of system calls a command never needs
 //! and an attacker would like (answering `EPERM`), conditions on `clone` (no namespace flags) and
 //! `mknod` (no device nodes), and `clone3` answered with `ENOSYS` (its flags sit in memory a filter
-//! cannot read, so libc falls back to `clone`, which is filtered).
+//! cannot read, so libc falls back to `clone`, which is filtered). System calls of the kernel's
+//! other ABIs kill the process: i386 (another architecture word) and, on x86_64, x32 (the same
+//! word, numbers with `__X32_SYSCALL_BIT`), which would otherwise slip past the deny-list.
 
 use std::collections::BTreeMap;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule,
+    SeccompRule, sock_filter,
 };
 
 /// System calls refused outright.
@@ -112,7 +114,38 @@ fn device_node(arg: u8) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
         .collect()
 }
 
-/// The two filters, in the order they are installed.
+/// x86_64 kernels built with x32 support also answer x32 system calls: the same architecture word
+/// as x86_64 (so the architecture check lets them through) and numbers with bit 30 set, which the
+/// deny-list, written against the x86_64 table, never matches (x32 `mount` is not x86_64
+/// `mount`). This filter kills the process on any such number; x86_64 programs never issue one.
+fn no_x32() -> BpfProgram {
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    let op = |code: u32, k: u32, jt: u8, jf: u8| sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    vec![
+        // A = seccomp_data.nr, at offset 0.
+        op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0),
+        op(
+            libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K,
+            X32_SYSCALL_BIT,
+            0,
+            1,
+        ),
+        op(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_KILL_PROCESS,
+            0,
+            0,
+        ),
+        op(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW, 0, 0),
+    ]
+}
+
+/// The filters, in the order they are installed.
 pub fn programs() -> Result<Vec<BpfProgram>, String> {
     let build = || -> Result<Vec<BpfProgram>, seccompiler::Error> {
         let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
@@ -134,7 +167,11 @@ pub fn programs() -> Result<Vec<BpfProgram>, String> {
             SeccompAction::Errno(libc::ENOSYS as u32),
             arch(),
         )?;
-        Ok(vec![deny.try_into()?, clone3.try_into()?])
+        let mut programs = vec![deny.try_into()?, clone3.try_into()?];
+        if cfg!(target_arch = "x86_64") {
+            programs.push(no_x32());
+        }
+        Ok(programs)
     };
     build().map_err(|e| format!("cannot build the seccomp filter: {e}"))
 }

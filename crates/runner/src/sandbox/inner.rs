@@ -6,7 +6,12 @@
 //! - resource limits: CPU seconds, address space, open files, file size, no core dumps, and the
 //!   process limit, which counts per user namespace, so it bounds this run alone;
 //! - `no_new_privs`;
+//! - the run's OOM score: 1000, first in line for the OOM killer (a process of the run may raise
+//!   its own score without privilege, and Landlock then keeps `/proc` read-only);
 //! - Landlock: read only the run's system directories, write only its work dir, `/tmp` and `/dev`;
+//!   where the kernel has it (6.12+), connect only to abstract unix sockets the run created itself
+//!   and signal only its own processes (abstract sockets belong to the network namespace, which
+//!   runs share);
 //! - the seccomp filters of [`super::filter`].
 //!
 //! With `--probe` it reports instead what it sees from inside, which is how `custodian-runner
@@ -22,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use landlock::{
-    ABI, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
+    ABI, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
     path_beneath_rules,
 };
 use serde::{Deserialize, Serialize};
@@ -51,7 +56,7 @@ pub struct Inside {
     pub rlimits: bool,
     pub no_new_privs: bool,
     pub seccomp: bool,
-    /// `fully enforced`, `partially enforced` or `not enforced (…)`.
+    /// `fully enforced (…)`, `partially enforced (…)` or `not enforced (…)`.
     pub landlock: String,
     /// Effective and bounding capability sets are empty.
     pub no_capabilities: bool,
@@ -66,6 +71,9 @@ pub struct Inside {
     pub runner_files_hidden: bool,
     /// `/proc` lists only this run's processes.
     pub private_proc: bool,
+    /// The run's OOM score is 1000: the OOM killer takes it before the runner.
+    #[serde(default)]
+    pub oom_first: bool,
 }
 
 fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> bool {
@@ -75,6 +83,15 @@ fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> bool {
     };
     // SAFETY: `limit` is a valid rlimit living across the call; setrlimit only reads it.
     unsafe { libc::setrlimit(resource, &limit) == 0 }
+}
+
+/// The OOM score every process of the run inherits. Raising one's own score needs no privilege;
+/// the runner cannot do it for the command when it is not root (its children are not dumpable, so
+/// their `/proc/self` files belong to root), so the helper does, before Landlock.
+const OOM_SCORE_ADJ: &str = "1000";
+
+fn oom_first() -> bool {
+    std::fs::write("/proc/self/oom_score_adj", OOM_SCORE_ADJ).is_ok()
 }
 
 fn no_new_privs() -> bool {
@@ -89,6 +106,7 @@ fn landlock(readable: &[PathBuf], writable: &[PathBuf]) -> String {
     };
     let result = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))
+        .and_then(|r| r.scope(Scope::AbstractUnixSocket | Scope::Signal))
         .and_then(|r| r.create())
         .and_then(|r| {
             r.add_rules(path_beneath_rules(
@@ -105,16 +123,21 @@ fn landlock(readable: &[PathBuf], writable: &[PathBuf]) -> String {
         .and_then(|r| r.restrict_self());
     match result {
         Ok(status) => match status.ruleset {
-            RulesetStatus::FullyEnforced => "fully enforced",
-            RulesetStatus::PartiallyEnforced => "partially enforced",
-            RulesetStatus::NotEnforced => "not enforced",
-        }
-        .to_owned(),
+            RulesetStatus::FullyEnforced => {
+                "fully enforced (files, abstract unix sockets, signals)".to_owned()
+            }
+            RulesetStatus::PartiallyEnforced => format!(
+                "partially enforced (kernel: {:?}; abstract unix sockets and signals need ABI V6, Linux 6.12)",
+                status.landlock
+            ),
+            RulesetStatus::NotEnforced => "not enforced".to_owned(),
+        },
         Err(e) => format!("not enforced ({e})"),
     }
 }
 
 struct Applied {
+    oom_first: bool,
     rlimits: bool,
     no_new_privs: bool,
     landlock: String,
@@ -122,6 +145,7 @@ struct Applied {
 }
 
 fn restrict(layers: &Layers) -> Applied {
+    let oom_first = oom_first();
     let rlimits = [
         set_limit(libc::RLIMIT_CORE, 0),
         set_limit(libc::RLIMIT_CPU, layers.cpu_seconds.max(1)),
@@ -136,6 +160,7 @@ fn restrict(layers: &Layers) -> Applied {
     let landlock = landlock(&layers.readable, &layers.writable);
     let seccomp = super::filter::apply();
     Applied {
+        oom_first,
         rlimits,
         no_new_privs,
         landlock,
@@ -183,6 +208,9 @@ fn probe(layers: &Layers, applied: Applied) -> Inside {
             .as_deref()
             .is_none_or(|p| std::fs::symlink_metadata(p).is_err()),
         private_proc: pids <= 4,
+        oom_first: applied.oom_first
+            && std::fs::read_to_string("/proc/self/oom_score_adj")
+                .is_ok_and(|v| v.trim() == OOM_SCORE_ADJ),
     }
 }
 

@@ -10,8 +10,9 @@
 //!   the namespace's init), everything the run started is killed by the kernel;
 //! - mount namespace on a fresh tmpfs root: system directories and a short allowlist of `/etc`
 //!   read-only, a private size-capped work dir (`/work`, the command's cwd and HOME) and `/tmp`
-//!   (0700, tmpfs: nothing reaches the runner's disk), a minimal `/dev`. Other runs, the runner's
-//!   config, key, certificate and CA, and any data directory are simply not there;
+//!   (0700, tmpfs: nothing reaches the runner's disk), a minimal `/dev`; the root and `/dev`
+//!   themselves are read-only, so the size-capped mounts are all a run can fill. Other runs, the
+//!   runner's config, key, certificate and CA, and any data directory are simply not there;
 //! - IPC, UTS and (where possible) cgroup namespaces, a new session (no terminal injection);
 //! - then [`inner`]: rlimits (per-run process limit), `no_new_privs`, Landlock, seccomp.
 //!
@@ -317,11 +318,23 @@ impl Sandbox {
             .kill_on_drop(true);
         let parent = std::process::id() as libc::pid_t;
         let host_id = slot.as_ref().map(|slot| slot.uid);
-        // SAFETY: the closure runs in the forked child before exec and calls only setgroups,
-        // setgid, setuid, prctl, open, write, close, getppid and _exit, which are
+        // SAFETY: the closure runs in the forked child before exec and calls only open, write,
+        // close, setgroups, setgid, setuid, prctl, getppid and _exit, which are
         // async-signal-safe; it allocates nothing (the path is a static C string).
         unsafe {
             command.pre_exec(move || {
+                // First in line for the OOM killer, before the runner: a run that exhausts the
+                // host's (or the pod's) memory is what gets killed. Written while still root
+                // (after the uid change `/proc/self` belongs to root: the child is not dumpable);
+                // a runner that is not root cannot, and the helper raises the command's own.
+                let fd = libc::open(
+                    c"/proc/self/oom_score_adj".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if fd >= 0 {
+                    libc::write(fd, b"1000".as_ptr().cast(), 4);
+                    libc::close(fd);
+                }
                 if let Some(id) = host_id {
                     // The run's own host uid, with no supplementary groups (root's would stay).
                     if libc::setgroups(0, std::ptr::null()) != 0
@@ -333,16 +346,6 @@ impl Sandbox {
                 }
                 // Dies with the runner; set after the uid change (which clears it).
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-                // First in line for the OOM killer, before the runner: a run that exhausts the
-                // host's (or the pod's) memory is what gets killed. Raising it needs no privilege.
-                let fd = libc::open(
-                    c"/proc/self/oom_score_adj".as_ptr(),
-                    libc::O_WRONLY | libc::O_CLOEXEC,
-                );
-                if fd >= 0 {
-                    libc::write(fd, b"1000".as_ptr().cast(), 4);
-                    libc::close(fd);
-                }
                 if libc::getppid() != parent {
                     libc::_exit(126);
                 }
@@ -492,10 +495,17 @@ fn bwrap_args(helper: &Path, config: &SandboxConfig, etc_copy: Option<&Path>) ->
             dir.as_ref(),
         ]);
     }
+    // The root and `/dev` are tmpfs mounts without a size, owned by the run's uid: read-only once
+    // everything is in place, so the three capped mounts are all a run can fill. The device nodes,
+    // `/dev/pts` and `/dev/shm` are mounts of their own and stay writable.
     push(&[
         "--ro-bind".as_ref(),
         helper.as_os_str(),
         HELPER_INSIDE.as_ref(),
+        "--remount-ro".as_ref(),
+        "/dev".as_ref(),
+        "--remount-ro".as_ref(),
+        "/".as_ref(),
         "--chdir".as_ref(),
         WORK_DIR.as_ref(),
     ]);
@@ -524,6 +534,11 @@ pub struct Report {
 impl Report {
     fn new(sandbox: &Sandbox, inside: Result<Inside, String>) -> Self {
         let full = sandbox.isolation == Isolation::Full;
+        let oom = if inside.as_ref().is_ok_and(|i| i.oom_first) {
+            "runs are first for the OOM killer (oom_score_adj 1000)"
+        } else {
+            "runs are NOT first for the OOM killer (oom_score_adj not raised)"
+        };
         Self {
             isolation: if full {
                 "bubblewrap: user, pid, mount, IPC, UTS namespaces".to_owned()
@@ -545,8 +560,11 @@ impl Report {
                 "yes after exec, and visible to other runs of this runner's uid".to_owned()
             },
             limits: format!(
-                "per run: {} processes (rlimit in the run's own user namespace), {} bytes each for /work, /tmp and /dev/shm (tmpfs); per process: {} bytes of address space, CPU time = timeout; runs are first for the OOM killer (oom_score_adj 1000); cgroups not used",
-                sandbox.config.processes, sandbox.config.tmpfs_bytes, sandbox.config.memory_bytes
+                "per run: {} processes (rlimit in the run's own user namespace), {} bytes each for /work, /tmp and /dev/shm (tmpfs; the rest of the tree is read-only); per process: {} bytes of address space, CPU time = timeout; {}; cgroups not used",
+                sandbox.config.processes,
+                sandbox.config.tmpfs_bytes,
+                sandbox.config.memory_bytes,
+                oom
             ),
         }
     }
@@ -586,6 +604,25 @@ impl Report {
 pub fn make_undumpable() -> bool {
     // SAFETY: PR_SET_DUMPABLE takes one integer argument and touches no memory of ours.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) == 0 }
+}
+
+/// Raises the runner's soft limit of open files to its hard limit (systemd and container
+/// runtimes start services at 1024): every connection, run and pipe holds some, and any process on
+/// the runner's network, a run included, can open connections to its port. Commands get their own
+/// limit from the helper. Returns the new limit.
+pub fn raise_open_files() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only write and read `limit`, which outlives both calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        limit.rlim_cur = limit.rlim_max;
+        (libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0).then_some(limit.rlim_cur)
+    }
 }
 
 fn runner_not_dumpable() -> bool {
