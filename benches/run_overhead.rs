@@ -90,6 +90,7 @@ fn main() {
             ca_file: dir.path().join("ca.pem"),
             max_body_bytes: 1 << 20,
             sandbox: custodian_runner::config::SandboxConfig::default(),
+            egress: custodian_runner::config::EgressConfig::default(),
         };
         let stop = tokio_util::sync::CancellationToken::new();
         let sandbox = custodian_runner::sandbox::Sandbox::new(

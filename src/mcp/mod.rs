@@ -224,8 +224,17 @@ have signed in. Secret values are never returned.",
         let envs = environments::list(&self.app.db, &caller.tenant)
             .await
             .map_err(|e| ToolError::Internal(internal("listing environments failed", &e)))?;
+        let egress = crate::egress::by_environment(&self.app.db, &caller.tenant)
+            .await
+            .map_err(|e| ToolError::Internal(internal("listing environments failed", &e)))?;
         Ok(Json(EnvironmentList {
-            environments: envs.into_iter().map(Into::into).collect(),
+            environments: envs
+                .into_iter()
+                .map(|env| {
+                    let rules = egress.get(&env.name).map(Vec::as_slice).unwrap_or_default();
+                    EnvironmentSummary::new(env, rules)
+                })
+                .collect(),
         }))
     }
 }
