@@ -10,6 +10,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod config;
+mod egress;
 mod docs;
 mod grants;
 mod harness;
