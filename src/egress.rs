@@ -53,14 +53,12 @@ impl Injection {
     /// How the credential is used, with the secret's name in place of its value.
     pub fn shown(&self) -> String {
         match &self.basic_user {
-            Some(user) => format!(
-                "{}: Basic base64({user}:<{}>)",
-                self.header, self.secret
-            ),
+            Some(user) => format!("{}: Basic base64({user}:<{}>)", self.header, self.secret),
             None => format!(
                 "{}: {}",
                 self.header,
-                self.template.replace("{value}", &format!("<{}>", self.secret))
+                self.template
+                    .replace("{value}", &format!("<{}>", self.secret))
             ),
         }
     }
@@ -372,13 +370,12 @@ macro_rules! select_rules {
 
 /// An environment's rules, by destination.
 pub async fn list(db: &Db, tenant: &TenantId, environment: &str) -> Result<Vec<Rule>, StoreError> {
-    let rows: Vec<RuleRow> = sqlx::query_as(select_rules!(
-        "AND environment = $2 ORDER BY destination"
-    ))
-    .bind(tenant.as_str())
-    .bind(environment)
-    .fetch_all(db.pool())
-    .await?;
+    let rows: Vec<RuleRow> =
+        sqlx::query_as(select_rules!("AND environment = $2 ORDER BY destination"))
+            .bind(tenant.as_str())
+            .bind(environment)
+            .fetch_all(db.pool())
+            .await?;
     rows.into_iter()
         .map(|row| from_row(row).map(|(_, rule)| rule))
         .collect()
@@ -441,7 +438,10 @@ mod tests {
     fn destinations_parse_and_normalize() {
         for (text, shown) in [
             ("https://API.example.com", "https://api.example.com:443"),
-            ("https://api.example.com:8443/", "https://api.example.com:8443"),
+            (
+                "https://api.example.com:8443/",
+                "https://api.example.com:8443",
+            ),
             ("http://example.com", "http://example.com:80"),
             ("tcp:db.internal:5432", "tcp:db.internal:5432"),
             ("https://[::1]:8443", "https://[::1]:8443"),

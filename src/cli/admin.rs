@@ -667,7 +667,11 @@ async fn egress_command(
             println!(
                 "allowed {tenant}/{env} to reach {}{}{}",
                 rule.destination,
-                if allow_private { " (private addresses allowed)" } else { "" },
+                if allow_private {
+                    " (private addresses allowed)"
+                } else {
+                    ""
+                },
                 shown.map(|s| format!(" with {s}")).unwrap_or_default()
             );
         }
@@ -681,7 +685,11 @@ async fn egress_command(
                 println!(
                     "{:<40} {:<8} {}",
                     rule.destination.to_string(),
-                    if rule.allow_private { "allowed" } else { "refused" },
+                    if rule.allow_private {
+                        "allowed"
+                    } else {
+                        "refused"
+                    },
                     rule.inject
                         .as_ref()
                         .map_or_else(|| "-".to_owned(), crate::egress::Injection::shown)

@@ -18,87 +18,12 @@ use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
 use crate::harness::{Backend, TestApp};
+use crate::https_api;
 use crate::mcp_clients::connect;
 use crate::runners::{Pki, TestRunner, run};
 
 /// The test API listens here: a loopback address that is not in the run's `NO_PROXY`.
 const API_IP: &str = "127.0.0.2";
-
-/// A request the API received: its path and query, and its `Authorization` header.
-#[derive(Debug, Clone)]
-struct Seen {
-    path: String,
-    authorization: Option<String>,
-}
-
-/// A local HTTPS API with a certificate for [`API_IP`] from a CA of its own (`ca.pem` in `dir`).
-async fn https_api(dir: &std::path::Path) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "egress test API CA");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec![API_IP.to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
-    .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let sink = seen.clone();
-    let app = axum::Router::new().fallback(
-        move |uri: axum::http::Uri, headers: axum::http::HeaderMap| {
-            let sink = sink.clone();
-            async move {
-                sink.lock().unwrap().push(Seen {
-                    path: uri.to_string(),
-                    authorization: headers
-                        .get("authorization")
-                        .map(|v| v.to_str().unwrap_or("<binary>").to_owned()),
-                });
-                "the API says hello"
-            }
-        },
-    );
-    let listener = tokio::net::TcpListener::bind((API_IP, 0)).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let (acceptor, app) = (acceptor.clone(), app.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(
-                        hyper_util::rt::TokioIo::new(tls),
-                        hyper_util::service::TowerToHyperService::new(app),
-                    )
-                    .await;
-            });
-        }
-    });
-    (addr, seen)
-}
 
 /// A listener that must never see a connection from a run; returns its address and a counter.
 async fn tripwire(ip: &str) -> (SocketAddr, Arc<Mutex<usize>>) {
@@ -160,7 +85,7 @@ async fn runs_reach_only_what_their_environment_lists_with_credentials_they_neve
     }
     let (endpoint, spans, _) = crate::telemetry::receiver().await;
     let dir = tempfile::tempdir().unwrap();
-    let (api, seen) = https_api(dir.path()).await;
+    let (api, seen) = https_api::serve(API_IP, &[API_IP], dir.path()).await;
     let (unlisted, unlisted_hits) = tripwire(API_IP).await;
     let pki = Pki::new();
     let (cert, key) = pki.gateway();
@@ -301,13 +226,23 @@ async fn runs_reach_only_what_their_environment_lists_with_credentials_they_neve
     let parts: Vec<String> = stdout(&search).lines().map(gunzip_base64).collect();
     assert_eq!(parts.len(), 3, "{search}");
     // Positive controls: the proxy variables and the CA bundle are what was searched.
-    assert!(parts[0].contains("HTTPS_PROXY=http://127.0.0.1:3128"), "{}", parts[0]);
+    assert!(
+        parts[0].contains("HTTPS_PROXY=http://127.0.0.1:3128"),
+        "{}",
+        parts[0]
+    );
     assert!(parts[1].contains("SSL_CERT_FILE="), "{}", parts[1]);
-    assert!(parts[2].contains("BEGIN CERTIFICATE"), "the CA files were not searched");
+    assert!(
+        parts[2].contains("BEGIN CERTIFICATE"),
+        "the CA files were not searched"
+    );
     let encoded = STANDARD.encode(&canary);
     for (what, text) in ["printenv", "environ", "files"].iter().zip(&parts) {
         assert!(!text.contains(&canary), "{what} holds the credential");
-        assert!(!text.contains(&encoded), "{what} holds the credential in base64");
+        assert!(
+            !text.contains(&encoded),
+            "{what} holds the credential in base64"
+        );
     }
 
     // Unreachable: an unlisted name, a raw IP, the metadata address, the gateway, PostgreSQL.
@@ -339,7 +274,11 @@ async fn runs_reach_only_what_their_environment_lists_with_credentials_they_neve
         ],
         "{probes}"
     );
-    assert_eq!(*unlisted_hits.lock().unwrap(), 0, "a run reached an unlisted port");
+    assert_eq!(
+        *unlisted_hits.lock().unwrap(),
+        0,
+        "a run reached an unlisted port"
+    );
     // Positive control: the host itself reaches the gateway.
     assert!(
         reqwest::get(format!("{}/health", t.base_url)).await.is_ok(),
@@ -347,7 +286,8 @@ async fn runs_reach_only_what_their_environment_lists_with_credentials_they_neve
     );
 
     // psql reaches the listed PostgreSQL through the forward, and only there.
-    let psql = "psql -h 127.0.0.1 -p 5432 -U postgres -d postgres -tAc 'select 40 + 2' 2>&1; echo \" $?\"";
+    let psql =
+        "psql -h 127.0.0.1 -p 5432 -U postgres -d postgres -tAc 'select 40 + 2' 2>&1; echo \" $?\"";
     let forwarded = run_in(&grant, psql.to_owned()).await;
     assert_eq!(stdout(&forwarded).trim(), "42\n 0", "{forwarded}");
     let refused = run_in(&closed, psql.to_owned()).await;
@@ -398,7 +338,10 @@ async fn runs_reach_only_what_their_environment_lists_with_credentials_they_neve
     assert_eq!(attr(items, "custodian.egress.status"), "200");
     assert_eq!(attr(items, "custodian.egress.allowed"), "true");
     assert_eq!(attr(items, "custodian.egress.bytes"), "18");
-    assert!(exec_ids.contains(&items.parent_span_id.as_str()), "{items:?}");
+    assert!(
+        exec_ids.contains(&items.parent_span_id.as_str()),
+        "{items:?}"
+    );
     let metadata = egress
         .iter()
         .find(|s| attr(s, "custodian.egress.host") == "169.254.169.254")

@@ -175,7 +175,9 @@ pub struct Plan {
     secrets: Vec<(String, Zeroizing<String>)>,
 }
 
-fn render(inject: &custodian_protocol::InjectHeader) -> Result<(HeaderName, Zeroizing<String>), String> {
+fn render(
+    inject: &custodian_protocol::InjectHeader,
+) -> Result<(HeaderName, Zeroizing<String>), String> {
     use base64::Engine;
     let name = HeaderName::from_bytes(inject.header.as_bytes())
         .map_err(|_| format!("`{}` is not a header name", inject.header))?;
@@ -213,10 +215,15 @@ impl Plan {
             match rule.scheme.as_str() {
                 "http" | "https" => {}
                 "tcp" if rule.inject.is_some() => {
-                    return Err(format!("{destination}: credentials are injected into HTTP(S) only"));
+                    return Err(format!(
+                        "{destination}: credentials are injected into HTTP(S) only"
+                    ));
                 }
                 "tcp" if rule.port == PROXY_PORT || !ports.insert(rule.port) => {
-                    return Err(format!("{destination}: port {} is taken in the run", rule.port));
+                    return Err(format!(
+                        "{destination}: port {} is taken in the run",
+                        rule.port
+                    ));
                 }
                 "tcp" => {}
                 _ => return Err(format!("{destination}: unknown scheme")),
@@ -420,13 +427,7 @@ impl Shared {
 
     /// Finds the rule for `scheme://host:port`, resolves the name and picks an address the rule
     /// allows; refusals are counted and recorded on `span`.
-    async fn admit(
-        &self,
-        span: &Span,
-        scheme: &str,
-        host: &str,
-        port: u16,
-    ) -> Option<Admitted> {
+    async fn admit(&self, span: &Span, scheme: &str, host: &str, port: u16) -> Option<Admitted> {
         let found = self
             .rules
             .iter()
@@ -437,18 +438,17 @@ impl Shared {
         };
         let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => match tokio::time::timeout(
-                RESOLVE_TIMEOUT,
-                tokio::net::lookup_host((host, port)),
-            )
-            .await
-            {
-                Ok(Ok(addrs)) => addrs.collect(),
-                _ => {
-                    self.refuse(span, host, port, "name does not resolve");
-                    return None;
+            Err(_) => {
+                match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port)))
+                    .await
+                {
+                    Ok(Ok(addrs)) => addrs.collect(),
+                    _ => {
+                        self.refuse(span, host, port, "name does not resolve");
+                        return None;
+                    }
                 }
-            },
+            }
         };
         let allow_private = self.rules[rule].allow_private;
         match addrs
@@ -560,7 +560,15 @@ async fn proxy_connection(shared: Arc<Shared>, stream: TcpStream) {
         };
         let io = TokioIo::new(upgraded);
         if shared.rules[tunnel.admitted.rule].header.is_some() {
-            intercept(shared, tunnel.admitted, tunnel.host, tunnel.port, io, tunnel.span).await;
+            intercept(
+                shared,
+                tunnel.admitted,
+                tunnel.host,
+                tunnel.port,
+                io,
+                tunnel.span,
+            )
+            .await;
         } else {
             let span = tunnel.span;
             match connect(tunnel.admitted.addr).await {
@@ -633,7 +641,16 @@ async fn proxy_request(
             return Ok(answer(StatusCode::BAD_GATEWAY));
         }
     };
-    Ok(forward(&shared, admitted.rule, &host, port, &mut sender, request, span).await)
+    Ok(forward(
+        &shared,
+        admitted.rule,
+        &host,
+        port,
+        &mut sender,
+        request,
+        span,
+    )
+    .await)
 }
 
 async fn handshake<T>(io: TokioIo<T>) -> Result<SendRequest<Incoming>, String>
@@ -660,7 +677,11 @@ async fn forward(
     span: Span,
 ) -> Response<Body> {
     let (mut parts, body) = request.into_parts();
-    let default_port = if shared.rules[rule].scheme == "https" { 443 } else { 80 };
+    let default_port = if shared.rules[rule].scheme == "https" {
+        443
+    } else {
+        80
+    };
     parts.uri = parts
         .uri
         .path_and_query()

@@ -46,7 +46,9 @@ pub async fn run(
     let mut plan = crate::egress::Plan::new(std::mem::take(&mut request.egress))
         .map_err(NotStarted::Egress)?;
     if plan.is_some() && sandbox.isolation() != Isolation::Full {
-        tracing::warn!("egress rules are not served without isolation: the run shares the runner's network");
+        tracing::warn!(
+            "egress rules are not served without isolation: the run shares the runner's network"
+        );
     }
     // Take the values out of the request into memory that is wiped when dropped.
     let secrets: Vec<(String, Zeroizing<String>)> = std::mem::take(&mut request.secrets)
@@ -67,7 +69,10 @@ pub async fn run(
     if sandbox.isolation() != Isolation::Full {
         plan = None;
     }
-    let proxy_env = plan.as_ref().map(crate::egress::Plan::env).unwrap_or_default();
+    let proxy_env = plan
+        .as_ref()
+        .map(crate::egress::Plan::env)
+        .unwrap_or_default();
     let env: Vec<(&str, &str)> = secrets
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))
@@ -144,7 +149,10 @@ pub async fn run(
     };
     let (stdout, out_counts, out_truncated) = finish_reader(out).await;
     let (stderr, err_counts, err_truncated) = finish_reader(err).await;
-    let egress = serving.as_ref().map(crate::egress::Serving::counts).unwrap_or_default();
+    let egress = serving
+        .as_ref()
+        .map(crate::egress::Serving::counts)
+        .unwrap_or_default();
     drop(serving);
     drop(lease);
     drop(secrets);

@@ -407,14 +407,19 @@ impl Sandbox {
 
     /// Runs the probe through the same path as a command and reports what it saw.
     pub async fn check(&self, hidden: &Path) -> Report {
-        let probed = self.prepare(1, Some(hidden.to_path_buf()), None, |command, layers, lease| {
-            command
-                .arg(HELPER_ARG)
-                .arg("--probe")
-                .arg(layers)
-                .stdin(std::process::Stdio::null());
-            lease
-        });
+        let probed = self.prepare(
+            1,
+            Some(hidden.to_path_buf()),
+            None,
+            |command, layers, lease| {
+                command
+                    .arg(HELPER_ARG)
+                    .arg("--probe")
+                    .arg(layers)
+                    .stdin(std::process::Stdio::null());
+                lease
+            },
+        );
         let inside = match probed {
             Ok((mut command, _lease, _)) => match command.output().await {
                 Ok(out) if out.status.success() => serde_json::from_slice::<Inside>(&out.stdout)
