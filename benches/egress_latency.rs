@@ -105,14 +105,14 @@ fn main() {
             .expect("exec");
         assert_eq!(response.exit_code, Some(0), "the run failed: {}", response.stderr);
         let times: serde_json::Value = serde_json::from_str(response.stdout.trim()).expect("timings");
+        let seen = seen.lock().expect("lock").clone();
+        assert!(seen.iter().all(|s| s.path == "/ping"), "unexpected requests");
         let injected = seen
-            .lock()
-            .expect("lock")
             .iter()
             .filter(|s| s.authorization.as_deref() == Some("Bearer bench-token-value-123"))
             .count();
         assert_eq!(injected, calls + 1, "every proxied request carries the credential");
-        let mut series = |name: &str| -> Vec<f64> {
+        let series = |name: &str| -> Vec<f64> {
             times[name]
                 .as_array()
                 .expect("series")

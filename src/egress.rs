@@ -239,10 +239,11 @@ pub async fn add(
     now: UnixSeconds,
 ) -> Result<(), EgressError> {
     let destination = &rule.destination;
-    if let Ok(ip) = destination.host.parse::<IpAddr>() {
-        if !rule.allow_private && custodian_runner::egress::is_restricted(ip) {
-            return Err(EgressError::Private(destination.to_string()));
-        }
+    if let Ok(ip) = destination.host.parse::<IpAddr>()
+        && !rule.allow_private
+        && custodian_runner::egress::is_restricted(ip)
+    {
+        return Err(EgressError::Private(destination.to_string()));
     }
     if rule.inject.is_some() && destination.scheme == "tcp" {
         return Err(EgressError::InjectOnTcp);
@@ -250,10 +251,10 @@ pub async fn add(
     let env = crate::environments::get(db, tenant, environment)
         .await?
         .ok_or_else(|| EgressError::UnknownEnvironment(environment.to_owned()))?;
-    if let Some(inject) = &rule.inject {
-        if !env.secret_names.contains(&inject.secret) {
-            return Err(EgressError::UnknownSecret(inject.secret.clone()));
-        }
+    if let Some(inject) = &rule.inject
+        && !env.secret_names.contains(&inject.secret)
+    {
+        return Err(EgressError::UnknownSecret(inject.secret.clone()));
     }
     let existing = list(db, tenant, environment).await?;
     if existing.len() >= MAX_RULES {

@@ -201,7 +201,6 @@ pub enum TenantCommand {
 }
 
 #[derive(Debug, Subcommand)]
-#[expect(clippy::large_enum_variant, reason = "parsed once per process")]
 pub enum EnvCommand {
     /// Create an environment in a tenant.
     Create {

@@ -277,11 +277,9 @@ pub fn helper_main(args: Vec<OsString>) -> ExitCode {
         eprintln!("sandbox: no program to run");
         return ExitCode::from(126);
     };
-    if let Some(net) = &layers.egress {
-        if let Err(e) = open_egress(net) {
-            eprintln!("sandbox: {e}; refusing to run");
-            return ExitCode::from(126);
-        }
+    if let Some(Err(e)) = layers.egress.as_ref().map(open_egress) {
+        eprintln!("sandbox: {e}; refusing to run");
+        return ExitCode::from(126);
     }
     let applied = restrict(&layers);
     if !(applied.rlimits && applied.no_new_privs && applied.seccomp) {

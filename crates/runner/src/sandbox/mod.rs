@@ -19,6 +19,7 @@
 //!   allow appears on 127.0.0.1 inside it: the helper binds those listeners and hands them to the
 //!   runner over an inherited Unix socket ([`fdpass`]), and the runner serves them from outside
 //!   ([`crate::egress`]).
+//!
 //! [`check`] runs a probe through the same path and reports what it sees from inside.
 #![expect(
     unsafe_code,
