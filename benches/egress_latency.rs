@@ -24,7 +24,7 @@ const SCRIPT: &str = r#"
 import http.client, json, os, ssl, sys, time
 port, calls = int(sys.argv[1]), int(sys.argv[2])
 with open('/tmp/api-ca.pem', 'w') as f:
-    f.write(sys.stdin.read())
+    f.write(sys.argv[3])
 def timed(conn):
     out = []
     for _ in range(calls + 1):
@@ -80,8 +80,9 @@ fn main() {
                 SCRIPT.into(),
                 api.port().to_string(),
                 calls.to_string(),
+                std::fs::read_to_string(dir.path().join("ca.pem")).expect("CA"),
             ],
-            stdin: Some(std::fs::read_to_string(dir.path().join("ca.pem")).expect("CA")),
+            stdin: None,
             timeout_ms: 300_000,
             max_output_bytes: 8 << 20,
             secrets: vec![],

@@ -182,6 +182,15 @@ async fn runs_reach_only_what_their_environment_lists_with_credentials_they_neve
     );
     assert!(!listed.to_string().contains(&canary));
 
+    // A run with egress still gets its stdin (the runner waits for its listeners first).
+    let piped = run(
+        client.peer(),
+        json!({"grant_id": grant, "argv": ["cat"], "stdin": "stdin reaches the run"}),
+    )
+    .await
+    .expect("run");
+    assert_eq!(stdout(&piped), "stdin reaches the run", "{piped}");
+
     // curl and Python requests reach the API through the proxy; a forged header is replaced.
     let url = format!("https://{api}/v1/items?token=query-secret");
     let curl = run_in(

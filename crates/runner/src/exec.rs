@@ -103,6 +103,8 @@ pub async fn run(
     // The group is bubblewrap's: killing it ends the run's namespace init, and the kernel then
     // kills every process of the run. It is killed however this future ends (dropped included).
     let _kill = KillOnDrop(group);
+    // Taken before anything waits on the child (waiting closes its stdin).
+    let stdin_pipe = child.stdin.take();
     // The run's listeners arrive before its command starts; without them it does not start.
     let serving = match (plan, socket) {
         (Some(plan), Some(socket)) => {
@@ -126,7 +128,7 @@ pub async fn run(
         }
         _ => None,
     };
-    if let (Some(input), Some(mut pipe)) = (request.stdin.take(), child.stdin.take()) {
+    if let (Some(input), Some(mut pipe)) = (request.stdin.take(), stdin_pipe) {
         tokio::spawn(async move {
             let _ = pipe.write_all(input.as_bytes()).await;
         });
