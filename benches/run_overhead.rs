@@ -94,6 +94,7 @@ fn main() {
             ca_file: dir.path().join("ca.pem"),
             max_body_bytes: 1 << 20,
             sandbox: custodian_runner::config::SandboxConfig::default(),
+            egress: custodian_runner::config::EgressConfig::default(),
         };
         let stop = tokio_util::sync::CancellationToken::new();
         let sandbox = custodian_runner::sandbox::Sandbox::new(
@@ -101,6 +102,7 @@ fn main() {
             runner_config.sandbox.clone(),
             custodian_runner::Isolation::Full,
         );
+        let upstream = custodian_runner::egress::upstream_tls(None).expect("upstream TLS");
         tokio::spawn(custodian_runner::run(runner_config, listener, HELPER.into(), custodian_runner::Isolation::Full, stop.clone()));
 
         // The gateway on SQLite with one environment, one secret, one runner, one active grant.
@@ -188,8 +190,9 @@ fn main() {
                 max_output_bytes: 1 << 20,
                 secrets: vec![SecretEnv { name: "API_KEY".into(), value: "bench-secret-value-123".into() }],
                 traceparent: None,
+                egress: vec![],
             };
-            custodian_runner::exec::run(&sandbox, request, Default::default()).await.expect("exec");
+            custodian_runner::exec::run(&sandbox, &upstream, request, Default::default()).await.expect("exec");
         })
         .await;
         let args = serde_json::json!({"grant_id": grant.as_str(), "argv": ["true"]});

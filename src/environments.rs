@@ -87,17 +87,49 @@ pub struct EnvironmentSummary {
     pub max_uses: i64,
     /// How recently the approver must have signed in at the identity provider.
     pub max_auth_age_seconds: i64,
+    /// Where a run may connect (nothing else is reachable). HTTP(S) goes through a proxy set in
+    /// HTTPS_PROXY/HTTP_PROXY; a tcp:host:port destination is reached at 127.0.0.1:port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<EgressSummary>,
 }
 
-impl From<Environment> for EnvironmentSummary {
-    fn from(env: Environment) -> Self {
+/// One destination a run may reach.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct EgressSummary {
+    /// `https://host:port`, `http://host:port` or `tcp:host:port`.
+    pub destination: String,
+    /// A credential the proxy adds to every request to this destination, shown with the
+    /// secret's name in angle brackets in place of its value (the run never holds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+impl EnvironmentSummary {
+    /// The summary of `env` with its egress rules: injected secrets are not environment
+    /// variables of the run, so they are shown with their destination instead.
+    pub fn new(env: Environment, egress: &[crate::egress::Rule]) -> Self {
+        let injected: Vec<&str> = egress
+            .iter()
+            .filter_map(|r| r.inject.as_ref().map(|i| i.secret.as_str()))
+            .collect();
         Self {
             name: env.name,
             description: env.description,
-            secret_names: env.secret_names,
+            secret_names: env
+                .secret_names
+                .into_iter()
+                .filter(|name| !injected.contains(&name.as_str()))
+                .collect(),
             max_ttl_seconds: env.policy.max_ttl_seconds,
             max_uses: env.policy.max_uses,
             max_auth_age_seconds: env.policy.max_auth_age_seconds,
+            egress: egress
+                .iter()
+                .map(|r| EgressSummary {
+                    destination: r.destination.to_string(),
+                    credential: r.inject.as_ref().map(crate::egress::Injection::shown),
+                })
+                .collect(),
         }
     }
 }

@@ -92,6 +92,8 @@ pub enum RunError {
     RunnerFailed { exec_id: String, given_back: bool },
     #[error("the environment's secrets cannot be opened")]
     Secrets(#[source] SecretError),
+    #[error("the environment's egress rules cannot be applied: {0}; ask a Custodian admin")]
+    Egress(String),
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> RunError {
@@ -143,6 +145,9 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
     if pool.is_empty() {
         return Err(RunError::NoRunner(env.policy.runner_pool));
     }
+    let egress = crate::egress::list(&app.db, &caller.tenant, &env.name)
+        .await
+        .map_err(GrantError::from)?;
     // Written with the use, in one transaction, before anything is decrypted or sent.
     let runner = pool[usize::try_from(seen.uses).unwrap_or(0) % pool.len()].clone();
     let exec_id = uuid::Uuid::new_v4().to_string();
@@ -153,6 +158,7 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
         "agent": caller.token_name,
         "argv": shown,
         "timeout_seconds": timeout,
+        "egress": egress.iter().map(|r| r.destination.to_string()).collect::<Vec<_>>(),
     });
     let grant = grants::consume(app, caller, &args.grant_id, &audited).await?;
     // Never past the grant's end.
@@ -176,6 +182,18 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
         custodian.cancelled = tracing::field::Empty,
         custodian.error = tracing::field::Empty,
     );
+    // Injected credentials go to the runner's proxy inside their rules, never into the run.
+    let injected: std::collections::BTreeSet<&str> = egress
+        .iter()
+        .filter_map(|r| r.inject.as_ref().map(|i| i.secret.as_str()))
+        .collect();
+    let rules = crate::egress::for_runner(&egress, |name| {
+        opened
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| String::from_utf8_lossy(&s.value).into_owned())
+    })
+    .map_err(RunError::Egress)?;
     let mut request = ExecRequest {
         exec_id: exec_id.clone(),
         grant_id: grant.id.clone(),
@@ -186,12 +204,14 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
         max_output_bytes: app.config.runners.max_output_bytes,
         secrets: opened
             .iter()
+            .filter(|s| !injected.contains(s.name.as_str()))
             .map(|s| SecretEnv {
                 name: s.name.clone(),
                 value: String::from_utf8_lossy(&s.value).into_owned(),
             })
             .collect(),
         traceparent: crate::telemetry::traceparent(&span),
+        egress: rules,
     };
     drop(opened);
     let tenant = caller.tenant.clone();
@@ -220,6 +240,9 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
     };
     for secret in &mut request.secrets {
         secret.value.zeroize();
+    }
+    for inject in request.egress.iter_mut().filter_map(|r| r.inject.as_mut()) {
+        inject.value.zeroize();
     }
     let response = match sent {
         Ok(response) => response,
@@ -270,6 +293,7 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
         "cancelled": cancelled,
         "duration_ms": response.duration_ms,
         "redactions": redactions,
+        "egress": response.egress,
     });
     if let Err(e) = grants::store::record(
         &app.db,

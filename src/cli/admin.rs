@@ -201,7 +201,6 @@ pub enum TenantCommand {
 }
 
 #[derive(Debug, Subcommand)]
-#[expect(clippy::large_enum_variant, reason = "parsed once per process")]
 pub enum EnvCommand {
     /// Create an environment in a tenant.
     Create {
@@ -245,6 +244,37 @@ pub enum EnvCommand {
     },
     /// List a tenant's environments.
     List { tenant: String },
+    /// Where an environment's runs may connect (default: nowhere), and injected credentials.
+    #[command(subcommand)]
+    Egress(EgressCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EgressCommand {
+    /// Allow runs of TENANT/ENV to reach DESTINATION: https://host[:port] or http://host[:port]
+    /// through the runner's proxy, or tcp:host:port as a forward on 127.0.0.1:port in the run.
+    Add {
+        /// TENANT/ENV
+        place: String,
+        destination: String,
+        /// Allow private, loopback, link-local and metadata addresses (refused otherwise).
+        #[arg(long)]
+        allow_private: bool,
+        /// A secret of the environment that the proxy adds to every request (HTTP(S) only); it
+        /// is then no longer in the run's environment.
+        #[arg(long, value_name = "NAME")]
+        inject_secret: Option<String>,
+        /// The header to add, with {value} where the secret goes, e.g. 'Authorization: Bearer {value}'.
+        #[arg(long)]
+        header: Option<String>,
+        /// Basic auth with this user and the secret as password.
+        #[arg(long, value_name = "USER")]
+        basic_user: Option<String>,
+    },
+    /// List the egress rules of TENANT/ENV.
+    List { place: String },
+    /// Remove the rule for DESTINATION from TENANT/ENV.
+    Remove { place: String, destination: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -469,6 +499,7 @@ async fn dispatch(app: &App, command: AdminCommand, now: clock::UnixSeconds) -> 
                 );
             }
         }
+        AdminCommand::Env(EnvCommand::Egress(command)) => egress_command(app, command, now).await?,
         AdminCommand::AgentToken(TokenCommand::Create { tenant, name }) => {
             let tenant = TenantId::parse(&tenant)?;
             let (token, secret) = agent_tokens::create(db, &tenant, &name, now).await?;
@@ -603,6 +634,78 @@ pub(crate) fn write_master_key(path: &std::path::Path) -> anyhow::Result<()> {
         "wrote a new master key to {}; set secrets.master_key_file to this path",
         path.display()
     );
+    Ok(())
+}
+
+/// Egress rules are environment settings, which the audit log does not cover (it records grants
+/// and runs): each change is logged here, and every run's egress is in its `exec` records.
+async fn egress_command(
+    app: &App,
+    command: EgressCommand,
+    now: clock::UnixSeconds,
+) -> anyhow::Result<()> {
+    let db = &app.db;
+    match command {
+        EgressCommand::Add {
+            place: at,
+            destination,
+            allow_private,
+            inject_secret,
+            header,
+            basic_user,
+        } => {
+            let (tenant, env) = place(&at)?;
+            let rule = crate::egress::Rule {
+                destination: crate::egress::parse_destination(&destination)?,
+                allow_private,
+                inject: crate::egress::injection(inject_secret, header.as_deref(), basic_user)?,
+            };
+            crate::egress::add(db, &tenant, &env, &rule, now).await?;
+            let shown = rule.inject.as_ref().map(crate::egress::Injection::shown);
+            tracing::info!(tenant = %tenant, environment = %env, destination = %rule.destination, allow_private, credential = ?shown, "admin: egress rule added");
+            println!(
+                "allowed {tenant}/{env} to reach {}{}{}",
+                rule.destination,
+                if allow_private {
+                    " (private addresses allowed)"
+                } else {
+                    ""
+                },
+                shown.map(|s| format!(" with {s}")).unwrap_or_default()
+            );
+        }
+        EgressCommand::List { place: at } => {
+            let (tenant, env) = place(&at)?;
+            if crate::environments::get(db, &tenant, &env).await?.is_none() {
+                anyhow::bail!("no environment `{env}` in tenant {tenant}");
+            }
+            println!("{:<40} {:<8} CREDENTIAL", "DESTINATION", "PRIVATE");
+            for rule in crate::egress::list(db, &tenant, &env).await? {
+                println!(
+                    "{:<40} {:<8} {}",
+                    rule.destination.to_string(),
+                    if rule.allow_private {
+                        "allowed"
+                    } else {
+                        "refused"
+                    },
+                    rule.inject
+                        .as_ref()
+                        .map_or_else(|| "-".to_owned(), crate::egress::Injection::shown)
+                );
+            }
+        }
+        EgressCommand::Remove {
+            place: at,
+            destination,
+        } => {
+            let (tenant, env) = place(&at)?;
+            let destination = crate::egress::parse_destination(&destination)?;
+            crate::egress::remove(db, &tenant, &env, &destination).await?;
+            tracing::info!(tenant = %tenant, environment = %env, destination = %destination, "admin: egress rule removed");
+            println!("removed {destination} from {tenant}/{env}");
+        }
+    }
     Ok(())
 }
 

@@ -294,6 +294,7 @@ async fn start_runner(
         ca_file: pki.join("ca.pem"),
         max_body_bytes: 1 << 20,
         sandbox: custodian_runner::config::SandboxConfig::default(),
+        egress: custodian_runner::config::EgressConfig::default(),
     };
     let helper = std::env::current_exe()?;
     let runner = custodian_runner::prepare(config, helper, isolation, stop.clone())

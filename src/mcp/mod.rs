@@ -207,7 +207,8 @@ cloud account) that you can ask a human to grant you access to. Call this first 
 credentials, to find the environment name to request and the secret names (environment variables) \
 a command run there will receive. Also returns each environment's limits: the longest grant \
 lifetime (max_ttl_seconds), the most runs per grant (max_uses) and how recently the approver must \
-have signed in. Secret values are never returned.",
+have signed in, and where its runs may connect (egress: nothing else is reachable), with any \
+credential the runner adds to requests there for you. Secret values are never returned.",
         annotations(
             title = "List environments",
             read_only_hint = true,
@@ -224,8 +225,17 @@ have signed in. Secret values are never returned.",
         let envs = environments::list(&self.app.db, &caller.tenant)
             .await
             .map_err(|e| ToolError::Internal(internal("listing environments failed", &e)))?;
+        let egress = crate::egress::by_environment(&self.app.db, &caller.tenant)
+            .await
+            .map_err(|e| ToolError::Internal(internal("listing environments failed", &e)))?;
         Ok(Json(EnvironmentList {
-            environments: envs.into_iter().map(Into::into).collect(),
+            environments: envs
+                .into_iter()
+                .map(|env| {
+                    let rules = egress.get(&env.name).map(Vec::as_slice).unwrap_or_default();
+                    EnvironmentSummary::new(env, rules)
+                })
+                .collect(),
         }))
     }
 }

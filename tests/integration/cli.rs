@@ -194,6 +194,65 @@ async fn admin_and_migrate_manage_the_database(backend: Backend) {
     ]));
     assert!(ok(run(&["admin", "env", "list", "acme"])).contains("API_KEY,DB_URL"));
 
+    // Egress rules: checked, listed with the credential by name (never a value), removed; a
+    // refused rule changes nothing.
+    let egress = |args: &[&str]| {
+        let mut all = vec!["admin", "env", "egress"];
+        all.extend_from_slice(args);
+        run(&all)
+    };
+    ok(egress(&[
+        "add",
+        "acme/prod",
+        "https://API.example.com",
+        "--inject-secret",
+        "API_KEY",
+        "--header",
+        "X-API-Key: {value}",
+    ]));
+    ok(egress(&["add", "acme/prod", "tcp:db.internal:5432"]));
+    let listed = ok(egress(&["list", "acme/prod"]));
+    for expected in [
+        "https://api.example.com:443",
+        "X-API-Key: <API_KEY>",
+        "tcp:db.internal:5432",
+    ] {
+        assert!(listed.contains(expected), "{listed}");
+    }
+    for (args, says) in [
+        (vec!["https://169.254.169.254"], "--allow-private"),
+        (vec!["tcp:10.0.0.1:5432"], "--allow-private"),
+        (
+            vec![
+                "https://api.example.com:8443",
+                "--inject-secret",
+                "GHOST",
+                "--header",
+                "X: {value}",
+            ],
+            "secret `GHOST` is not declared",
+        ),
+        (
+            vec!["tcp:db.internal:5432", "--inject-secret", "API_KEY"],
+            "--header",
+        ),
+        (vec!["tcp:db.internal:5432"], "already listed"),
+        (vec!["ftp://example.com"], "is not a destination"),
+    ] {
+        let mut all = vec!["add", "acme/prod"];
+        all.extend(args.iter().copied());
+        let refused = egress(&all);
+        assert!(!refused.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains(says),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&refused.stderr)
+        );
+    }
+    assert_eq!(ok(egress(&["list", "acme/prod"])), listed);
+    ok(egress(&["remove", "acme/prod", "tcp:db.internal:5432"]));
+    assert!(!ok(egress(&["list", "acme/prod"])).contains("tcp:db.internal"));
+
     // Secret values come from stdin only and are never printed back.
     let canary = "cli-canary-secret-value-91";
     let mut child = std::process::Command::new(crate::processes::CUSTODIAN)

@@ -131,7 +131,19 @@ impl TestRunner {
         name: &str,
         env: &[(&str, &str)],
     ) -> Option<Self> {
-        Self::spawn(ca, cert, tenant, name, env, RunAs::Root).await
+        Self::spawn(ca, cert, tenant, name, env, RunAs::Root, "").await
+    }
+
+    /// Like [`TestRunner::start_with_env`], with `extra` appended to its configuration file.
+    pub async fn start_with_config(
+        ca: &Path,
+        cert: &(PathBuf, PathBuf),
+        tenant: &str,
+        name: &str,
+        env: &[(&str, &str)],
+        extra: &str,
+    ) -> Option<Self> {
+        Self::spawn(ca, cert, tenant, name, env, RunAs::Root, extra).await
     }
 
     /// Like [`TestRunner::start`], running as `user`.
@@ -142,7 +154,7 @@ impl TestRunner {
         name: &str,
         user: RunAs,
     ) -> Option<Self> {
-        Self::spawn(ca, cert, tenant, name, &[], user).await
+        Self::spawn(ca, cert, tenant, name, &[], user, "").await
     }
 
     async fn spawn(
@@ -152,6 +164,7 @@ impl TestRunner {
         name: &str,
         env: &[(&str, &str)],
         user: RunAs,
+        extra: &str,
     ) -> Option<Self> {
         let binary = runner_binary()?;
         let dir = tempfile::tempdir().unwrap();
@@ -170,7 +183,7 @@ impl TestRunner {
         std::fs::write(
             &files.config,
             format!(
-                "listen = \"127.0.0.1:{port}\"\ntrust_domain = \"{TD}\"\ntenant = \"{tenant}\"\nname = \"{name}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n",
+                "listen = \"127.0.0.1:{port}\"\ntrust_domain = \"{TD}\"\ntenant = \"{tenant}\"\nname = \"{name}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n{extra}",
                 files.cert.display(),
                 files.key.display(),
                 files.ca.display(),
@@ -590,6 +603,7 @@ async fn runners_and_gateways_must_prove_their_identities(backend: Backend) {
             max_output_bytes: 100,
             secrets: vec![],
             traceparent: None,
+            egress: vec![],
         };
         let before = s.runner.execs();
         let outcome = dispatcher

@@ -20,18 +20,18 @@ use crate::mcp_clients::connect;
 use crate::runners::{Pki, TestRunner};
 
 #[derive(Debug, Clone)]
-struct ReceivedSpan {
-    name: String,
-    trace_id: String,
-    span_id: String,
-    parent_span_id: String,
-    attributes: BTreeMap<String, String>,
+pub(crate) struct ReceivedSpan {
+    pub(crate) name: String,
+    pub(crate) trace_id: String,
+    pub(crate) span_id: String,
+    pub(crate) parent_span_id: String,
+    pub(crate) attributes: BTreeMap<String, String>,
 }
 
-type Metrics = Arc<Mutex<Vec<String>>>;
+pub(crate) type Metrics = Arc<Mutex<Vec<String>>>;
 
 /// An OTLP/HTTP endpoint that decodes the traces and metrics it receives.
-async fn receiver() -> (String, Arc<Mutex<Vec<ReceivedSpan>>>, Metrics) {
+pub(crate) async fn receiver() -> (String, Arc<Mutex<Vec<ReceivedSpan>>>, Metrics) {
     let spans = Arc::new(Mutex::new(Vec::new()));
     let metrics: Metrics = Arc::new(Mutex::new(Vec::new()));
     let sink = spans.clone();

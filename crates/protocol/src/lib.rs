@@ -132,6 +132,85 @@ pub struct ExecRequest {
     pub secrets: Vec<SecretEnv>,
     /// W3C trace context of the gateway's span.
     pub traceparent: Option<String>,
+    /// Where the run may connect (default: nowhere). Injected credentials travel inside these
+    /// rules and never enter the run.
+    #[serde(default)]
+    pub egress: Vec<EgressRule>,
+}
+
+/// One destination a run may reach through the runner.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EgressRule {
+    /// `https`, `http` (through the proxy) or `tcp` (a forward on 127.0.0.1:`port` in the run).
+    pub scheme: String,
+    /// A DNS name or an IP literal, lowercase.
+    pub host: String,
+    pub port: u16,
+    /// Private, loopback, link-local and metadata addresses are refused unless this is set.
+    #[serde(default)]
+    pub allow_private: bool,
+    /// A header the proxy adds to every request to this destination (HTTP(S) only).
+    #[serde(default)]
+    pub inject: Option<InjectHeader>,
+}
+
+impl EgressRule {
+    /// `https://host:port`, `http://host:port` or `tcp:host:port`.
+    pub fn destination(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        match self.scheme.as_str() {
+            "tcp" => format!("tcp:{host}:{}", self.port),
+            scheme => format!("{scheme}://{host}:{}", self.port),
+        }
+    }
+}
+
+impl fmt::Debug for EgressRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EgressRule")
+            .field("destination", &self.destination())
+            .field("allow_private", &self.allow_private)
+            .field("inject", &self.inject)
+            .finish()
+    }
+}
+
+/// A credential the runner's proxy adds as a header; `value` is secret material (its `Debug`
+/// prints the secret's name only).
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InjectHeader {
+    /// The secret's name (for logs and redaction markers).
+    pub secret: String,
+    /// The secret's value.
+    pub value: String,
+    /// The header's name, e.g. `Authorization`.
+    pub header: String,
+    /// The header's value with `{value}` where the secret goes, e.g. `Bearer {value}`; ignored
+    /// when `basic_user` is set.
+    pub template: String,
+    /// Basic auth: `Basic base64(user:value)`.
+    #[serde(default)]
+    pub basic_user: Option<String>,
+}
+
+impl fmt::Debug for InjectHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InjectHeader")
+            .field("secret", &self.secret)
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Egress of one run towards one destination.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EgressCount {
+    pub allowed: u64,
+    pub refused: u64,
 }
 
 impl fmt::Debug for ExecRequest {
@@ -173,6 +252,9 @@ pub struct ExecResponse {
     #[serde(default)]
     pub cancelled: bool,
     pub duration_ms: u64,
+    /// Egress requests and connections per destination host (`host:port`), allowed and refused.
+    #[serde(default)]
+    pub egress: std::collections::BTreeMap<String, EgressCount>,
 }
 
 /// The body of a `200` answer to an exec: the runner streams whitespace while the command runs (so

@@ -29,6 +29,17 @@ pub struct RunnerConfig {
     /// How each run is isolated.
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    /// How runs reach what their environment allows.
+    #[serde(default)]
+    pub egress: EgressConfig,
+}
+
+/// The `[egress] table`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// PEM CA certificates trusted for HTTPS upstreams in addition to the system roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The `[sandbox]` table: limits and what a run may see of the host.

@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Isolation, Sandbox};
 
 /// How long output readers may outlive the run (a process holding a pipe past its namespace).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -28,33 +28,63 @@ pub enum NotStarted {
     Secrets(String),
     #[error("the sandbox could not start: {0}")]
     Sandbox(String),
+    #[error("egress: {0}")]
+    Egress(String),
 }
 
-/// Runs `request` in `sandbox`; `cancel` stops it (the answer then says `cancelled`).
+/// Runs `request` in `sandbox`; `cancel` stops it (the answer then says `cancelled`). The
+/// run's egress ([`crate::egress`]) verifies upstream TLS with `upstream`.
 pub async fn run(
     sandbox: &Sandbox,
+    upstream: &Arc<rustls::ClientConfig>,
     mut request: ExecRequest,
     cancel: CancellationToken,
 ) -> Result<ExecResponse, NotStarted> {
     if request.argv.is_empty() {
         return Err(NotStarted::EmptyArgv);
     }
+    let mut plan = crate::egress::Plan::new(std::mem::take(&mut request.egress))
+        .map_err(NotStarted::Egress)?;
+    if plan.is_some() && sandbox.isolation() != Isolation::Full {
+        tracing::warn!(
+            "egress rules are not served without isolation: the run shares the runner's network"
+        );
+    }
     // Take the values out of the request into memory that is wiped when dropped.
     let secrets: Vec<(String, Zeroizing<String>)> = std::mem::take(&mut request.secrets)
         .into_iter()
         .map(|s| (s.name, Zeroizing::new(s.value)))
         .collect();
+    // Injected credentials are redacted too, though they never enter the run.
     let redactor = Arc::new(
-        Redactor::new(secrets.iter().map(|(n, v)| (n.as_str(), v.as_bytes())))
-            .map_err(|e| NotStarted::Secrets(e.to_string()))?,
+        Redactor::new(
+            secrets
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_bytes()))
+                .chain(plan.iter().flat_map(crate::egress::Plan::secrets)),
+        )
+        .map_err(|e| NotStarted::Secrets(e.to_string()))?,
     );
     let timeout = Duration::from_millis(request.timeout_ms.max(1));
+    if sandbox.isolation() != Isolation::Full {
+        plan = None;
+    }
+    let proxy_env = plan
+        .as_ref()
+        .map(crate::egress::Plan::env)
+        .unwrap_or_default();
     let env: Vec<(&str, &str)> = secrets
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))
+        .chain(proxy_env.iter().map(|(n, v)| (*n, v.as_str())))
         .collect();
-    let (mut command, lease) = sandbox
-        .command(&request.argv, &env, timeout.as_secs() + 1)
+    let (mut command, lease, socket) = sandbox
+        .command(
+            &request.argv,
+            &env,
+            timeout.as_secs() + 1,
+            plan.as_ref().map(crate::egress::Plan::net),
+        )
         .map_err(NotStarted::Sandbox)?;
     command
         .stdin(if request.stdin.is_some() {
@@ -70,7 +100,35 @@ pub async fn run(
     drop(env);
     let mut child = spawned.map_err(|e| NotStarted::Sandbox(e.to_string()))?;
     let group = child.id().map(|pid| pid as i32);
-    if let (Some(input), Some(mut pipe)) = (request.stdin.take(), child.stdin.take()) {
+    // The group is bubblewrap's: killing it ends the run's namespace init, and the kernel then
+    // kills every process of the run. It is killed however this future ends (dropped included).
+    let _kill = KillOnDrop(group);
+    // Taken before anything waits on the child (waiting closes its stdin).
+    let stdin_pipe = child.stdin.take();
+    // The run's listeners arrive before its command starts; without them it does not start.
+    let serving = match (plan, socket) {
+        (Some(plan), Some(socket)) => {
+            let received = tokio::task::spawn_blocking(move || {
+                crate::sandbox::fdpass::recv(std::os::fd::AsRawFd::as_raw_fd(&socket))
+            });
+            let fds = tokio::select! {
+                received = received => received.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
+                _ = child.wait() => Err("the sandbox ended before its network was ready".to_owned()),
+            };
+            match fds.and_then(|fds| plan.serve(fds, upstream.clone(), tracing::Span::current())) {
+                Ok(serving) => Some(serving),
+                Err(e) => {
+                    if let Some(group) = group {
+                        crate::sandbox::kill_group(group);
+                    }
+                    let _ = child.wait().await;
+                    return Err(NotStarted::Egress(e));
+                }
+            }
+        }
+        _ => None,
+    };
+    if let (Some(input), Some(mut pipe)) = (request.stdin.take(), stdin_pipe) {
         tokio::spawn(async move {
             let _ = pipe.write_all(input.as_bytes()).await;
         });
@@ -79,9 +137,6 @@ pub async fn run(
     let out = tokio::spawn(read_redacted(child.stdout.take(), redactor.clone(), cap));
     let err = tokio::spawn(read_redacted(child.stderr.take(), redactor, cap));
 
-    // The group is bubblewrap's: killing it ends the run's namespace init, and the kernel then
-    // kills every process of the run. It is killed however this future ends (dropped included).
-    let _kill = KillOnDrop(group);
     let (status, timed_out, cancelled) = tokio::select! {
         status = child.wait() => (status.ok(), false, false),
         () = tokio::time::sleep(timeout) => (None, true, false),
@@ -96,6 +151,11 @@ pub async fn run(
     };
     let (stdout, out_counts, out_truncated) = finish_reader(out).await;
     let (stderr, err_counts, err_truncated) = finish_reader(err).await;
+    let egress = serving
+        .as_ref()
+        .map(crate::egress::Serving::counts)
+        .unwrap_or_default();
+    drop(serving);
     drop(lease);
     drop(secrets);
 
@@ -117,6 +177,7 @@ pub async fn run(
         timed_out,
         cancelled,
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        egress,
     })
 }
 

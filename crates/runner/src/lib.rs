@@ -3,6 +3,7 @@
 //! database, no MCP and no OIDC code.
 
 pub mod config;
+pub mod egress;
 pub mod exec;
 pub mod sandbox;
 pub mod server;
@@ -66,5 +67,5 @@ pub async fn prepare(
             "RUNS ARE NOT ISOLATED (--dangerously-run-without-isolation): a command can see other runs and this runner's files; development only"
         ),
     }
-    Ok(Arc::new(server::Runner::new(config, sandbox, shutdown)))
+    Ok(Arc::new(server::Runner::new(config, sandbox, shutdown)?))
 }

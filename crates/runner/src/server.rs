@@ -47,16 +47,24 @@ pub struct Runner {
     runs: Mutex<HashMap<String, CancellationToken>>,
     /// Cancelled when the runner shuts down: every run in flight is killed.
     stopping: CancellationToken,
+    /// How runs' egress verifies upstream TLS.
+    upstream: Arc<rustls::ClientConfig>,
 }
 
 impl Runner {
-    pub fn new(config: RunnerConfig, sandbox: Sandbox, stopping: CancellationToken) -> Self {
-        Self {
+    pub fn new(
+        config: RunnerConfig,
+        sandbox: Sandbox,
+        stopping: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let upstream = crate::egress::upstream_tls(config.egress.ca_file.as_deref())?;
+        Ok(Self {
             config,
             sandbox,
             runs: Mutex::new(HashMap::new()),
             stopping,
-        }
+            upstream,
+        })
     }
 }
 
@@ -307,7 +315,7 @@ async fn run_one(runner: &Runner, exec: ExecRequest, cancel: CancellationToken) 
         custodian.cancelled = tracing::field::Empty,
     );
     custodian_telemetry::attach(&span, exec.traceparent.as_deref());
-    let outcome = crate::exec::run(&runner.sandbox, exec, cancel)
+    let outcome = crate::exec::run(&runner.sandbox, &runner.upstream, exec, cancel)
         .instrument(span.clone())
         .await;
     if let Ok(response) = &outcome {
@@ -318,7 +326,7 @@ async fn run_one(runner: &Runner, exec: ExecRequest, cancel: CancellationToken) 
     drop(span);
     match outcome {
         Ok(response) => {
-            tracing::info!(exec.id = %exec_id, grant.id = %grant, exit_code = ?response.exit_code, duration_ms = response.duration_ms, cancelled = response.cancelled, timed_out = response.timed_out, redactions = ?response.redactions, "exec finished");
+            tracing::info!(exec.id = %exec_id, grant.id = %grant, exit_code = ?response.exit_code, duration_ms = response.duration_ms, cancelled = response.cancelled, timed_out = response.timed_out, redactions = ?response.redactions, egress = ?response.egress, "exec finished");
             ExecReply::Finished(response)
         }
         Err(error) => {

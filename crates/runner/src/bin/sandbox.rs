@@ -10,6 +10,8 @@ fn main() -> ExitCode {
     if args.next().is_some_and(|a| a == HELPER_ARG) {
         return sandbox::helper_main(args.collect());
     }
-    eprintln!("custodian-sandbox is started by custodian-runner inside each run; it is not a command");
+    eprintln!(
+        "custodian-sandbox is started by custodian-runner inside each run; it is not a command"
+    );
     ExitCode::from(2)
 }

@@ -46,6 +46,64 @@ pub struct Layers {
     /// `--probe`: a path that must NOT be visible (e.g. the runner's key), for the report.
     #[serde(default)]
     pub hidden: Option<PathBuf>,
+    /// The run's egress: listeners to open inside its network namespace and hand to the runner.
+    #[serde(default)]
+    pub egress: Option<NetSetup>,
+}
+
+/// What the helper opens for the runner inside the run's network namespace.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetSetup {
+    /// The inherited Unix socket the listeners are sent over.
+    pub fd: i32,
+    /// Loopback ports to listen on, in the order the runner expects them.
+    pub ports: Vec<u16>,
+    /// The run's egress CA certificate (PEM), written to `ca_file` and appended to the system
+    /// roots in `bundle_file`.
+    pub ca_pem: Option<String>,
+    pub ca_file: PathBuf,
+    pub bundle_file: PathBuf,
+}
+
+/// System CA bundles, the first that exists is copied into the run's bundle.
+const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// Binds the listeners, sends them to the runner, closes every copy here and writes the CA files.
+fn open_egress(net: &NetSetup) -> Result<(), String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: the runner left exactly this descriptor open for the helper; nothing else owns it.
+    let socket = unsafe { OwnedFd::from_raw_fd(net.fd) };
+    let listeners = net
+        .ports
+        .iter()
+        .map(|port| {
+            std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, *port))
+                .map_err(|e| format!("cannot listen on 127.0.0.1:{port}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let fds: Vec<i32> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+    super::fdpass::send(socket.as_raw_fd(), &fds)
+        .map_err(|e| format!("cannot hand the listeners to the runner: {e}"))?;
+    drop(listeners);
+    drop(socket);
+    if let Some(ca) = &net.ca_pem {
+        let mut bundle = SYSTEM_BUNDLES
+            .iter()
+            .find_map(|path| std::fs::read_to_string(path).ok())
+            .unwrap_or_default();
+        if !bundle.is_empty() && !bundle.ends_with('\n') {
+            bundle.push('\n');
+        }
+        bundle.push_str(ca);
+        std::fs::write(&net.ca_file, ca)
+            .and_then(|()| std::fs::write(&net.bundle_file, bundle))
+            .map_err(|e| format!("cannot write the egress CA: {e}"))?;
+    }
+    Ok(())
 }
 
 const OPEN_FILES: u64 = 1024;
@@ -247,6 +305,10 @@ pub fn helper_main(args: Vec<OsString>) -> ExitCode {
         eprintln!("sandbox: no program to run");
         return ExitCode::from(126);
     };
+    if let Some(Err(e)) = layers.egress.as_ref().map(open_egress) {
+        eprintln!("sandbox: {e}; refusing to run");
+        return ExitCode::from(126);
+    }
     let applied = restrict(&layers);
     if !(applied.rlimits && applied.no_new_privs && applied.seccomp) {
         eprintln!("sandbox: could not apply the required restrictions; refusing to run");

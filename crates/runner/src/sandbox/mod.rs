@@ -16,7 +16,11 @@
 //! - IPC, UTS and (where possible) cgroup namespaces, a new session (no terminal injection);
 //! - then [`inner`]: rlimits (per-run process limit), `no_new_privs`, Landlock, seccomp.
 //!
-//! The network namespace is still the host's (commands reach databases and APIs directly).
+//! - a network namespace of its own with only loopback: no route out. What the run's egress rules
+//!   allow appears on 127.0.0.1 inside it: the helper binds those listeners and hands them to the
+//!   runner over an inherited Unix socket ([`fdpass`]), and the runner serves them from outside
+//!   ([`crate::egress`]).
+//!
 //! [`check`] runs a probe through the same path and reports what it sees from inside.
 #![expect(
     unsafe_code,
@@ -24,6 +28,7 @@
 )]
 
 mod etc;
+pub mod fdpass;
 pub mod filter;
 pub mod inner;
 
@@ -34,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::SandboxConfig;
 pub use inner::helper_main;
-use inner::{Inside, Layers};
+use inner::{Inside, Layers, NetSetup};
 
 /// First argument of the helper invocation.
 pub const HELPER_ARG: &str = "__custodian-sandbox-exec";
@@ -123,7 +128,21 @@ struct UidSlot {
 pub struct Lease {
     _slot: Option<UidSlot>,
     _work: Option<tempfile::TempDir>,
+    /// The run's end of the listener socket.
+    _net: Option<std::os::fd::OwnedFd>,
 }
+
+/// What a run's network namespace holds for the runner: loopback listeners, and the CA its proxy
+/// signs with (certificate only).
+#[derive(Debug, Clone)]
+pub struct NetPlan {
+    pub ports: Vec<u16>,
+    pub ca_pem: Option<String>,
+}
+
+/// Where the helper writes the run's egress CA, and the bundle of system roots plus that CA.
+pub const EGRESS_CA_FILE: &str = "/tmp/custodian-egress-ca.pem";
+pub const EGRESS_BUNDLE_FILE: &str = "/tmp/custodian-egress-ca-bundle.pem";
 
 /// How many host uids a root runner uses, one per concurrent run.
 const UID_SLOTS: u32 = 65_536;
@@ -235,6 +254,7 @@ impl Sandbox {
             readable,
             writable,
             hidden,
+            egress: None,
         }
     }
 
@@ -259,14 +279,17 @@ impl Sandbox {
     }
 
     /// The command that runs `argv` in a fresh sandbox with `env` (and nothing else of the
-    /// runner's environment); the [`Lease`] must live until the command is over.
+    /// runner's environment); the [`Lease`] must live until the command is over. With `net`
+    /// (isolated runs only), the returned socket receives the run's listeners once it starts
+    /// ([`fdpass::recv`]).
     pub fn command(
         &self,
         argv: &[String],
         env: &[(&str, &str)],
         cpu_seconds: u64,
-    ) -> Result<(tokio::process::Command, Lease), String> {
-        self.prepare(cpu_seconds, None, |command, layers, lease| {
+        net: Option<NetPlan>,
+    ) -> Result<(tokio::process::Command, Lease, Option<std::os::fd::OwnedFd>), String> {
+        self.prepare(cpu_seconds, None, net, |command, layers, lease| {
             command
                 .arg(HELPER_ARG)
                 .arg(layers)
@@ -281,10 +304,12 @@ impl Sandbox {
         &self,
         cpu_seconds: u64,
         hidden: Option<PathBuf>,
+        net: Option<NetPlan>,
         finish: impl FnOnce(&mut tokio::process::Command, String, Lease) -> Lease,
-    ) -> Result<(tokio::process::Command, Lease), String> {
+    ) -> Result<(tokio::process::Command, Lease, Option<std::os::fd::OwnedFd>), String> {
+        use std::os::fd::AsRawFd;
         let slot = self.take_slot()?;
-        let (mut command, work, layers) = match self.isolation {
+        let (mut command, work, mut layers) = match self.isolation {
             Isolation::Full => {
                 let mut command = tokio::process::Command::new(&self.config.bwrap);
                 command
@@ -316,13 +341,36 @@ impl Sandbox {
             .env("LANG", "C.UTF-8")
             .process_group(0)
             .kill_on_drop(true);
+        // Without isolation there is no network namespace to listen in: no egress is set up.
+        let (ours, theirs) = match net.filter(|_| self.isolation == Isolation::Full) {
+            Some(plan) => {
+                let (ours, theirs) =
+                    fdpass::pair().map_err(|e| format!("cannot create the egress socket: {e}"))?;
+                fdpass::set_recv_timeout(ours.as_raw_fd(), 20)
+                    .map_err(|e| format!("cannot set up the egress socket: {e}"))?;
+                layers.egress = Some(NetSetup {
+                    fd: theirs.as_raw_fd(),
+                    ports: plan.ports,
+                    ca_pem: plan.ca_pem,
+                    ca_file: EGRESS_CA_FILE.into(),
+                    bundle_file: EGRESS_BUNDLE_FILE.into(),
+                });
+                (Some(ours), Some(theirs))
+            }
+            None => (None, None),
+        };
+        let inherited = theirs.as_ref().map_or(-1, AsRawFd::as_raw_fd);
         let parent = std::process::id() as libc::pid_t;
         let host_id = slot.as_ref().map(|slot| slot.uid);
-        // SAFETY: the closure runs in the forked child before exec and calls only open, write,
-        // close, setgroups, setgid, setuid, prctl, getppid and _exit, which are
+        // SAFETY: the closure runs in the forked child before exec and calls only fcntl, open,
+        // write, close, setgroups, setgid, setuid, prctl, getppid and _exit, which are
         // async-signal-safe; it allocates nothing (the path is a static C string).
         unsafe {
             command.pre_exec(move || {
+                // The run's end of the egress socket survives exec (bubblewrap passes it on).
+                if inherited >= 0 && libc::fcntl(inherited, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 // First in line for the OOM killer, before the runner: a run that exhausts the
                 // host's (or the pod's) memory is what gets killed. Written while still root
                 // (after the uid change `/proc/self` belongs to root: the child is not dumpable);
@@ -356,23 +404,29 @@ impl Sandbox {
         let lease = Lease {
             _slot: slot,
             _work: work,
+            _net: theirs,
         };
         let lease = finish(&mut command, layers, lease);
-        Ok((command, lease))
+        Ok((command, lease, ours))
     }
 
     /// Runs the probe through the same path as a command and reports what it saw.
     pub async fn check(&self, hidden: &Path) -> Report {
-        let probed = self.prepare(1, Some(hidden.to_path_buf()), |command, layers, lease| {
-            command
-                .arg(HELPER_ARG)
-                .arg("--probe")
-                .arg(layers)
-                .stdin(std::process::Stdio::null());
-            lease
-        });
+        let probed = self.prepare(
+            1,
+            Some(hidden.to_path_buf()),
+            None,
+            |command, layers, lease| {
+                command
+                    .arg(HELPER_ARG)
+                    .arg("--probe")
+                    .arg(layers)
+                    .stdin(std::process::Stdio::null());
+                lease
+            },
+        );
         let inside = match probed {
-            Ok((mut command, _lease)) => match command.output().await {
+            Ok((mut command, _lease, _)) => match command.output().await {
                 Ok(out) if out.status.success() => serde_json::from_slice::<Inside>(&out.stdout)
                     .map_err(|e| format!("unreadable probe report: {e}")),
                 Ok(out) => Err(format!(
@@ -431,6 +485,7 @@ fn bwrap_args(helper: &Path, config: &SandboxConfig, etc_copy: Option<&Path>) ->
     let mut args: Vec<OsString> = [
         "--unshare-user",
         "--unshare-pid",
+        "--unshare-net",
         "--unshare-ipc",
         "--unshare-uts",
         "--unshare-cgroup-try",
@@ -541,7 +596,7 @@ impl Report {
         };
         Self {
             isolation: if full {
-                "bubblewrap: user, pid, mount, IPC, UTS namespaces".to_owned()
+                "bubblewrap: user, pid, network, mount, IPC, UTS namespaces".to_owned()
             } else {
                 "NONE (--dangerously-run-without-isolation): runs share the host's view".to_owned()
             },
