@@ -30,9 +30,9 @@ use crate::sandbox::Sandbox;
 /// the next write or the one after, and its run is killed.
 const HEARTBEAT: Duration = Duration::from_millis(250);
 
-/// How long a client may take to complete its TLS handshake. Runs share the runner's network, so
-/// a command can open connections to this port; one that never handshakes holds an open file of
-/// the runner until then.
+/// How long a client may take to complete its TLS handshake: one that never handshakes (a flood
+/// from anything that can reach this port; runs cannot, they have no route out) holds an open file
+/// of the runner until then.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (e.g. out of open files) before the next one.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
