@@ -236,7 +236,7 @@ pub struct SecretEnv {
 }
 
 /// What came of an [`ExecRequest`]; output is already redacted.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ExecResponse {
     /// The exit code, or `None` when the child was killed by a signal.
     pub exit_code: Option<i32>,

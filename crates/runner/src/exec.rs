@@ -43,6 +43,13 @@ pub async fn run(
     if request.argv.is_empty() {
         return Err(NotStarted::EmptyArgv);
     }
+    if cancel.is_cancelled() {
+        // Its grant ended before it got here: nothing runs.
+        return Ok(ExecResponse {
+            cancelled: true,
+            ..ExecResponse::default()
+        });
+    }
     let mut plan = crate::egress::Plan::new(std::mem::take(&mut request.egress))
         .map_err(NotStarted::Egress)?;
     if plan.is_some() && sandbox.isolation() != Isolation::Full {

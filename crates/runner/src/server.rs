@@ -29,6 +29,8 @@ use crate::sandbox::Sandbox;
 /// While a command runs, a space is written this often: a gateway that went away is noticed at
 /// the next write or the one after, and its run is killed.
 const HEARTBEAT: Duration = Duration::from_millis(250);
+/// How long a cancel for an exec that has not arrived yet is remembered.
+const EARLY_CANCEL_MEMORY: Duration = Duration::from_secs(120);
 
 /// How long a client may take to complete its TLS handshake: one that never handshakes (a flood
 /// from anything that can reach this port; runs cannot, they have no route out) holds an open file
@@ -45,6 +47,9 @@ pub struct Runner {
     pub sandbox: Sandbox,
     /// Runs in flight by exec id, so that a cancel can reach them.
     runs: Mutex<HashMap<String, CancellationToken>>,
+    /// Exec ids cancelled before their exec arrived (the cancel overtook it): such an exec is
+    /// answered `cancelled` without running. Forgotten after [`EARLY_CANCEL_MEMORY`].
+    cancelled_early: Mutex<HashMap<String, std::time::Instant>>,
     /// Cancelled when the runner shuts down: every run in flight is killed.
     stopping: CancellationToken,
     /// How runs' egress verifies upstream TLS.
@@ -62,6 +67,7 @@ impl Runner {
             config,
             sandbox,
             runs: Mutex::new(HashMap::new()),
+            cancelled_early: Mutex::new(HashMap::new()),
             stopping,
             upstream,
         })
@@ -217,6 +223,14 @@ fn cancel_run(runner: &Runner, cancel: &CancelRequest) -> Response<Body> {
     if let Some(token) = &found {
         tracing::info!(exec.id = %cancel.exec_id, "cancelling a run");
         token.cancel();
+    } else {
+        // The exec may still be on its way (the cancel overtook it): it must not run when it comes.
+        let mut early = runner
+            .cancelled_early
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        early.retain(|_, at| at.elapsed() < EARLY_CANCEL_MEMORY);
+        early.insert(cancel.exec_id.clone(), std::time::Instant::now());
     }
     json(
         StatusCode::OK,
@@ -251,6 +265,16 @@ fn exec_streaming(runner: Arc<Runner>, exec: ExecRequest) -> Response<Body> {
         );
     }
     let cancel = runner.stopping.child_token();
+    let overtaken = runner
+        .cancelled_early
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&exec.exec_id)
+        .is_some();
+    if overtaken {
+        tracing::info!(exec.id = %exec.exec_id, "exec cancelled before it arrived; not run");
+        cancel.cancel();
+    }
     {
         let mut runs = runner.runs.lock().unwrap_or_else(|e| e.into_inner());
         if runs.contains_key(&exec.exec_id) {
