@@ -120,7 +120,9 @@ impl Redactor {
     pub fn stream(&self) -> Stream<'_> {
         Stream {
             redactor: self,
-            pending: Vec::new(),
+            // Never outgrown (see `push_into`), so the held-back bytes are never left behind in a
+            // reallocated buffer.
+            pending: Zeroizing::new(Vec::with_capacity(2 * self.patterns.max_len())),
             counts: vec![0; self.names.len()],
         }
     }
@@ -204,8 +206,8 @@ impl Redactor {
 /// Redaction of one output stream.
 pub struct Stream<'r> {
     redactor: &'r Redactor,
-    /// The undecided tail, shorter than the longest pattern.
-    pending: Vec<u8>,
+    /// The undecided tail, shorter than the longest pattern (it may hold the start of a secret).
+    pending: Zeroizing<Vec<u8>>,
     /// Replacements per secret, in the redactor's order.
     counts: Vec<u64>,
 }
@@ -223,10 +225,15 @@ impl Stream<'_> {
         let redactor = self.redactor;
         let counts = &mut self.counts;
         let max_len = redactor.patterns.max_len();
+        // Held back: fewer than `max_len` bytes. Copied: fewer than `max_len` more.
         if chunk.len() < max_len {
             self.pending.extend_from_slice(chunk);
             let released = redactor.release(&self.pending, 0, counts, out);
             self.pending.drain(..released);
+            debug_assert!(
+                self.pending.capacity() == 2 * max_len,
+                "pending was reallocated"
+            );
             return;
         }
         // The chunk is at least as long as any pattern: a match that begins in the held-back
@@ -241,6 +248,10 @@ impl Stream<'_> {
         }
         let released = redactor.release(chunk, cursor, counts, out);
         self.pending.extend_from_slice(&chunk[released..]);
+        debug_assert!(
+            self.pending.capacity() == 2 * max_len,
+            "pending was reallocated"
+        );
     }
 
     /// Ends the stream: redacts and returns what was held back, with the counts.
@@ -280,9 +291,11 @@ pub fn patterns_of(value: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
 /// The raw value and its common encodings, without duplicates.
 fn encodings(value: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
     let mut out: Vec<Zeroizing<Vec<u8>>> = vec![Zeroizing::new(value.to_vec())];
+    // Forms are built in buffers that never grow (no copy is left behind) and wiped when dropped.
     let mut add = |form: Vec<u8>| {
-        if form.len() >= MIN_SECRET_LEN && !out.iter().any(|p| **p == form) {
-            out.push(Zeroizing::new(form));
+        let form = Zeroizing::new(form);
+        if form.len() >= MIN_SECRET_LEN && !out.contains(&form) {
+            out.push(form);
         }
     };
     add(hex(value, b"0123456789abcdef"));
@@ -305,10 +318,15 @@ fn encodings(value: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
 }
 
 fn hex(value: &[u8], digits: &[u8; 16]) -> Vec<u8> {
-    value
-        .iter()
-        .flat_map(|b| [digits[usize::from(b >> 4)], digits[usize::from(b & 15)]])
-        .collect()
+    let mut out = Vec::with_capacity(value.len() * 2);
+    for &b in value {
+        out.extend_from_slice(&hex_byte(b, digits));
+    }
+    out
+}
+
+fn hex_byte(b: u8, digits: &[u8; 16]) -> [u8; 2] {
+    [digits[usize::from(b >> 4)], digits[usize::from(b & 15)]]
 }
 
 /// RFC 3986 percent-encoding of everything but unreserved characters.
@@ -319,7 +337,7 @@ fn percent_encode(value: &[u8]) -> Vec<u8> {
             out.push(b);
         } else {
             out.push(b'%');
-            out.extend_from_slice(&hex(&[b], b"0123456789ABCDEF"));
+            out.extend_from_slice(&hex_byte(b, b"0123456789ABCDEF"));
         }
     }
     out
@@ -327,7 +345,7 @@ fn percent_encode(value: &[u8]) -> Vec<u8> {
 
 /// JSON string escaping (also what most languages print for escaped strings).
 fn json_escape(value: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(value.len() + 8);
+    let mut out = Vec::with_capacity(value.len() * 6);
     for &b in value {
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
@@ -335,7 +353,10 @@ fn json_escape(value: &[u8]) -> Vec<u8> {
             b'\n' => out.extend_from_slice(b"\\n"),
             b'\r' => out.extend_from_slice(b"\\r"),
             b'\t' => out.extend_from_slice(b"\\t"),
-            0..=0x1f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+            0..=0x1f => {
+                out.extend_from_slice(b"\\u00");
+                out.extend_from_slice(&hex_byte(b, b"0123456789abcdef"));
+            }
             _ => out.push(b),
         }
     }

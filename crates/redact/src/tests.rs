@@ -73,6 +73,16 @@ fn every_listed_encoding_is_caught_at_every_alignment() {
 }
 
 #[test]
+fn control_characters_are_matched_as_json_prints_them() {
+    let value = b"tab\there\x01and\x1fend";
+    assert_eq!(json_escape(value), b"tab\\there\\u0001and\\u001fend");
+    let r = Redactor::new([("J", value.as_slice())]).unwrap();
+    let (out, counts) = r.redact(br#"{"v":"tab\there\u0001and\u001fend"}"#);
+    assert_eq!(out, br#"{"v":"[REDACTED:J]"}"#);
+    assert_eq!(counts["J"], 1);
+}
+
+#[test]
 fn each_line_of_a_multi_line_value_is_caught_alone() {
     let key = b"-----BEGIN KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nshort\n-----END KEY-----";
     let r = Redactor::new([("PEM", key.as_slice())]).unwrap();
