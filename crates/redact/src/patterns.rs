@@ -11,12 +11,14 @@ use zeroize::Zeroizing;
 
 use crate::MIN_SECRET_LEN;
 
-/// One slot of the index: a head and its patterns (`end == 0`: empty slot).
+/// One slot of the index: a head, its patterns and the shortest one's length (`end == 0`: empty
+/// slot).
 #[derive(Clone, Copy, Default)]
 struct Slot {
     head: u64,
     start: u32,
     end: u32,
+    shortest: u32,
 }
 
 pub(crate) struct Patterns {
@@ -73,10 +75,12 @@ impl Patterns {
                 at = (at + 1) & (patterns.index.len() - 1);
             }
             let to_u32 = |n: usize| u32::try_from(n).expect("fewer than 2^32 patterns");
+            let shortest = sorted[start..end].iter().map(|p| p.len()).min();
             patterns.index[at] = Slot {
                 head,
                 start: to_u32(start),
                 end: to_u32(end),
+                shortest: to_u32(shortest.expect("a group has patterns")),
             };
             start = end;
         }
@@ -100,16 +104,19 @@ impl Patterns {
         &self.bytes[start..self.ends[i]]
     }
 
-    /// The patterns whose head is `head`.
-    fn group(&self, head: u64) -> Range<usize> {
+    /// The patterns whose head is `head`, and the length of the shortest.
+    fn group(&self, head: u64) -> (Range<usize>, usize) {
         let mut at = self.home(head);
         loop {
             let slot = self.index[at];
             if slot.end == 0 {
-                return 0..0;
+                return (0..0, 0);
             }
             if slot.head == head {
-                return slot.start as usize..slot.end as usize;
+                return (
+                    slot.start as usize..slot.end as usize,
+                    slot.shortest as usize,
+                );
             }
             at = (at + 1) & (self.index.len() - 1);
         }
@@ -134,12 +141,12 @@ impl Patterns {
         if text.len() < MIN_SECRET_LEN {
             return None;
         }
-        let group = self.group(head_of(text));
+        let (group, shortest) = self.group(head_of(text));
         let mut text = &text[..text.len().min(self.max_len)];
         // The largest pattern ≤ `text` is the longest one `text` begins with, if `text` begins
         // with it. If not, with `l` bytes in common, any pattern `text` begins with is a prefix of
         // `text[..l]` (a longer one would sort between the two), so look there.
-        while text.len() >= MIN_SECRET_LEN {
+        while text.len() >= shortest.max(MIN_SECRET_LEN) {
             let after = self.partition(group.clone(), |p| p <= text);
             if after == group.start {
                 return None;
@@ -156,7 +163,7 @@ impl Patterns {
     /// Whether `bytes` is a prefix of some pattern.
     pub(crate) fn begins_one(&self, bytes: &[u8]) -> bool {
         let range = if bytes.len() >= MIN_SECRET_LEN {
-            self.group(head_of(bytes))
+            self.group(head_of(bytes)).0
         } else {
             0..self.len()
         };
