@@ -13,14 +13,18 @@
 //!
 //! Redaction is defence in depth, not the boundary: a command that transforms a secret in a way not
 //! listed above (reversing it, printing one character per line, encrypting it) gets it out.
-//! Pattern copies held by the matcher are not zeroized.
+//! The patterns are kept in zeroized buffers; the prefilter keeps only hashed bits of them.
 
 use std::collections::BTreeMap;
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use zeroize::Zeroizing;
+
+mod patterns;
+mod prefilter;
+use patterns::Patterns;
+use prefilter::Prefilter;
 
 /// Shortest value that can be redacted.
 pub const MIN_SECRET_LEN: usize = 8;
@@ -30,8 +34,6 @@ pub const MIN_SECRET_LEN: usize = 8;
 pub enum RedactError {
     /// The named secret is shorter than [`MIN_SECRET_LEN`] bytes.
     TooShort(String),
-    /// The matcher could not be built (too many or too long patterns).
-    Build(String),
 }
 
 impl std::fmt::Display for RedactError {
@@ -41,7 +43,6 @@ impl std::fmt::Display for RedactError {
                 f,
                 "secret {name} is shorter than {MIN_SECRET_LEN} bytes and cannot be redacted safely"
             ),
-            Self::Build(reason) => write!(f, "cannot build the redactor: {reason}"),
         }
     }
 }
@@ -49,16 +50,17 @@ impl std::fmt::Display for RedactError {
 impl std::error::Error for RedactError {}
 
 /// Matches a fixed set of secrets; cheap to share, one [`Stream`] per output stream.
+///
+/// A scan asks the prefilter where a pattern may begin and looks up, only there, the longest
+/// pattern that begins at that position: the leftmost such match wins.
 pub struct Redactor {
-    matcher: Option<AhoCorasick>,
+    prefilter: Prefilter,
+    patterns: Patterns,
     /// For each pattern, the index of its secret.
     owner: Vec<usize>,
     /// `[REDACTED:NAME]` per secret.
     labels: Vec<Vec<u8>>,
     names: Vec<String>,
-    /// All patterns, sorted, for "can this still begin a match" checks.
-    sorted: Vec<Zeroizing<Vec<u8>>>,
-    max_len: usize,
 }
 
 impl std::fmt::Debug for Redactor {
@@ -78,8 +80,7 @@ impl Redactor {
     pub fn new<'a>(
         secrets: impl IntoIterator<Item = (&'a str, &'a [u8])>,
     ) -> Result<Self, RedactError> {
-        let mut patterns: Vec<Zeroizing<Vec<u8>>> = Vec::new();
-        let mut owner = Vec::new();
+        let mut forms: Vec<(Zeroizing<Vec<u8>>, usize)> = Vec::new();
         let mut labels = Vec::new();
         let mut names = Vec::new();
         for (index, (name, value)) in secrets.into_iter().enumerate() {
@@ -88,44 +89,20 @@ impl Redactor {
             }
             names.push(name.to_owned());
             labels.push(format!("[REDACTED:{name}]").into_bytes());
-            let mut forms = encodings(value);
-            if value.contains(&b'\n') {
-                for line in value.split(|b| *b == b'\n') {
-                    let line = line.strip_suffix(b"\r").unwrap_or(line);
-                    if line.len() >= MIN_SECRET_LEN {
-                        forms.extend(encodings(line));
-                    }
-                }
-            }
-            for form in forms {
-                if !patterns.iter().any(|p| **p == *form) {
-                    patterns.push(form);
-                    owner.push(index);
-                }
-            }
+            forms.extend(patterns_of(value).into_iter().map(|form| (form, index)));
         }
-        let max_len = patterns.iter().map(|p| p.len()).max().unwrap_or(0);
-        let matcher = if patterns.is_empty() {
-            None
-        } else {
-            Some(
-                AhoCorasickBuilder::new()
-                    .match_kind(MatchKind::LeftmostLongest)
-                    // A full DFA: more memory (fine for a few thousand patterns), fastest scans.
-                    .kind(Some(AhoCorasickKind::DFA))
-                    .build(patterns.iter().map(|p| p.as_slice()))
-                    .map_err(|e| RedactError::Build(e.to_string()))?,
-            )
-        };
-        let mut sorted = patterns;
-        sorted.sort_by(|a, b| a.as_slice().cmp(b.as_slice()));
+        // A pattern shared by several secrets belongs to the first of them.
+        let mut sorted = forms;
+        sorted.sort_by(|(a, i), (b, j)| a.cmp(b).then(i.cmp(j)));
+        sorted.dedup_by(|(later, _), (first, _)| later == first);
+        let (sorted, owner): (Vec<_>, Vec<_>) = sorted.into_iter().unzip();
+        let patterns = Patterns::new(&sorted);
         Ok(Self {
-            matcher,
+            prefilter: Prefilter::new(sorted.iter().map(|p| p.as_slice())),
+            patterns,
             owner,
             labels,
             names,
-            sorted,
-            max_len,
         })
     }
 
@@ -143,31 +120,85 @@ impl Redactor {
     pub fn stream(&self) -> Stream<'_> {
         Stream {
             redactor: self,
-            pending: Vec::new(),
-            counts: Counts::new(),
+            // Never outgrown (see `push_into`), so the held-back bytes are never left behind in a
+            // reallocated buffer.
+            pending: Zeroizing::new(Vec::with_capacity(2 * self.patterns.max_len())),
+            counts: vec![0; self.names.len()],
         }
     }
 
     /// Redacts a whole buffer at once.
     pub fn redact(&self, input: &[u8]) -> (Vec<u8>, Counts) {
-        let mut stream = self.stream();
-        let mut out = stream.push(input);
-        let (rest, counts) = stream.finish();
-        out.extend_from_slice(&rest);
-        (out, counts)
+        let mut counts = vec![0; self.names.len()];
+        let mut out = Vec::with_capacity(input.len());
+        self.scan(input, 0, input.len(), &mut counts, &mut out);
+        (out, self.counts(&counts))
     }
 
-    /// Whether `bytes` is a prefix of some pattern.
-    fn begins_a_pattern(&self, bytes: &[u8]) -> bool {
-        let at = self.sorted.partition_point(|p| p.as_slice() < bytes);
-        self.sorted.get(at).is_some_and(|p| p.starts_with(bytes))
+    /// Replaces the matches that begin in `buf[cursor..end]`, appending the result from `cursor`
+    /// on to `out`. Returns where it stopped: `end`, or the end of a match that goes beyond it.
+    fn scan(
+        &self,
+        buf: &[u8],
+        mut cursor: usize,
+        end: usize,
+        counts: &mut [u64],
+        out: &mut Vec<u8>,
+    ) -> usize {
+        let mut from = cursor;
+        while let Some(start) = self.prefilter.next(buf, from, end) {
+            let Some((pattern, len)) = self.patterns.longest_at(&buf[start..]) else {
+                from = start + 1;
+                continue;
+            };
+            out.extend_from_slice(&buf[cursor..start]);
+            let secret = self.owner[pattern];
+            out.extend_from_slice(&self.labels[secret]);
+            counts[secret] += 1;
+            cursor = start + len;
+            from = cursor;
+        }
+        let stop = end.max(cursor);
+        out.extend_from_slice(&buf[cursor..stop]);
+        stop
     }
 
-    /// Start of the longest suffix of `buf` that could still begin a match (`buf.len()` if none).
-    fn tail_start(&self, buf: &[u8]) -> usize {
-        let earliest = buf.len().saturating_sub(self.max_len.saturating_sub(1));
+    /// Redacts `buf` from `cursor` on up to the tail that can still begin a match, appending the
+    /// result to `out`; returns where that tail starts. A match that begins before the tail
+    /// cannot grow any longer; one that reaches into it moves the tail on.
+    fn release(&self, buf: &[u8], cursor: usize, counts: &mut [u64], out: &mut Vec<u8>) -> usize {
+        let mut cursor = cursor;
+        loop {
+            let end = self.tail_start(buf, cursor);
+            cursor = self.scan(buf, cursor, end, counts, out);
+            if cursor == end {
+                return end;
+            }
+        }
+    }
+
+    fn counts(&self, counts: &[u64]) -> Counts {
+        self.names
+            .iter()
+            .zip(counts)
+            .filter(|(_, n)| **n > 0)
+            .map(|(name, n)| (name.clone(), *n))
+            .collect()
+    }
+
+    /// Start of the longest suffix of `buf` from `from` on that could still begin a match
+    /// (`buf.len()` if none).
+    fn tail_start(&self, buf: &[u8], from: usize) -> usize {
+        let earliest = buf
+            .len()
+            .saturating_sub(self.patterns.max_len().saturating_sub(1))
+            .max(from);
         (earliest..buf.len())
-            .find(|&k| self.begins_a_pattern(&buf[k..]))
+            .find(|&k| {
+                let rest = &buf[k..];
+                (rest.len() < MIN_SECRET_LEN || self.prefilter.head_may_match(rest))
+                    && self.patterns.begins_one(rest)
+            })
             .unwrap_or(buf.len())
     }
 }
@@ -175,79 +206,96 @@ impl Redactor {
 /// Redaction of one output stream.
 pub struct Stream<'r> {
     redactor: &'r Redactor,
-    pending: Vec<u8>,
-    counts: Counts,
+    /// The undecided tail, shorter than the longest pattern (it may hold the start of a secret).
+    pending: Zeroizing<Vec<u8>>,
+    /// Replacements per secret, in the redactor's order.
+    counts: Vec<u64>,
 }
 
 impl Stream<'_> {
     /// Adds a chunk and returns the output that is now final.
     pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
-        self.pending.extend_from_slice(chunk);
-        let Some(matcher) = &self.redactor.matcher else {
-            return std::mem::take(&mut self.pending);
-        };
-        let mut out = Vec::with_capacity(self.pending.len());
-        let mut cursor = 0;
-        loop {
-            let rest = &self.pending[cursor..];
-            let tail = cursor + self.redactor.tail_start(rest);
-            match matcher.find(rest) {
-                // A match that starts before the undecided tail cannot grow any longer.
-                Some(m) if cursor + m.start() < tail => {
-                    out.extend_from_slice(&rest[..m.start()]);
-                    self.replace(m.pattern().as_usize(), &mut out);
-                    cursor += m.end();
-                }
-                _ => {
-                    out.extend_from_slice(&self.pending[cursor..tail]);
-                    cursor = tail;
-                    break;
-                }
-            }
-        }
-        self.pending.drain(..cursor);
+        let mut out = Vec::with_capacity(self.pending.len() + chunk.len());
+        self.push_into(chunk, &mut out);
         out
     }
 
-    /// Ends the stream: redacts and returns what was held back, with the counts.
-    pub fn finish(mut self) -> (Vec<u8>, Counts) {
-        let mut out = Vec::with_capacity(self.pending.len());
-        if let Some(matcher) = &self.redactor.matcher {
-            let pending = std::mem::take(&mut self.pending);
-            let mut cursor = 0;
-            for m in matcher.find_iter(&pending) {
-                out.extend_from_slice(&pending[cursor..m.start()]);
-                self.replace(m.pattern().as_usize(), &mut out);
-                cursor = m.end();
-            }
-            out.extend_from_slice(&pending[cursor..]);
-        } else {
-            out.append(&mut self.pending);
+    /// Adds a chunk and appends the output that is now final to `out`.
+    pub fn push_into(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        let redactor = self.redactor;
+        let counts = &mut self.counts;
+        let max_len = redactor.patterns.max_len();
+        // Held back: fewer than `max_len` bytes. Copied: fewer than `max_len` more.
+        if chunk.len() < max_len {
+            self.pending.extend_from_slice(chunk);
+            let released = redactor.release(&self.pending, 0, counts, out);
+            self.pending.drain(..released);
+            debug_assert!(
+                self.pending.capacity() == 2 * max_len,
+                "pending was reallocated"
+            );
+            return;
         }
-        (out, self.counts)
+        // The chunk is at least as long as any pattern: a match that begins in the held-back
+        // bytes ends within the first `max_len` bytes of the chunk, and the new tail lies in the
+        // chunk. So only those bytes are copied; the rest is read where it is.
+        let mut cursor = 0;
+        if !self.pending.is_empty() {
+            let held = self.pending.len();
+            self.pending.extend_from_slice(&chunk[..max_len]);
+            cursor = redactor.scan(&self.pending, 0, held, counts, out) - held;
+            self.pending.clear();
+        }
+        let released = redactor.release(chunk, cursor, counts, out);
+        self.pending.extend_from_slice(&chunk[released..]);
+        debug_assert!(
+            self.pending.capacity() == 2 * max_len,
+            "pending was reallocated"
+        );
+    }
+
+    /// Ends the stream: redacts and returns what was held back, with the counts.
+    pub fn finish(self) -> (Vec<u8>, Counts) {
+        let mut counts = self.counts;
+        let mut out = Vec::with_capacity(self.pending.len());
+        self.redactor
+            .scan(&self.pending, 0, self.pending.len(), &mut counts, &mut out);
+        (out, self.redactor.counts(&counts))
     }
 
     /// Bytes held back so far (they may begin a secret).
     pub fn held_back(&self) -> usize {
         self.pending.len()
     }
+}
 
-    fn replace(&mut self, pattern: usize, out: &mut Vec<u8>) {
-        let secret = self.redactor.owner[pattern];
-        out.extend_from_slice(&self.redactor.labels[secret]);
-        *self
-            .counts
-            .entry(self.redactor.names[secret].clone())
-            .or_default() += 1;
+/// Every byte string `value` is matched as: the value and its encodings and, for a multi-line
+/// value, each line of at least [`MIN_SECRET_LEN`] bytes and its encodings, without duplicates.
+pub fn patterns_of(value: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
+    let mut forms = encodings(value);
+    if value.contains(&b'\n') {
+        for line in value.split(|b| *b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.len() >= MIN_SECRET_LEN {
+                for form in encodings(line) {
+                    if !forms.contains(&form) {
+                        forms.push(form);
+                    }
+                }
+            }
+        }
     }
+    forms
 }
 
 /// The raw value and its common encodings, without duplicates.
 fn encodings(value: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
     let mut out: Vec<Zeroizing<Vec<u8>>> = vec![Zeroizing::new(value.to_vec())];
+    // Forms are built in buffers that never grow (no copy is left behind) and wiped when dropped.
     let mut add = |form: Vec<u8>| {
-        if form.len() >= MIN_SECRET_LEN && !out.iter().any(|p| **p == form) {
-            out.push(Zeroizing::new(form));
+        let form = Zeroizing::new(form);
+        if form.len() >= MIN_SECRET_LEN && !out.contains(&form) {
+            out.push(form);
         }
     };
     add(hex(value, b"0123456789abcdef"));
@@ -270,10 +318,15 @@ fn encodings(value: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
 }
 
 fn hex(value: &[u8], digits: &[u8; 16]) -> Vec<u8> {
-    value
-        .iter()
-        .flat_map(|b| [digits[usize::from(b >> 4)], digits[usize::from(b & 15)]])
-        .collect()
+    let mut out = Vec::with_capacity(value.len() * 2);
+    for &b in value {
+        out.extend_from_slice(&hex_byte(b, digits));
+    }
+    out
+}
+
+fn hex_byte(b: u8, digits: &[u8; 16]) -> [u8; 2] {
+    [digits[usize::from(b >> 4)], digits[usize::from(b & 15)]]
 }
 
 /// RFC 3986 percent-encoding of everything but unreserved characters.
@@ -284,7 +337,7 @@ fn percent_encode(value: &[u8]) -> Vec<u8> {
             out.push(b);
         } else {
             out.push(b'%');
-            out.extend_from_slice(&hex(&[b], b"0123456789ABCDEF"));
+            out.extend_from_slice(&hex_byte(b, b"0123456789ABCDEF"));
         }
     }
     out
@@ -292,7 +345,7 @@ fn percent_encode(value: &[u8]) -> Vec<u8> {
 
 /// JSON string escaping (also what most languages print for escaped strings).
 fn json_escape(value: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(value.len() + 8);
+    let mut out = Vec::with_capacity(value.len() * 6);
     for &b in value {
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
@@ -300,7 +353,10 @@ fn json_escape(value: &[u8]) -> Vec<u8> {
             b'\n' => out.extend_from_slice(b"\\n"),
             b'\r' => out.extend_from_slice(b"\\r"),
             b'\t' => out.extend_from_slice(b"\\t"),
-            0..=0x1f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+            0..=0x1f => {
+                out.extend_from_slice(b"\\u00");
+                out.extend_from_slice(&hex_byte(b, b"0123456789abcdef"));
+            }
             _ => out.push(b),
         }
     }

@@ -73,6 +73,16 @@ fn every_listed_encoding_is_caught_at_every_alignment() {
 }
 
 #[test]
+fn control_characters_are_matched_as_json_prints_them() {
+    let value = b"tab\there\x01and\x1fend";
+    assert_eq!(json_escape(value), b"tab\\there\\u0001and\\u001fend");
+    let r = Redactor::new([("J", value.as_slice())]).unwrap();
+    let (out, counts) = r.redact(br#"{"v":"tab\there\u0001and\u001fend"}"#);
+    assert_eq!(out, br#"{"v":"[REDACTED:J]"}"#);
+    assert_eq!(counts["J"], 1);
+}
+
+#[test]
 fn each_line_of_a_multi_line_value_is_caught_alone() {
     let key = b"-----BEGIN KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nshort\n-----END KEY-----";
     let r = Redactor::new([("PEM", key.as_slice())]).unwrap();
@@ -164,5 +174,110 @@ proptest! {
         out.extend(rest);
         prop_assert_eq!(out, input);
         prop_assert!(counts.is_empty());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// With several secrets and their encodings in the output, streaming gives the one-shot result
+    /// (text and counts) for chunks shorter and longer than the longest pattern.
+    #[test]
+    fn any_chunking_gives_the_one_shot_result(
+        secrets in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 8..24), 1..4),
+        pieces in proptest::collection::vec(
+            (any::<proptest::sample::Index>(), proptest::collection::vec(any::<u8>(), 0..40)),
+            0..10,
+        ),
+        chunks in proptest::collection::vec(1usize..160, 1..12),
+    ) {
+        let names: Vec<String> = (0..secrets.len()).map(|i| format!("S{i}")).collect();
+        let r = Redactor::new(names.iter().map(String::as_str).zip(secrets.iter().map(Vec::as_slice)))
+            .unwrap();
+        let forms: Vec<Vec<u8>> = secrets.iter().flat_map(|s| patterns_of(s)).map(|f| f.to_vec()).collect();
+        let mut input = Vec::new();
+        for (form, filler) in &pieces {
+            input.extend_from_slice(filler);
+            input.extend_from_slice(form.get(&forms).as_slice());
+        }
+        let (whole, whole_counts) = r.redact(&input);
+        if !pieces.is_empty() {
+            prop_assert!(!whole_counts.is_empty());
+        }
+        let mut stream = r.stream();
+        let mut out = Vec::new();
+        let mut rest = input.as_slice();
+        for size in chunks.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (chunk, after) = rest.split_at((*size).min(rest.len()));
+            stream.push_into(chunk, &mut out);
+            prop_assert!(stream.held_back() < r.patterns.max_len());
+            rest = after;
+        }
+        let (tail, counts) = stream.finish();
+        out.extend(tail);
+        prop_assert_eq!(out, whole);
+        prop_assert_eq!(counts, whole_counts);
+    }
+}
+
+/// Leftmost-longest replacement by brute force: at each position, the longest pattern of any
+/// secret that begins there (a pattern shared by secrets belongs to the first).
+fn reference(secrets: &[(String, Vec<u8>)], input: &[u8]) -> (Vec<u8>, Counts) {
+    let mut patterns: Vec<(Vec<u8>, usize)> = Vec::new();
+    for (owner, (_, value)) in secrets.iter().enumerate() {
+        for form in patterns_of(value) {
+            if !patterns.iter().any(|(p, _)| *p == *form) {
+                patterns.push((form.to_vec(), owner));
+            }
+        }
+    }
+    let (mut out, mut counts, mut at) = (Vec::new(), Counts::new(), 0);
+    while at < input.len() {
+        let longest = patterns
+            .iter()
+            .filter(|(p, _)| input[at..].starts_with(p))
+            .max_by_key(|(p, _)| p.len());
+        if let Some((pattern, owner)) = longest {
+            let name = &secrets[*owner].0;
+            out.extend_from_slice(format!("[REDACTED:{name}]").as_bytes());
+            *counts.entry(name.clone()).or_default() += 1;
+            at += pattern.len();
+        } else {
+            out.push(input[at]);
+            at += 1;
+        }
+    }
+    (out, counts)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Secrets over a two-letter alphabet share first bytes and are prefixes of one another; the
+    /// redactor still replaces exactly what the brute-force reference does.
+    #[test]
+    fn overlapping_secrets_are_replaced_like_the_reference(
+        values in proptest::collection::vec(proptest::collection::vec(
+            proptest::sample::select(b"ab".to_vec()), 8..14), 1..6),
+        pieces in proptest::collection::vec(
+            (any::<proptest::sample::Index>(),
+             proptest::collection::vec(proptest::sample::select(b"ab=".to_vec()), 0..12)),
+            0..8,
+        ),
+    ) {
+        let secrets: Vec<(String, Vec<u8>)> =
+            values.into_iter().enumerate().map(|(i, v)| (format!("S{i}"), v)).collect();
+        let r = Redactor::new(secrets.iter().map(|(n, v)| (n.as_str(), v.as_slice()))).unwrap();
+        let forms: Vec<Vec<u8>> =
+            secrets.iter().flat_map(|(_, v)| patterns_of(v)).map(|f| f.to_vec()).collect();
+        let mut input = Vec::new();
+        for (form, filler) in &pieces {
+            input.extend_from_slice(filler);
+            input.extend_from_slice(form.get(&forms).as_slice());
+        }
+        prop_assert_eq!(r.redact(&input), reference(&secrets, &input));
     }
 }
