@@ -57,7 +57,7 @@ fn main() {
         let dir = tempfile::tempdir().expect("temp dir");
         let (api, seen) = https_api::serve("127.0.0.2", &["127.0.0.1", "127.0.0.2"], dir.path()).await;
         let sandbox = custodian_runner::sandbox::Sandbox::new(
-            HELPER.into(),
+            custodian_runner::sandbox::helper_beside(HELPER.as_ref()),
             custodian_runner::config::SandboxConfig::default(),
             custodian_runner::Isolation::Full,
         );
