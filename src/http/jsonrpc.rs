@@ -74,23 +74,21 @@ pub async fn validate(State(app): State<Arc<App>>, request: Request, next: Next)
     let bytes = match tokio::time::timeout(timeout, to_bytes(body, limit)).await {
         Ok(Ok(bytes)) => bytes,
         Err(_) => {
-            return HttpError::new(
+            return unread_body(HttpError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
                 format!(
                     "the request body did not arrive within {} s",
                     timeout.as_secs()
                 ),
-            )
-            .into_response();
+            ));
         }
         Ok(Err(_)) => {
-            return HttpError::new(
+            return unread_body(HttpError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
                 format!("request body exceeds {limit} bytes"),
-            )
-            .into_response();
+            ));
         }
     };
     if let Err(error) = check(&bytes) {
@@ -98,6 +96,18 @@ pub async fn validate(State(app): State<Arc<App>>, request: Request, next: Next)
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// A refusal sent before the body was read to its end: the rest of the body would be read as the
+/// next request, so the connection closes, and `Connection: close` tells the client not to reuse it
+/// (without it a pooling client races the close and sees a reset instead of its next answer).
+fn unread_body(error: HttpError) -> Response {
+    let mut response = error.into_response();
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 fn check(bytes: &[u8]) -> Result<(), RpcError> {

@@ -132,6 +132,8 @@ async fn malformed_messages_get_specific_errors_and_change_nothing(backend: Back
     );
     let response = mcp.post().body(huge).send().await.unwrap();
     assert_eq!(response.status(), 413);
+    // The rest of the body was never read: the connection must not be reused for the next request.
+    assert_eq!(response.headers()["connection"], "close");
     let body: serde_json::Value = response.json().await.unwrap();
     assert!(
         body["error_description"]

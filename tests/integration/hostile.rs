@@ -220,6 +220,12 @@ async fn a_trickled_body_is_answered_408() {
         .unwrap();
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "the unread body must end the connection: {answer}"
+    );
     assert!(started.elapsed() >= Duration::from_millis(900));
     t.stop().await;
 }
