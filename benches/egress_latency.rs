@@ -100,6 +100,7 @@ fn main() {
                 ),
                 rule("tcp", None),
             ],
+            files: vec![],
         };
         let response = custodian_runner::exec::run(&sandbox, &upstream, request, Default::default())
             .await

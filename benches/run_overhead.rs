@@ -191,6 +191,7 @@ fn main() {
                 secrets: vec![SecretEnv { name: "API_KEY".into(), value: "bench-secret-value-123".into() }],
                 traceparent: None,
                 egress: vec![],
+                files: vec![],
             };
             custodian_runner::exec::run(&sandbox, &upstream, request, Default::default()).await.expect("exec");
         })

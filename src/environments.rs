@@ -4,7 +4,10 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+
 use crate::clock::UnixSeconds;
+use crate::credentials::{Kind, Spec, Usage};
 use crate::store::{Db, StoreError};
 use crate::tenants::{InvalidName, TenantId, validate_slug};
 
@@ -69,6 +72,8 @@ pub struct Environment {
     pub name: String,
     pub description: String,
     pub secret_names: Vec<String>,
+    /// Kind and settings of each declared name that is not an environment variable.
+    pub credentials: BTreeMap<String, Spec>,
     pub policy: Policy,
     pub created_at: UnixSeconds,
 }
@@ -81,6 +86,10 @@ pub struct EnvironmentSummary {
     pub description: String,
     /// Names of the secrets a run in this environment receives as environment variables.
     pub secret_names: Vec<String>,
+    /// Credentials of other kinds (files, database roles, OAuth tokens): what a run receives
+    /// for each and how long it lasts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<Usage>,
     /// Longest `ttl_seconds` a grant may have.
     pub max_ttl_seconds: i64,
     /// Most runs a grant may make.
@@ -112,14 +121,27 @@ impl EnvironmentSummary {
             .iter()
             .filter_map(|r| r.inject.as_ref().map(|i| i.secret.as_str()))
             .collect();
+        let credentials = env
+            .credentials
+            .iter()
+            .filter(|(name, spec)| spec.kind != Kind::Env && !injected.contains(&name.as_str()))
+            .map(|(name, spec)| spec.usage(name))
+            .collect();
         Self {
             name: env.name,
             description: env.description,
             secret_names: env
                 .secret_names
                 .into_iter()
-                .filter(|name| !injected.contains(&name.as_str()))
+                .filter(|name| {
+                    !injected.contains(&name.as_str())
+                        && env
+                            .credentials
+                            .get(name)
+                            .is_none_or(|s| s.kind == Kind::Env)
+                })
                 .collect(),
+            credentials,
             max_ttl_seconds: env.policy.max_ttl_seconds,
             max_uses: env.policy.max_uses,
             max_auth_age_seconds: env.policy.max_auth_age_seconds,
@@ -224,6 +246,7 @@ pub async fn create(
         name: name.to_owned(),
         description: description.to_owned(),
         secret_names: secret_names.to_vec(),
+        credentials: BTreeMap::new(),
         policy: policy.clone(),
         created_at: now,
     };
@@ -262,6 +285,7 @@ struct Row {
     name: String,
     description: String,
     secret_names: String,
+    credentials: String,
     approvers: String,
     max_ttl_seconds: i64,
     max_uses: i64,
@@ -285,6 +309,8 @@ impl TryFrom<Row> for Environment {
         };
         let secret_names =
             serde_json::from_str(&row.secret_names).map_err(|_| corrupt("secret_names"))?;
+        let credentials =
+            serde_json::from_str(&row.credentials).map_err(|_| corrupt("credentials"))?;
         let approvers = serde_json::from_str(&row.approvers).map_err(|_| corrupt("approvers"))?;
         let accepted_acr =
             serde_json::from_str(&row.accepted_acr).map_err(|_| corrupt("accepted_acr"))?;
@@ -292,6 +318,7 @@ impl TryFrom<Row> for Environment {
             serde_json::from_str(&row.required_amr).map_err(|_| corrupt("required_amr"))?;
         Ok(Environment {
             secret_names,
+            credentials,
             policy: Policy {
                 approvers,
                 max_ttl_seconds: row.max_ttl_seconds,
@@ -318,7 +345,7 @@ impl TryFrom<Row> for Environment {
 macro_rules! select_environments {
     ($clause:literal) => {
         concat!(
-            "SELECT tenant_id, name, description, secret_names, approvers, max_ttl_seconds, ",
+            "SELECT tenant_id, name, description, secret_names, credentials, approvers, max_ttl_seconds, ",
             "max_uses, max_auth_age_seconds, runner_pool, created_at, require_fresh_login, ",
             "accepted_acr, required_amr FROM environments ",
             $clause
@@ -353,16 +380,21 @@ fn to_json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("plain data serializes to JSON")
 }
 
-/// Replaces the declared secret names of an environment (inside the caller's transaction).
+/// Replaces the declared secret names of an environment and the kinds of those that are not
+/// environment variables (inside the caller's transaction).
 pub async fn set_secret_names(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     tenant: &TenantId,
     name: &str,
     secret_names: &[String],
+    credentials: &BTreeMap<String, Spec>,
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE environments SET secret_names = $1 WHERE tenant_id = $2 AND name = $3")
-        .bind(to_json(&secret_names))
-        .bind(tenant.as_str())
+    sqlx::query(
+        "UPDATE environments SET secret_names = $1, credentials = $2 WHERE tenant_id = $3 AND name = $4",
+    )
+    .bind(to_json(&secret_names))
+    .bind(to_json(credentials))
+    .bind(tenant.as_str())
         .bind(name)
         .execute(&mut **tx)
         .await?;

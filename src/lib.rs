@@ -14,6 +14,7 @@ pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod credentials;
 pub mod egress;
 pub mod environments;
 pub mod grants;

@@ -20,7 +20,7 @@ use crate::clock::UnixSeconds;
 use crate::grants::GrantState;
 use crate::tenants::TenantId;
 
-use custodian_protocol::{ExecRequest, SecretEnv};
+use custodian_protocol::ExecRequest;
 use custodian_redact::Redactor;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -29,6 +29,7 @@ use zeroize::Zeroize;
 
 use crate::agent_tokens::AgentIdentity;
 use crate::app::App;
+use crate::credentials;
 use crate::environments;
 use crate::grants::{self, GrantError};
 use crate::runners::{self, DispatchError};
@@ -94,6 +95,8 @@ pub enum RunError {
     Secrets(#[source] SecretError),
     #[error("the environment's egress rules cannot be applied: {0}; ask a Custodian admin")]
     Egress(String),
+    #[error("{0}; ask a Custodian admin")]
+    Credential(#[source] crate::credentials::CredentialError),
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> RunError {
@@ -168,8 +171,6 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
     let opened = secrets::load_for_run(&app.db, &app.master_key, &caller.tenant, &env.name)
         .await
         .map_err(RunError::Secrets)?;
-    let redactor = Redactor::new(opened.iter().map(|s| (s.name.as_str(), s.value.as_slice())))
-        .map_err(|e| RunError::Secrets(SecretError::InvalidName(e.to_string())))?;
     let span = crate::grants::grant_span!(
         "grant.exec",
         &grant,
@@ -194,6 +195,17 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
             .map(|s| String::from_utf8_lossy(&s.value).into_owned())
     })
     .map_err(RunError::Egress)?;
+    let mut handed = credentials::for_run(app, &grant, &env.credentials, &opened, &injected)
+        .await
+        .map_err(RunError::Credential)?;
+    drop(opened);
+    let redactor = Redactor::new(
+        handed
+            .redact
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_slice())),
+    )
+    .map_err(|e| RunError::Secrets(SecretError::InvalidName(e.to_string())))?;
     let mut request = ExecRequest {
         exec_id: exec_id.clone(),
         grant_id: grant.id.clone(),
@@ -202,18 +214,12 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
         stdin: args.stdin,
         timeout_ms,
         max_output_bytes: app.config.runners.max_output_bytes,
-        secrets: opened
-            .iter()
-            .filter(|s| !injected.contains(s.name.as_str()))
-            .map(|s| SecretEnv {
-                name: s.name.clone(),
-                value: String::from_utf8_lossy(&s.value).into_owned(),
-            })
-            .collect(),
+        secrets: std::mem::take(&mut handed.env),
         traceparent: crate::telemetry::traceparent(&span),
         egress: rules,
+        files: std::mem::take(&mut handed.files),
     };
-    drop(opened);
+    drop(handed);
     let tenant = caller.tenant.clone();
     let sent = {
         let exec = app
@@ -243,6 +249,9 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
     }
     for inject in request.egress.iter_mut().filter_map(|r| r.inject.as_mut()) {
         inject.value.zeroize();
+    }
+    for file in &mut request.files {
+        file.content.zeroize();
     }
     let response = match sent {
         Ok(response) => response,

@@ -13,6 +13,7 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::clock::UnixSeconds;
+use crate::credentials::{CredentialError, Kind, Spec};
 use crate::environments::{self, validate_secret_name};
 use crate::keys::{DataKey, KeyError, MasterKey};
 use crate::store::{Db, StoreError};
@@ -35,8 +36,8 @@ pub enum SecretError {
     TooShort(usize),
     #[error("the value is over {MAX_VALUE_LEN} bytes")]
     TooLong,
-    #[error("the value must be UTF-8 text without NUL bytes (it becomes an environment variable)")]
-    NotText,
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
     #[error("no secret `{0}` in this environment")]
     NotFound(String),
     #[error(transparent)]
@@ -124,13 +125,35 @@ async fn data_key_version(
     )?)
 }
 
-/// Stores a new version of `name` in `env`, declaring the name on the environment if needed.
+/// Stores a new version of `name` in `env` as an environment variable, declaring the name on the
+/// environment if needed.
 pub async fn set(
     db: &Db,
     master: &MasterKey,
     tenant: &TenantId,
     env: &str,
     name: &str,
+    value: &[u8],
+    now: UnixSeconds,
+) -> Result<SecretInfo, SecretError> {
+    let spec = Spec {
+        kind: Kind::Env,
+        settings: serde_json::Value::Null,
+    };
+    set_credential(db, master, tenant, env, name, &spec, value, now).await
+}
+
+/// Stores a new version of the credential `name` in `env` with its kind and settings (`spec`,
+/// validated by [`Spec::new`]), declaring the name on the environment if needed. The value and
+/// the kind change together, in one transaction.
+#[allow(clippy::too_many_arguments)]
+pub async fn set_credential(
+    db: &Db,
+    master: &MasterKey,
+    tenant: &TenantId,
+    env: &str,
+    name: &str,
+    spec: &Spec,
     value: &[u8],
     now: UnixSeconds,
 ) -> Result<SecretInfo, SecretError> {
@@ -141,9 +164,7 @@ pub async fn set(
     if value.len() > MAX_VALUE_LEN {
         return Err(SecretError::TooLong);
     }
-    if std::str::from_utf8(value).is_err() || value.contains(&0) {
-        return Err(SecretError::NotText);
-    }
+    spec.check_value(value)?;
     let Some(environment) = environments::get(db, tenant, env).await? else {
         return Err(SecretError::UnknownEnvironment(env.to_owned()));
     };
@@ -171,10 +192,18 @@ pub async fn set(
     .bind(now)
     .execute(&mut *tx)
     .await?;
-    if !environment.secret_names.iter().any(|n| n == name) {
-        let mut names = environment.secret_names.clone();
+    let mut names = environment.secret_names.clone();
+    if !names.iter().any(|n| n == name) {
         names.push(name.to_owned());
-        environments::set_secret_names(&mut tx, tenant, env, &names).await?;
+    }
+    let mut kinds = environment.credentials.clone();
+    if spec.kind == Kind::Env {
+        kinds.remove(name);
+    } else {
+        kinds.insert(name.to_owned(), spec.clone());
+    }
+    if names != environment.secret_names || kinds != environment.credentials {
+        environments::set_secret_names(&mut tx, tenant, env, &names, &kinds).await?;
     }
     tx.commit().await?;
     Ok(SecretInfo {
@@ -218,7 +247,9 @@ pub async fn delete(db: &Db, tenant: &TenantId, env: &str, name: &str) -> Result
         .into_iter()
         .filter(|n| n != name)
         .collect();
-    environments::set_secret_names(&mut tx, tenant, env, &names).await?;
+    let mut kinds = environment.credentials;
+    kinds.remove(name);
+    environments::set_secret_names(&mut tx, tenant, env, &names, &kinds).await?;
     tx.commit().await?;
     Ok(())
 }

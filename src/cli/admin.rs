@@ -111,14 +111,29 @@ pub enum PkiCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum SecretCommand {
-    /// Store a new version of a secret; the value is read from stdin (one trailing newline is
-    /// dropped), never from the command line.
+    /// Store a new version of a credential; the value is read from stdin (one trailing newline is
+    /// dropped) or from --from-file (as is), never from the command line.
     Set {
         /// TENANT/ENVIRONMENT
         place: String,
+        /// The credential's name (A-Z, 0-9, _): the variable runs see for `env` credentials.
         name: String,
+        /// env (default): an environment variable; file: a 0400 file in the run, its path in a
+        /// variable; postgres: an admin connection URL from which each grant gets its own role;
+        /// oauth: a client secret or refresh token from which runs get short-lived access tokens.
+        #[arg(long, default_value = "env")]
+        kind: String,
+        /// The kind's settings as a JSON object (never secret; see docs/CREDENTIALS.md).
+        #[arg(long, conflicts_with = "settings_file")]
+        settings: Option<String>,
+        /// A file holding the kind's settings as a JSON object.
+        #[arg(long)]
+        settings_file: Option<std::path::PathBuf>,
+        /// Read the value from this file, byte for byte, instead of stdin.
+        #[arg(long)]
+        from_file: Option<std::path::PathBuf>,
     },
-    /// List an environment's secrets: names, versions, when set. Never values.
+    /// List an environment's credentials: names, kinds, versions, when set. Never values.
     List { place: String },
     /// Delete every version of a secret.
     Delete { place: String, name: String },
@@ -722,29 +737,70 @@ async fn secret_command(
     now: clock::UnixSeconds,
 ) -> anyhow::Result<()> {
     match command {
-        SecretCommand::Set { place: at, name } => {
+        SecretCommand::Set {
+            place: at,
+            name,
+            kind,
+            settings,
+            settings_file,
+            from_file,
+        } => {
             let (tenant, env) = place(&at)?;
+            let settings = match settings_file {
+                Some(path) => Some(std::fs::read_to_string(&path).map_err(|e| {
+                    anyhow::anyhow!("reading settings from {}: {e}", path.display())
+                })?),
+                None => settings,
+            };
+            let spec = crate::credentials::Spec::new(
+                crate::credentials::Kind::parse(&kind)?,
+                settings.as_deref(),
+            )?;
             let mut value = zeroize::Zeroizing::new(Vec::new());
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut value)?;
-            if value.last() == Some(&b'\n') {
-                value.pop();
-                if value.last() == Some(&b'\r') {
-                    value.pop();
+            match from_file {
+                Some(path) => {
+                    let mut file = std::fs::File::open(&path)
+                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+                    std::io::Read::read_to_end(&mut file, &mut value)?;
+                }
+                None => {
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut value)?;
+                    if value.last() == Some(&b'\n') {
+                        value.pop();
+                        if value.last() == Some(&b'\r') {
+                            value.pop();
+                        }
+                    }
                 }
             }
-            let info =
-                crate::secrets::set(&app.db, &app.master_key, &tenant, &env, &name, &value, now)
-                    .await?;
+            let info = crate::secrets::set_credential(
+                &app.db,
+                &app.master_key,
+                &tenant,
+                &env,
+                &name,
+                &spec,
+                &value,
+                now,
+            )
+            .await?;
             println!(
-                "stored {tenant}/{env} {} version {}",
-                info.name, info.version
+                "stored {tenant}/{env} {} ({}) version {}",
+                info.name, spec.kind, info.version
             );
         }
         SecretCommand::List { place: at } => {
             let (tenant, env) = place(&at)?;
-            println!("{:<32} {:>7} SET_AT", "NAME", "VERSION");
+            let kinds = environments::get(&app.db, &tenant, &env)
+                .await?
+                .map(|e| e.credentials)
+                .unwrap_or_default();
+            println!("{:<32} {:<8} {:>7} SET_AT", "NAME", "KIND", "VERSION");
             for s in crate::secrets::list(&app.db, &tenant, &env).await? {
-                println!("{:<32} {:>7} {}", s.name, s.version, s.set_at);
+                let kind = kinds
+                    .get(&s.name)
+                    .map_or(crate::credentials::Kind::Env, |k| k.kind);
+                println!("{:<32} {:<8} {:>7} {}", s.name, kind, s.version, s.set_at);
             }
         }
         SecretCommand::Delete { place: at, name } => {

@@ -604,6 +604,7 @@ async fn runners_and_gateways_must_prove_their_identities(backend: Backend) {
             secrets: vec![],
             traceparent: None,
             egress: vec![],
+            files: vec![],
         };
         let before = s.runner.execs();
         let outcome = dispatcher

@@ -100,9 +100,21 @@ pub(crate) async fn receiver() -> (String, Arc<Mutex<Vec<ReceivedSpan>>>, Metric
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // The receiver answers on its own thread: `Telemetry::shutdown` blocks the test's thread
+    // while it flushes, and a receiver on that thread could not answer the last export.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app).await
+            })
+    });
     (format!("http://{addr}"), spans, metrics)
 }
 

@@ -136,6 +136,10 @@ pub struct ExecRequest {
     /// rules and never enter the run.
     #[serde(default)]
     pub egress: Vec<EgressRule>,
+    /// Credential files, written into the run's private tmpfs (mode 0400) with their path in a
+    /// variable; gone when the run ends.
+    #[serde(default)]
+    pub files: Vec<SecretFile>,
 }
 
 /// One destination a run may reach through the runner.
@@ -224,6 +228,26 @@ impl fmt::Debug for ExecRequest {
                 "secrets",
                 &self.secrets.iter().map(|s| &s.name).collect::<Vec<_>>(),
             )
+            .finish_non_exhaustive()
+    }
+}
+
+/// A credential file of one run. Its `Debug` prints the variable and file name only.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct SecretFile {
+    /// The environment variable that holds the file's path.
+    pub variable: String,
+    /// The file's name inside the run's credential directory (no `/`).
+    pub filename: String,
+    /// The content, base64 (standard alphabet, padded): files may be binary.
+    pub content: String,
+}
+
+impl std::fmt::Debug for SecretFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretFile")
+            .field("variable", &self.variable)
+            .field("filename", &self.filename)
             .finish_non_exhaustive()
     }
 }
