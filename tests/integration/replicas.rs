@@ -231,10 +231,17 @@ fn replica(database: &crate::harness::TestDb, public_url: &str, dir: &Path, n: u
     (process, format!("http://127.0.0.1:{port}"))
 }
 
-/// A raw MCP POST of `tools/call list_environments` in `session`.
-async fn list_in_session(base: &str, tenant: &str, token: &str, session: &str) -> (u16, String) {
+/// A raw MCP POST of `tools/call list_environments` in `session`, straight to the replica at
+/// `base` with `host` (the public one) as `Host`.
+async fn list_in_session(
+    (base, host): (&str, &str),
+    tenant: &str,
+    token: &str,
+    session: &str,
+) -> (u16, String) {
     let answer = reqwest::Client::new()
         .post(format!("{base}/t/{tenant}/mcp"))
+        .header("host", host)
         .bearer_auth(token)
         .header("mcp-session-id", session)
         .header("mcp-protocol-version", "2025-11-25")
@@ -280,7 +287,8 @@ async fn a_session_alternates_replicas_and_survives_one_being_killed() {
 
     let dir = tempfile::tempdir().unwrap();
     let proxy_port = free_port();
-    let public = format!("http://127.0.0.1:{proxy_port}");
+    let host = format!("127.0.0.1:{proxy_port}");
+    let public = format!("http://{host}");
     let database = seed.database();
     let (r0, url0) = replica(&database, &public, dir.path(), 0);
     let (r1, url1) = replica(&database, &public, dir.path(), 1);
@@ -327,11 +335,11 @@ async fn a_session_alternates_replicas_and_survives_one_being_killed() {
     // another tenant, on either replica; and the attempts leave the session alone.
     for url in &urls {
         for (tenant, bearer) in [("acme", &other_token), ("beta", &beta_token)] {
-            let (status, body) = list_in_session(url, tenant, bearer, &sid).await;
+            let (status, body) = list_in_session((url, &host), tenant, bearer, &sid).await;
             assert_eq!(status, 404, "{tenant}: {body}");
             assert!(!body.contains(CANARY) && !body.contains("API_KEY"), "{body}");
         }
-        let (status, body) = list_in_session(url, "acme", &beta_token, &sid).await;
+        let (status, body) = list_in_session((url, &host), "acme", &beta_token, &sid).await;
         assert_eq!(status, 401);
         assert!(!body.contains(CANARY));
     }
@@ -393,7 +401,7 @@ async fn a_session_alternates_replicas_and_survives_one_being_killed() {
     // Ending the session ends it everywhere.
     session.close().await;
     assert_eq!(session_rows(&seed).await, 0);
-    let (status, _) = list_in_session(&urls[survivor], "acme", &token, &sid).await;
+    let (status, _) = list_in_session((&urls[survivor], &host), "acme", &token, &sid).await;
     assert_eq!(status, 404);
     drop(replicas);
     seed.stop().await;
