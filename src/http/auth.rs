@@ -97,7 +97,9 @@ pub async fn authenticate(
         .map(str::to_owned);
     let checked = match app.sessions.check(session.as_deref(), &identity).await {
         Ok(checked) => checked,
-        Err(e) => return HttpError::internal("looking up an MCP session failed", &e).into_response(),
+        Err(e) => {
+            return HttpError::internal("looking up an MCP session failed", &e).into_response();
+        }
     };
     if matches!(checked, SessionCheck::Foreign) {
         return HttpError::new(

@@ -463,14 +463,23 @@ mod tests {
         let (a1, a2, b1) = (who("acme", "a1"), who("acme", "a2"), who("beta", "b1"));
         open(&one, "s1", &a1).await.unwrap();
         open(&two, "s2", &a1).await.unwrap();
-        assert_eq!(limit(open(&one, "s3", &a1).await), Some(SessionLimit::Token(2)));
+        assert_eq!(
+            limit(open(&one, "s3", &a1).await),
+            Some(SessionLimit::Token(2))
+        );
         open(&two, "s3", &a2).await.unwrap();
-        assert_eq!(limit(open(&one, "s4", &a2).await), Some(SessionLimit::Tenant(3)));
+        assert_eq!(
+            limit(open(&one, "s4", &a2).await),
+            Some(SessionLimit::Tenant(3))
+        );
         open(&one, "s4", &b1).await.unwrap();
         // Each replica serves each session to its owner, and to no one else.
         for replica in [&one, &two] {
             for (id, owner) in [("s1", &a1), ("s2", &a1), ("s3", &a2), ("s4", &b1)] {
-                assert_eq!(replica.check(Some(id), owner).await.unwrap(), SessionCheck::Known);
+                assert_eq!(
+                    replica.check(Some(id), owner).await.unwrap(),
+                    SessionCheck::Known
+                );
                 for other in [&a1, &a2, &b1].into_iter().filter(|o| *o != owner) {
                     let seen = replica.check(Some(id), other).await.unwrap();
                     assert_eq!(seen, SessionCheck::Foreign, "{id} for {other:?}");
@@ -481,10 +490,16 @@ mod tests {
         SessionStore::delete(&two, "s1").await.unwrap();
         two.forget("s1");
         open(&one, "s5", &a1).await.unwrap();
-        assert_eq!(two.check(Some("s1"), &a1).await.unwrap(), SessionCheck::Foreign);
+        assert_eq!(
+            two.check(Some("s1"), &a1).await.unwrap(),
+            SessionCheck::Foreign
+        );
         // The other replica trusts its record for the confirm interval, then lets it go.
         clock.advance(CONFIRM_INTERVAL_MS / 1000);
-        assert_eq!(one.check(Some("s1"), &a1).await.unwrap(), SessionCheck::Foreign);
+        assert_eq!(
+            one.check(Some("s1"), &a1).await.unwrap(),
+            SessionCheck::Foreign
+        );
         assert!(one.state().bindings.get("s1").is_none());
     }
 
@@ -500,17 +515,33 @@ mod tests {
         open(&one, "busy", &a).await.unwrap();
         clock.advance(45);
         // `busy` is used on the other replica only.
-        assert_eq!(two.check(Some("busy"), &a).await.unwrap(), SessionCheck::Known);
+        assert_eq!(
+            two.check(Some("busy"), &a).await.unwrap(),
+            SessionCheck::Known
+        );
         clock.advance(20);
         one.sweep().await;
-        assert_eq!(one.len(), 0, "this replica has not served either for the idle timeout");
-        assert_eq!(one.check(Some("old"), &a).await.unwrap(), SessionCheck::Foreign);
-        assert_eq!(one.check(Some("busy"), &a).await.unwrap(), SessionCheck::Known);
+        assert_eq!(
+            one.len(),
+            0,
+            "this replica has not served either for the idle timeout"
+        );
+        assert_eq!(
+            one.check(Some("old"), &a).await.unwrap(),
+            SessionCheck::Foreign
+        );
+        assert_eq!(
+            one.check(Some("busy"), &a).await.unwrap(),
+            SessionCheck::Known
+        );
         assert!(SessionStore::load(&one, "old").await.unwrap().is_none());
         assert!(SessionStore::load(&one, "busy").await.unwrap().is_some());
         clock.advance(61);
         two.sweep().await;
-        assert_eq!(two.check(Some("busy"), &a).await.unwrap(), SessionCheck::Foreign);
+        assert_eq!(
+            two.check(Some("busy"), &a).await.unwrap(),
+            SessionCheck::Foreign
+        );
         let (rows,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM mcp_sessions")
             .fetch_one(db.pool())
             .await

@@ -378,7 +378,8 @@ fn offer_url_elicitation(context: &RequestContext<RoleServer>, requested: &Reque
     tokio::spawn(async move {
         if let Err(e) = peer
             .elicit_url_with_timeout(message, url, id, Some(ELICITATION_WAIT))
-            .await {
+            .await
+        {
             tracing::debug!(error = %e, "URL elicitation not taken up by the client");
         }
     });

@@ -142,8 +142,7 @@ struct Session {
 
 impl Session {
     fn start(python: &Path, url: &str, token: &str, protocol: &str) -> Self {
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/python_session.py");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/python_session.py");
         let mut child = Command::new(python)
             .arg(script)
             .args(["--protocol", protocol, url])
@@ -205,7 +204,12 @@ impl Session {
 }
 
 /// A `custodian serve` replica on `database`, public at `public_url` (the proxy).
-fn replica(database: &crate::harness::TestDb, public_url: &str, dir: &Path, n: usize) -> (Proc, String) {
+fn replica(
+    database: &crate::harness::TestDb,
+    public_url: &str,
+    dir: &Path,
+    n: usize,
+) -> (Proc, String) {
     let port = free_port();
     let config = dir.join(format!("replica{n}.toml"));
     std::fs::write(
@@ -299,14 +303,25 @@ async fn a_session_alternates_replicas_and_survives_one_being_killed() {
     }
     let proxy = Proxy::start(urls.to_vec(), proxy_port).await;
 
-    let mut session = Session::start(&python, &format!("{public}/t/acme/mcp"), &token, "2025-11-25");
-    assert_eq!(session.read(Duration::from_secs(30)).await["protocol"], "2025-11-25");
+    let mut session = Session::start(
+        &python,
+        &format!("{public}/t/acme/mcp"),
+        &token,
+        "2025-11-25",
+    );
+    assert_eq!(
+        session.read(Duration::from_secs(30)).await["protocol"],
+        "2025-11-25"
+    );
     for _ in 0..2 {
         let listed = session.call("list_environments", json!({})).await;
         assert_eq!(listed["structured"]["environments"][0]["name"], CANARY);
     }
     let requested = session
-        .call("request_grant", json!({"environment": CANARY, "purpose": "check failover"}))
+        .call(
+            "request_grant",
+            json!({"environment": CANARY, "purpose": "check failover"}),
+        )
         .await;
     let grant = requested["structured"].clone();
     assert_eq!(grant["state"], "pending");
@@ -321,11 +336,20 @@ async fn a_session_alternates_replicas_and_survives_one_being_killed() {
         .iter()
         .filter(|f| f.method == "POST" && f.session.is_some())
         .collect();
-    assert!(posts.iter().all(|f| f.session.as_deref() == Some(sid.as_str())));
+    assert!(
+        posts
+            .iter()
+            .all(|f| f.session.as_deref() == Some(sid.as_str()))
+    );
     let calls = |replica: usize| {
         posts
             .iter()
-            .filter(|f| f.replica == replica && f.rpc.as_deref().is_some_and(|r| r.starts_with("tools/call")))
+            .filter(|f| {
+                f.replica == replica
+                    && f.rpc
+                        .as_deref()
+                        .is_some_and(|r| r.starts_with("tools/call"))
+            })
             .count()
     };
     assert!(calls(0) >= 1 && calls(1) >= 1, "{seen:?}");
@@ -337,7 +361,10 @@ async fn a_session_alternates_replicas_and_survives_one_being_killed() {
         for (tenant, bearer) in [("acme", &other_token), ("beta", &beta_token)] {
             let (status, body) = list_in_session((url, &host), tenant, bearer, &sid).await;
             assert_eq!(status, 404, "{tenant}: {body}");
-            assert!(!body.contains(CANARY) && !body.contains("API_KEY"), "{body}");
+            assert!(
+                !body.contains(CANARY) && !body.contains("API_KEY"),
+                "{body}"
+            );
         }
         let (status, body) = list_in_session((url, &host), "acme", &beta_token, &sid).await;
         assert_eq!(status, 401);
@@ -363,7 +390,10 @@ async fn a_session_alternates_replicas_and_survives_one_being_killed() {
         if let Some(replica) = found {
             break replica;
         }
-        assert!(Instant::now() < deadline, "grant_status never reached a replica");
+        assert!(
+            Instant::now() < deadline,
+            "grant_status never reached a replica"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -383,7 +413,10 @@ async fn a_session_alternates_replicas_and_survives_one_being_killed() {
     idp.approve(grant["user_code"].as_str().unwrap(), Login::as_("alice"))
         .await;
     let status = session
-        .call("grant_status", json!({"grant_id": grant["grant_id"], "wait_seconds": 60}))
+        .call(
+            "grant_status",
+            json!({"grant_id": grant["grant_id"], "wait_seconds": 60}),
+        )
         .await;
     assert_eq!(status["structured"]["state"], "active", "{status}");
     assert_eq!(status["structured"]["approver"], "alice@example.com");

@@ -118,8 +118,7 @@ impl ReplicaSessionManager {
     async fn spawn_worker(
         &self,
         id: SessionId,
-    ) -> Result<RestoreOutcome<<Self as SessionManager>::Transport>, LocalSessionManagerError>
-    {
+    ) -> Result<RestoreOutcome<<Self as SessionManager>::Transport>, LocalSessionManagerError> {
         let outcome = self.inner.restore_session(id.clone()).await?;
         if matches!(outcome, RestoreOutcome::Restored(_)) {
             self.tags().insert(id, random_tag());
