@@ -500,7 +500,7 @@ mod tests {
             one.check(Some("s1"), &a1).await.unwrap(),
             SessionCheck::Foreign
         );
-        assert!(one.state().bindings.get("s1").is_none());
+        assert!(!one.state().bindings.contains_key("s1"));
     }
 
     #[tokio::test]
