@@ -25,8 +25,8 @@ pub struct App {
     pub db: Db,
     /// The one source of time.
     pub clock: Arc<dyn Clock>,
-    /// The live MCP sessions and which agent token opened each.
-    pub sessions: Sessions,
+    /// The MCP sessions this replica serves (all replicas' are in the database).
+    pub sessions: Arc<Sessions>,
     /// Protects secrets at rest (device codes now, secret values later).
     pub master_key: MasterKey,
     /// The device-flow client for every tenant's IdP.
@@ -49,7 +49,7 @@ pub struct App {
 
 impl App {
     pub fn new(config: Config, db: Db, clock: Arc<dyn Clock>, master_key: MasterKey) -> Self {
-        let sessions = Sessions::new(&config.server);
+        let sessions = Arc::new(Sessions::new(&config.server, db.clone(), clock.clone()));
         let runners = &config.runners;
         let material = match (&runners.ca_file, &runners.cert_file, &runners.key_file) {
             (Some(ca), Some(cert), Some(key)) => match ClientMaterial::load(ca, cert, key) {

@@ -5,8 +5,8 @@
 //! - A missing, malformed, unknown, revoked or other-tenant token gets the same `401` with the
 //!   RFC 9728 `resource_metadata` pointer (GET, POST and DELETE alike), and so does any request to
 //!   a tenant that does not exist: status, body and headers do not tell whether a tenant exists.
-//! - A session is bound to the token that created it: the same session id presented with any other
-//!   token is answered as an unknown session (`404`).
+//! - A session is bound to the token that created it, on every replica: the same session id
+//!   presented with any other token is answered as an unknown session (`404`).
 //! - A request's `MCP-Protocol-Version`, when present, must name a supported version; inside a
 //!   session it may be left out (the session's negotiated version applies, as the spec allows for
 //!   2025-03-26 clients).
@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use secrecy::SecretString;
 
 use super::error::HttpError;
-use super::sessions::SessionCheck;
+use super::sessions::{BindError, SessionCheck};
 use crate::agent_tokens::{self, Verified};
 use crate::app::App;
 use crate::tenants::TenantId;
@@ -95,7 +95,12 @@ pub async fn authenticate(
         .get(SESSION_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let checked = app.sessions.check(session.as_deref(), &identity);
+    let checked = match app.sessions.check(session.as_deref(), &identity).await {
+        Ok(checked) => checked,
+        Err(e) => {
+            return HttpError::internal("looking up an MCP session failed", &e).into_response();
+        }
+    };
     if matches!(checked, SessionCheck::Foreign) {
         return HttpError::new(
             StatusCode::NOT_FOUND,
@@ -122,9 +127,13 @@ pub async fn authenticate(
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
             if let Some(created) = created
-                && let Err(limit) = app.sessions.bind(&created, &identity)
+                && let Err(refused) = app.sessions.bind(&created, &identity).await
             {
                 app.sessions.close(&created).await;
+                let BindError::Limit(limit) = refused else {
+                    return HttpError::internal("recording an MCP session failed", &refused)
+                        .into_response();
+                };
                 // The client is told; at debug so that a flood of attempts cannot flood the log.
                 tracing::debug!(tenant.id = %identity.tenant, agent.token = %identity.token_name, "MCP session refused: {limit}");
                 return super::jsonrpc::too_many_sessions(&limit.to_string());

@@ -43,6 +43,9 @@ pub fn router(app: Arc<App>, shutdown: CancellationToken) -> Router {
         // Long answers must keep moving to outlive the connection idle timeout (see `serve`).
         .with_sse_keep_alive(Some((server.idle_timeout / 3).min(SSE_KEEP_ALIVE)))
         .with_cancellation_token(shutdown);
+    // Any replica serves any session: one it does not hold is re-created from the database.
+    let mut mcp_config = mcp_config;
+    mcp_config.session_store = Some(app.sessions.clone());
     let handler_app = app.clone();
     let mcp = StreamableHttpService::new(
         move || Ok(CustodianMcp::new(handler_app.clone())),

@@ -352,6 +352,10 @@ impl IntoCallToolResult for ToolError {
     }
 }
 
+/// How long an offered URL elicitation waits for the client's answer. Behind a load balancer the
+/// answer may reach another replica and never come back here; the wait must end anyway.
+const ELICITATION_WAIT: Duration = Duration::from_secs(600);
+
 /// Offers the approval page as a URL-mode elicitation when the client declared support; the text
 /// path (the returned message) works without it. Fire and forget: the approval itself happens at
 /// the IdP, whatever the client answers.
@@ -372,7 +376,10 @@ fn offer_url_elicitation(context: &RequestContext<RoleServer>, requested: &Reque
     let message = requested.message.clone();
     let id = requested.grant_id.clone();
     tokio::spawn(async move {
-        if let Err(e) = peer.elicit_url(message, url, id).await {
+        if let Err(e) = peer
+            .elicit_url_with_timeout(message, url, id, Some(ELICITATION_WAIT))
+            .await
+        {
             tracing::debug!(error = %e, "URL elicitation not taken up by the client");
         }
     });

@@ -21,6 +21,7 @@ mod isolation;
 mod mcp_clients;
 mod processes;
 mod purpose;
+mod replicas;
 mod runners;
 mod secrets;
 mod served;
