@@ -20,6 +20,7 @@ pub mod grants;
 pub mod http;
 pub mod keys;
 pub mod mcp;
+pub mod oauth;
 pub mod metrics;
 pub mod oidc;
 pub mod pki;
