@@ -581,6 +581,8 @@ pub async fn redeem_code(
     let client_id = request.client_id.as_deref().unwrap_or_default();
     let code = request.code.as_deref().unwrap_or_default();
     let invalid = |m: &str| OAuthError::InvalidGrant(m.to_owned());
+    // A malformed request leaves the code usable; a wrong client, redirect or verifier spends it.
+    check_resource(server, tenant, request.resource.as_deref())?;
     let claimed = store::claim_code(server.db, tenant, &hash_secret(code.as_bytes()), now).await?;
     let code = match claimed {
         Claimed::First(code) => code,
@@ -613,7 +615,6 @@ pub async fn redeem_code(
     if !(43..=128).contains(&verifier.len()) || !pkce_ok {
         return Err(invalid("code_verifier does not match the code_challenge (PKCE S256)"));
     }
-    check_resource(server, tenant, request.resource.as_deref())?;
     let Some(family) = store::family(server.db, tenant, &code.family_id).await? else {
         return Err(invalid("unknown authorization code"));
     };
@@ -651,19 +652,7 @@ pub async fn refresh(
     if request.client_id.as_deref() != Some(family.client_id.as_str()) {
         return Err(invalid("the refresh token was issued to another client"));
     }
-    if used_at.is_some() || !store::rotate(server.db, tenant, id, now).await? {
-        store::revoke_families(server.db, tenant, &family.id, "refresh token reused", now).await?;
-        tracing::warn!(tenant.id = %tenant, oauth.session = %family.id, "a rotated refresh token was presented again; its sign-in is revoked");
-        return Err(invalid(
-            "the refresh token was already used; every token of this sign-in is revoked",
-        ));
-    }
-    if family.revoked_at.is_some() {
-        return Err(invalid("this sign-in was revoked; sign in again"));
-    }
-    if expires_at < now || family.expires_at < now {
-        return Err(invalid("the refresh token expired; sign in again"));
-    }
+    // Malformed requests change nothing: checked before the token is spent.
     check_resource(server, tenant, request.resource.as_deref())?;
     if let Some(asked) = request.scope.as_deref() {
         let granted: Vec<&str> = family.scope.split_whitespace().collect();
@@ -676,6 +665,19 @@ pub async fn refresh(
                 printable(extra, 64)
             )));
         }
+    }
+    if used_at.is_some() || !store::rotate(server.db, tenant, id, now).await? {
+        store::revoke_families(server.db, tenant, &family.id, "refresh token reused", now).await?;
+        tracing::warn!(tenant.id = %tenant, oauth.session = %family.id, "a rotated refresh token was presented again; its sign-in is revoked");
+        return Err(invalid(
+            "the refresh token was already used; every token of this sign-in is revoked",
+        ));
+    }
+    if family.revoked_at.is_some() {
+        return Err(invalid("this sign-in was revoked; sign in again"));
+    }
+    if expires_at < now || family.expires_at < now {
+        return Err(invalid("the refresh token expired; sign in again"));
     }
     issue(server, tenant, &family, now).await
 }

@@ -19,6 +19,7 @@ mod https_api;
 mod idp;
 mod isolation;
 mod mcp_clients;
+mod oauth;
 mod processes;
 mod purpose;
 mod runners;
