@@ -40,6 +40,9 @@ pub enum AdminCommand {
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Engineers signed in with `codex mcp login` (OAuth sessions): list, revoke.
+    #[command(subcommand, name = "sign-ins", alias = "oauth")]
+    SignIns(super::sign_ins::SignInCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -309,6 +312,7 @@ pub async fn run(config: Config, command: AdminCommand) -> anyhow::Result<()> {
 async fn dispatch(app: &App, command: AdminCommand, now: clock::UnixSeconds) -> anyhow::Result<()> {
     let db = &app.db;
     match command {
+        AdminCommand::SignIns(command) => super::sign_ins::run(db, command, now).await?,
         AdminCommand::Tenant(TenantCommand::Create {
             id,
             display_name,

@@ -9,6 +9,7 @@ mod audit;
 mod auth;
 mod bad_input;
 mod cli;
+mod codex;
 mod config;
 mod docs;
 mod egress;
