@@ -7,7 +7,7 @@
 //! Custodian tool `list_environments` and the next with a short message, and keeps every request
 //! body so that the test can read the tool's output as Codex passed it back.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -149,6 +149,36 @@ impl Codex {
         std::fs::write(&path, all.to_string()).unwrap();
     }
 
+    /// Starts `codex mcp login custodian --no-browser`; returns it with the authorization URL it
+    /// printed. Its stdin stays open (it would also accept a pasted callback URL there).
+    fn start_login(&self, base: &str) -> (Proc, String) {
+        let mut login = Proc(
+            self.command()
+                .args(["mcp", "login", "custodian", "--no-browser"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let stdout = login.0.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let wanted = format!("{base}/t/dev/oauth/authorize?");
+        loop {
+            let line = rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("codex printed no authorization URL");
+            if let Some(at) = line.find(&wanted) {
+                return (login, line[at..].trim().to_owned());
+            }
+        }
+    }
+
     /// `codex exec` with a prompt; its exit status and stderr.
     fn exec(&self) -> (bool, String) {
         let out = self
@@ -191,39 +221,13 @@ async fn codex_signs_in_at_the_company_idp_uses_refreshes_and_loses_its_token() 
 
     // `codex mcp login` prints the authorization URL and waits for the browser's callback (its
     // stdin stays open: it would also accept the callback URL pasted there).
-    let mut login = Proc(
-        codex
-            .command()
-            .args(["mcp", "login", "custodian", "--no-browser"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stdout = login.0.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let authorization_url = loop {
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("codex printed no authorization URL");
-        if let Some(at) = line.find(&format!("{base}/t/dev/oauth/authorize?")) {
-            break line[at..].trim().to_owned();
-        }
-    };
+    let (mut login, authorization_url) = codex.start_login(&base);
     let callback = idp.sign_in(&authorization_url, Login::as_("alice")).await;
     assert!(callback.starts_with("http://127.0.0.1:"), "{callback}");
     assert!(callback.contains("code="), "{callback}");
     let delivered = reqwest::get(&callback).await.expect("codex's callback listener");
     assert!(delivered.status().is_success());
-    let status = wait(&mut login, 60);
-    let _ = login.0.stdin.take().map(|mut i| i.flush());
-    assert!(status.success(), "codex mcp login failed");
+    assert!(wait(&mut login, 60).success(), "codex mcp login failed");
     let first = codex.credentials();
     let first_access = first["access_token"].as_str().unwrap().to_owned();
     assert!(first_access.starts_with("csa_"), "{first}");
@@ -271,4 +275,57 @@ fn wait(proc: &mut Proc, seconds: u64) -> std::process::ExitStatus {
         assert!(std::time::Instant::now() < deadline, "the process did not exit");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// The sign-in `custodian dev` offers out of the box: its embedded dev IdP's one-button page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_signs_in_to_custodian_dev_with_its_dev_idp() {
+    let Some(bin) = codex_binary() else { return };
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let listen = format!("127.0.0.1:{port}");
+    let mut dev = spawn(&["dev", "--listen", &listen, "--data-dir", data.to_str().unwrap()]);
+    let banner = read_until(&mut dev.0, "Press Ctrl-C");
+    assert!(banner.contains("codex mcp login custodian"), "{banner}");
+    let model = ScriptedModel::default();
+    let codex = Codex::new(bin, &format!("{base}/t/dev/mcp"), &model.start().await);
+    let (mut login, authorization_url) = codex.start_login(&base);
+
+    // The browser: Custodian sends it to the dev IdP, whose page has one button.
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let location = |r: &reqwest::Response| r.headers()["location"].to_str().unwrap().to_owned();
+    let to_idp = browser.get(&authorization_url).send().await.unwrap();
+    assert_eq!(to_idp.status(), 303);
+    let idp_page_url = location(&to_idp);
+    let page = browser.get(&idp_page_url).send().await.unwrap().text().await.unwrap();
+    let request = page
+        .split("name=\"request\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("{page}"));
+    let idp_base = idp_page_url.split("/authorize").next().unwrap();
+    let signed_in = browser
+        .post(format!("{idp_base}/authorize/approve"))
+        .form(&[("request", request)])
+        .send()
+        .await
+        .unwrap();
+    let to_custodian = location(&signed_in);
+    assert!(to_custodian.starts_with(&format!("{base}/t/dev/oauth/callback?")), "{to_custodian}");
+    let to_codex = location(&browser.get(&to_custodian).send().await.unwrap());
+    assert!(to_codex.contains("code="), "{to_codex}");
+    assert!(browser.get(&to_codex).send().await.unwrap().status().is_success());
+    assert!(wait(&mut login, 60).success(), "codex mcp login failed");
+
+    let (ok, stderr) = codex.exec();
+    assert!(ok, "{stderr}");
+    let outputs = model.tool_outputs();
+    assert_eq!(outputs.len(), 1, "{outputs:?}");
+    assert!(outputs[0].contains("\\\"demo\\\""), "{}", outputs[0]);
+    drop(dev);
 }
