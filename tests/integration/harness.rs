@@ -248,6 +248,7 @@ impl TestApp {
                 device_code_sealed: "not-used",
                 poll_interval_ms: 3_600_000,
                 trace_context: None,
+                requester: None,
             },
             now_ms,
         )

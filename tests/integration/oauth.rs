@@ -453,3 +453,71 @@ on_both_backends!(
     codes_are_single_use_bound_to_pkce_and_tokens_to_their_resource,
     refresh_rotates_and_a_reused_refresh_token_revokes_the_family,
 );
+
+/// Identity through to grants: a grant requested with a signed-in engineer's token records them,
+/// and the environment's rule decides whether they may (or must) approve it themselves.
+async fn grants_know_the_engineer_and_enforce_own_or_four_eyes_approval(backend: Backend) {
+    use crate::grants::{call, request_in, row, user_code, wait_until};
+    use custodian::environments::{Policy, RequesterRule};
+    let Some((t, idp)) = gateway_and_idp(backend).await else {
+        return;
+    };
+    let acme = custodian::tenants::TenantId::parse("acme").unwrap();
+    for (name, rule) in [
+        ("production", RequesterRule::NotRequester),
+        ("personal", RequesterRule::Requester),
+    ] {
+        let policy = Policy {
+            approver_vs_requester: rule,
+            ..Policy::default()
+        };
+        t.environment_with(&acme, name, &policy).await;
+    }
+    let mcp = t.mcp_url("acme");
+    let client = NativeClient::discover_and_register(&mcp).await;
+    let (_, tokens) = client.redeem(&client.sign_in(&idp, "alice").await).await;
+    let alice = crate::mcp_clients::connect(&mcp, tokens["access_token"].as_str().unwrap()).await;
+    let agent_token = t.token(&acme, "ci-bot").await;
+    let bot = crate::mcp_clients::connect(&mcp, &agent_token).await;
+
+    // An agent token names no engineer: an environment that needs the requester's own approval
+    // refuses it up front, and creates nothing.
+    let refused = call(
+        &bot,
+        "request_grant",
+        json!({"environment": "personal", "purpose": "read my own data"}),
+    )
+    .await
+    .unwrap_err();
+    assert!(refused.contains("codex mcp login"), "{refused}");
+
+    // Four eyes: alice cannot approve her own production grant; bob can.
+    let own = request_in(&alice, "production").await;
+    assert_eq!(row(&t, &own).await.requester_sub.as_deref(), Some("alice"));
+    idp.approve(user_code(&own), Login::as_("alice")).await;
+    let denied = wait_until(&alice, &own, "denied").await;
+    assert!(denied["reason"].as_str().unwrap().contains("four eyes"), "{denied}");
+    let grant = request_in(&alice, "production").await;
+    idp.approve(user_code(&grant), Login::as_("bob")).await;
+    wait_until(&alice, &grant, "active").await;
+    let stored = row(&t, &grant).await;
+    assert_eq!(stored.requester_name.as_deref(), Some("alice@example.com"));
+    assert_eq!(stored.approver_sub.as_deref(), Some("bob"));
+
+    // Own approval: bob cannot approve alice's personal grant; alice can.
+    let grant = request_in(&alice, "personal").await;
+    idp.approve(user_code(&grant), Login::as_("bob")).await;
+    wait_until(&alice, &grant, "denied").await;
+    let grant = request_in(&alice, "personal").await;
+    idp.approve(user_code(&grant), Login::as_("alice")).await;
+    wait_until(&alice, &grant, "active").await;
+
+    // Agent-token grants name no requester; four eyes lets any approver through for them.
+    let grant = request_in(&bot, "production").await;
+    assert_eq!(row(&t, &grant).await.requester_sub, None);
+    idp.approve(user_code(&grant), Login::as_("alice")).await;
+    wait_until(&bot, &grant, "active").await;
+    t.stop().await;
+}
+
+on_both_backends!(grants_know_the_engineer_and_enforce_own_or_four_eyes_approval);
