@@ -295,8 +295,7 @@ pub enum TokenCommand {
 }
 
 fn parse_requester_rule(text: &str) -> Result<RequesterRule, String> {
-    RequesterRule::parse(text)
-        .ok_or_else(|| "expected any, requester or not-requester".to_owned())
+    RequesterRule::parse(text).ok_or_else(|| "expected any, requester or not-requester".to_owned())
 }
 
 /// Runs the commands that touch no database (`master-key generate`, `pki …`), which therefore need

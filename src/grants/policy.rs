@@ -130,7 +130,11 @@ mod tests {
         assert_eq!(check_requester(own, Some("alice"), &alice), Ok(()));
         assert!(check_requester(own, Some("alice"), &bob).is_err());
         assert!(check_requester(own, None, &alice).is_err());
-        assert!(check_requester(other, Some("alice"), &alice).unwrap_err().contains("four eyes"));
+        assert!(
+            check_requester(other, Some("alice"), &alice)
+                .unwrap_err()
+                .contains("four eyes")
+        );
         assert_eq!(check_requester(other, Some("alice"), &bob), Ok(()));
         assert_eq!(check_requester(other, None, &alice), Ok(()));
     }

@@ -89,7 +89,8 @@ pub async fn insert(
         "max_uses": new.max_uses,
     });
     if let Some(requester) = new.requester {
-        detail["requester"] = serde_json::json!({"subject": requester.subject, "name": requester.name});
+        detail["requester"] =
+            serde_json::json!({"subject": requester.subject, "name": requester.name});
     }
     crate::audit::append(
         &mut tx,

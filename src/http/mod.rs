@@ -66,7 +66,10 @@ pub fn router(app: Arc<App>, shutdown: CancellationToken) -> Router {
             get(protected_resource_metadata),
         )
         .route("/approve/{id}", get(approve::page))
-        .layer(middleware::from_fn_with_state(policy.clone(), guard::check_origin));
+        .layer(middleware::from_fn_with_state(
+            policy.clone(),
+            guard::check_origin,
+        ));
 
     let sign_in = crate::oauth::http::routes()
         .layer(middleware::from_fn_with_state(policy, guard::check_origin));

@@ -104,7 +104,12 @@ pub async fn register(
 ) -> Result<Registration, OAuthError> {
     server.idp(tenant).await?;
     let invalid = |m: &str| OAuthError::InvalidClientMetadata(m.to_owned());
-    if request.token_endpoint_auth_method.as_deref().unwrap_or("none") != "none" {
+    if request
+        .token_endpoint_auth_method
+        .as_deref()
+        .unwrap_or("none")
+        != "none"
+    {
         return Err(invalid(
             "only public clients register here: token_endpoint_auth_method must be \"none\"",
         ));
@@ -243,7 +248,11 @@ fn checked_scope(scope: Option<&str>) -> Result<String, OAuthError> {
     Ok(granted.join(" "))
 }
 
-fn check_resource(server: &Server<'_>, tenant: &TenantId, resource: Option<&str>) -> Result<(), OAuthError> {
+fn check_resource(
+    server: &Server<'_>,
+    tenant: &TenantId,
+    resource: Option<&str>,
+) -> Result<(), OAuthError> {
     let expected = super::resource(server.public_url, tenant.as_str());
     match resource {
         Some(r) if r == expected => Ok(()),
@@ -289,7 +298,9 @@ pub async fn authorize(
     now: UnixSeconds,
 ) -> Result<Next, OAuthError> {
     let Some(client_id) = request.client_id.as_deref() else {
-        return Err(OAuthError::InvalidRequest("client_id is required".to_owned()));
+        return Err(OAuthError::InvalidRequest(
+            "client_id is required".to_owned(),
+        ));
     };
     let Some(client) = store::client(server.db, tenant, client_id).await? else {
         return Err(OAuthError::InvalidClient(
@@ -303,8 +314,7 @@ pub async fn authorize(
         .filter(|r| registered.iter().any(|u| u == r))
     else {
         return Err(OAuthError::InvalidRequest(
-            "redirect_uri is missing or differs from every registered one (exact match)"
-                .to_owned(),
+            "redirect_uri is missing or differs from every registered one (exact match)".to_owned(),
         ));
     };
     let issuer = server.issuer(tenant);
@@ -554,9 +564,13 @@ impl std::fmt::Debug for TokenRequest {
 impl Drop for TokenRequest {
     fn drop(&mut self) {
         use zeroize::Zeroize;
-        for value in [&mut self.code, &mut self.code_verifier, &mut self.refresh_token]
-            .into_iter()
-            .flatten()
+        for value in [
+            &mut self.code,
+            &mut self.code_verifier,
+            &mut self.refresh_token,
+        ]
+        .into_iter()
+        .flatten()
         {
             value.zeroize();
         }
@@ -604,16 +618,25 @@ pub async fn redeem_code(
         return Err(invalid("the authorization code expired"));
     }
     if code.client_id != client_id {
-        return Err(invalid("the authorization code was issued to another client"));
+        return Err(invalid(
+            "the authorization code was issued to another client",
+        ));
     }
     if request.redirect_uri.as_deref() != Some(code.redirect_uri.as_str()) {
-        return Err(invalid("redirect_uri differs from the authorization request's"));
+        return Err(invalid(
+            "redirect_uri differs from the authorization request's",
+        ));
     }
     let verifier = request.code_verifier.as_deref().unwrap_or_default();
     let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
-    let pkce_ok: bool = challenge.as_bytes().ct_eq(code.code_challenge.as_bytes()).into();
+    let pkce_ok: bool = challenge
+        .as_bytes()
+        .ct_eq(code.code_challenge.as_bytes())
+        .into();
     if !(43..=128).contains(&verifier.len()) || !pkce_ok {
-        return Err(invalid("code_verifier does not match the code_challenge (PKCE S256)"));
+        return Err(invalid(
+            "code_verifier does not match the code_challenge (PKCE S256)",
+        ));
     }
     let Some(family) = store::family(server.db, tenant, &code.family_id).await? else {
         return Err(invalid("unknown authorization code"));

@@ -138,9 +138,10 @@ fn go(next: Result<Next, OAuthError>) -> Response {
     match next {
         Ok(Next::SignIn(url) | Next::Client(url)) => {
             let mut response = Redirect::to(url.as_str()).into_response();
-            response
-                .headers_mut()
-                .insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+            response.headers_mut().insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-store"),
+            );
             response
         }
         Err(e) => error_page(&e),

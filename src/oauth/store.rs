@@ -331,15 +331,17 @@ pub(super) async fn access_token(
     .bind(now)
     .fetch_optional(db.pool())
     .await?;
-    Ok(row.map(|(family_id, secret_hash, subject, email, resource)| {
-        Some(StoredToken {
-            family_id: family_id?,
-            secret_hash: secret_hash?,
-            subject: subject?,
-            email,
-            resource: resource?,
-        })
-    }))
+    Ok(
+        row.map(|(family_id, secret_hash, subject, email, resource)| {
+            Some(StoredToken {
+                family_id: family_id?,
+                secret_hash: secret_hash?,
+                subject: subject?,
+                email,
+                resource: resource?,
+            })
+        }),
+    )
 }
 
 /// A refresh token by id, with its family (revoked or not) and whether it was used or expired.

@@ -520,7 +520,8 @@ fn redeem(idp: &Inner, form: &TokenForm) -> Response {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
     };
     let verifier = form.code_verifier.as_deref().unwrap_or_default();
-    let challenge = URL_SAFE_NO_PAD.encode(<sha2::Sha256 as sha2::Digest>::digest(verifier.as_bytes()));
+    let challenge =
+        URL_SAFE_NO_PAD.encode(<sha2::Sha256 as sha2::Digest>::digest(verifier.as_bytes()));
     if form.client_id != DEV_CLIENT_ID
         || form.redirect_uri.as_deref() != Some(entry.redirect_uri.as_str())
         || challenge != entry.challenge

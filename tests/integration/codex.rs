@@ -142,7 +142,8 @@ impl Codex {
     /// Makes Codex consider its access token expired, as if its lifetime had passed.
     fn expire_access_token(&self) {
         let path = self.home.path().join(".credentials.json");
-        let mut all: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let mut all: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         for entry in all.as_object_mut().unwrap().values_mut() {
             entry["expires_at"] = json!(1000);
         }
@@ -187,7 +188,10 @@ impl Codex {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 }
 
@@ -199,22 +203,33 @@ async fn codex_signs_in_at_the_company_idp_uses_refreshes_and_loses_its_token() 
     let Some(idp) = TestIdp::start_with_sign_in(&[format!("{base}/t/dev/oauth/callback")]) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, dev, _) = start_dev(port);
     let data = dir.path().join("data");
-    let listen = format!("127.0.0.1:{port}");
-    let mut dev = spawn(&["dev", "--listen", &listen, "--data-dir", data.to_str().unwrap()]);
-    read_until(&mut dev.0, "Press Ctrl-C");
     let config = data.join("custodian.toml");
     let admin = |args: &[&str]| {
         let mut all = vec!["admin", "--config", config.to_str().unwrap()];
         all.extend_from_slice(args);
         let out = custodian(&all, &[]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "{all:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{all:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         text
     };
     // The company IdP becomes the dev tenant's.
-    admin(&["tenant", "set-idp", "dev", "--issuer", &idp.issuer, "--client-id", "custodian", "--scopes", "openid email groups"]);
+    admin(&[
+        "tenant",
+        "set-idp",
+        "dev",
+        "--issuer",
+        &idp.issuer,
+        "--client-id",
+        "custodian",
+        "--scopes",
+        "openid email groups",
+    ]);
     let mcp_url = format!("{base}/t/dev/mcp");
     let model = ScriptedModel::default();
     let codex = Codex::new(bin, &mcp_url, &model.start().await);
@@ -225,14 +240,19 @@ async fn codex_signs_in_at_the_company_idp_uses_refreshes_and_loses_its_token() 
     let callback = idp.sign_in(&authorization_url, Login::as_("alice")).await;
     assert!(callback.starts_with("http://127.0.0.1:"), "{callback}");
     assert!(callback.contains("code="), "{callback}");
-    let delivered = reqwest::get(&callback).await.expect("codex's callback listener");
+    let delivered = reqwest::get(&callback)
+        .await
+        .expect("codex's callback listener");
     assert!(delivered.status().is_success());
     assert!(wait(&mut login, 60).success(), "codex mcp login failed");
     let first = codex.credentials();
     let first_access = first["access_token"].as_str().unwrap().to_owned();
     assert!(first_access.starts_with("csa_"), "{first}");
     let listed = admin(&["sign-ins", "list", "dev"]);
-    assert!(listed.contains("alice@example.com") && listed.contains("Codex"), "{listed}");
+    assert!(
+        listed.contains("alice@example.com") && listed.contains("Codex"),
+        "{listed}"
+    );
 
     // `codex exec` calls list_environments with the signed-in token.
     let (ok, stderr) = codex.exec();
@@ -248,7 +268,10 @@ async fn codex_signs_in_at_the_company_idp_uses_refreshes_and_loses_its_token() 
     let second = codex.credentials();
     let second_access = second["access_token"].as_str().unwrap().to_owned();
     assert_ne!(second_access, first_access, "no refresh happened");
-    assert_ne!(second["refresh_token"], first["refresh_token"], "the refresh token was not rotated");
+    assert_ne!(
+        second["refresh_token"], first["refresh_token"],
+        "the refresh token was not rotated"
+    );
     let outputs = model.tool_outputs();
     assert_eq!(outputs.len(), 2, "{outputs:?}");
     assert!(outputs[1].contains("\\\"demo\\\""), "{}", outputs[1]);
@@ -259,10 +282,33 @@ async fn codex_signs_in_at_the_company_idp_uses_refreshes_and_loses_its_token() 
     assert_eq!(list_environments(&mcp_url, &second_access).await.0, 401);
     let _ = codex.exec();
     let outputs = model.tool_outputs();
-    assert!(outputs.iter().skip(2).all(|o| !o.contains("Demo environment")), "{outputs:?}");
+    assert!(
+        outputs
+            .iter()
+            .skip(2)
+            .all(|o| !o.contains("Demo environment")),
+        "{outputs:?}"
+    );
     let listed = admin(&["sign-ins", "list", "dev", "--all"]);
     assert!(listed.contains("revoked by an admin"), "{listed}");
     drop(dev);
+}
+
+/// Starts `custodian dev` on `port` with a data directory in a new temporary directory; returns
+/// the directory (holding `data/`), the process and its banner.
+fn start_dev(port: u16) -> (tempfile::TempDir, Proc, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let listen = format!("127.0.0.1:{port}");
+    let mut dev = spawn(&[
+        "dev",
+        "--listen",
+        &listen,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    let banner = read_until(&mut dev.0, "Press Ctrl-C");
+    (dir, dev, banner)
 }
 
 /// Waits up to `seconds` for `proc` to exit.
@@ -272,7 +318,10 @@ fn wait(proc: &mut Proc, seconds: u64) -> std::process::ExitStatus {
         if let Some(status) = proc.0.try_wait().unwrap() {
             return status;
         }
-        assert!(std::time::Instant::now() < deadline, "the process did not exit");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the process did not exit"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
@@ -283,11 +332,7 @@ async fn codex_signs_in_to_custodian_dev_with_its_dev_idp() {
     let Some(bin) = codex_binary() else { return };
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let listen = format!("127.0.0.1:{port}");
-    let mut dev = spawn(&["dev", "--listen", &listen, "--data-dir", data.to_str().unwrap()]);
-    let banner = read_until(&mut dev.0, "Press Ctrl-C");
+    let (_dir, dev, banner) = start_dev(port);
     assert!(banner.contains("codex mcp login custodian"), "{banner}");
     let model = ScriptedModel::default();
     let codex = Codex::new(bin, &format!("{base}/t/dev/mcp"), &model.start().await);
@@ -302,7 +347,14 @@ async fn codex_signs_in_to_custodian_dev_with_its_dev_idp() {
     let to_idp = browser.get(&authorization_url).send().await.unwrap();
     assert_eq!(to_idp.status(), 303);
     let idp_page_url = location(&to_idp);
-    let page = browser.get(&idp_page_url).send().await.unwrap().text().await.unwrap();
+    let page = browser
+        .get(&idp_page_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let request = page
         .split("name=\"request\" value=\"")
         .nth(1)
@@ -316,10 +368,21 @@ async fn codex_signs_in_to_custodian_dev_with_its_dev_idp() {
         .await
         .unwrap();
     let to_custodian = location(&signed_in);
-    assert!(to_custodian.starts_with(&format!("{base}/t/dev/oauth/callback?")), "{to_custodian}");
+    assert!(
+        to_custodian.starts_with(&format!("{base}/t/dev/oauth/callback?")),
+        "{to_custodian}"
+    );
     let to_codex = location(&browser.get(&to_custodian).send().await.unwrap());
     assert!(to_codex.contains("code="), "{to_codex}");
-    assert!(browser.get(&to_codex).send().await.unwrap().status().is_success());
+    assert!(
+        browser
+            .get(&to_codex)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
     assert!(wait(&mut login, 60).success(), "codex mcp login failed");
 
     let (ok, stderr) = codex.exec();

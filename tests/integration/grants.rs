@@ -42,7 +42,11 @@ on_both_backends!(
 pub(crate) type Client = rmcp::service::RunningService<rmcp::RoleClient, rmcp::model::ClientConfig>;
 
 /// Calls a tool; returns `Ok(structured)` or `Err(text)` for a refusal (`isError`).
-pub(crate) async fn call(client: &Client, tool: &'static str, args: Value) -> Result<Value, String> {
+pub(crate) async fn call(
+    client: &Client,
+    tool: &'static str,
+    args: Value,
+) -> Result<Value, String> {
     let result = client
         .call_tool(
             CallToolRequestParams::new(tool).with_arguments(args.as_object().unwrap().clone()),

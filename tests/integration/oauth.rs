@@ -36,6 +36,10 @@ impl SignedIn {
     }
 }
 
+async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 fn no_redirects() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -65,23 +69,29 @@ impl NativeClient {
             .nth(1)
             .and_then(|rest| rest.split('"').next())
             .unwrap_or_else(|| panic!("{challenge}"));
-        let resource: Value = http.get(metadata_url).send().await.unwrap().json().await.unwrap();
+        let resource = get_json(&http, metadata_url).await;
         assert_eq!(resource["resource"], mcp_url);
-        let issuer = resource["authorization_servers"][0].as_str().unwrap().to_owned();
+        let issuer = resource["authorization_servers"][0]
+            .as_str()
+            .unwrap()
+            .to_owned();
         let path = url::Url::parse(&issuer).unwrap().path().to_owned();
         let base = issuer.trim_end_matches(&path).to_owned();
-        let server: Value = http
-            .get(format!("{base}/.well-known/oauth-authorization-server{path}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let server = get_json(
+            &http,
+            &format!("{base}/.well-known/oauth-authorization-server{path}"),
+        )
+        .await;
         assert_eq!(server["issuer"], issuer.as_str());
         assert_eq!(server["code_challenge_methods_supported"], json!(["S256"]));
-        assert_eq!(server["token_endpoint_auth_methods_supported"], json!(["none"]));
-        assert_eq!(server["authorization_response_iss_parameter_supported"], true);
+        assert_eq!(
+            server["token_endpoint_auth_methods_supported"],
+            json!(["none"])
+        );
+        assert_eq!(
+            server["authorization_response_iss_parameter_supported"],
+            true
+        );
         let redirect_uri = format!("http://127.0.0.1:{}/callback/test", free_port());
         let registered = http
             .post(server["registration_endpoint"].as_str().unwrap())
@@ -187,7 +197,10 @@ pub async fn list_environments(mcp_url: &str, token: &str) -> (u16, Option<Value
         .await
         .unwrap();
     if probe.status() == 401 {
-        let challenge = probe.headers()["www-authenticate"].to_str().unwrap().to_owned();
+        let challenge = probe.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .to_owned();
         assert!(challenge.contains("error=\"invalid_token\""), "{challenge}");
         return (401, None);
     }
@@ -227,8 +240,14 @@ async fn registration_and_authorization_requests_are_strict(backend: Backend) {
     };
     // Only loopback redirect URIs of public clients register.
     for (body, code) in [
-        (json!({"redirect_uris": ["https://evil.example.com/cb"]}), "invalid_redirect_uri"),
-        (json!({"redirect_uris": ["http://127.0.0.1/cb"]}), "invalid_redirect_uri"),
+        (
+            json!({"redirect_uris": ["https://evil.example.com/cb"]}),
+            "invalid_redirect_uri",
+        ),
+        (
+            json!({"redirect_uris": ["http://127.0.0.1/cb"]}),
+            "invalid_redirect_uri",
+        ),
         (json!({"redirect_uris": []}), "invalid_redirect_uri"),
         (
             json!({"redirect_uris": ["http://127.0.0.1:9/cb"], "token_endpoint_auth_method": "client_secret_basic"}),
@@ -259,7 +278,10 @@ async fn registration_and_authorization_requests_are_strict(backend: Backend) {
     // Unknown client and unregistered redirect URI: an error page, never a redirect.
     for tweak in [
         ("client_id", "ocl_unknown".to_owned()),
-        ("redirect_uri", "http://127.0.0.1:9/callback/evil".to_owned()),
+        (
+            "redirect_uri",
+            "http://127.0.0.1:9/callback/evil".to_owned(),
+        ),
     ] {
         let (url, _) = client.authorization_url(|q| {
             q.retain(|(k, _)| *k != tweak.0);
@@ -273,7 +295,11 @@ async fn registration_and_authorization_requests_are_strict(backend: Backend) {
     let cases: [(&str, Option<&str>, &str); 5] = [
         ("code_challenge_method", Some("plain"), "invalid_request"),
         ("code_challenge", None, "invalid_request"),
-        ("resource", Some("http://127.0.0.1:1/t/acme/mcp"), "invalid_target"),
+        (
+            "resource",
+            Some("http://127.0.0.1:1/t/acme/mcp"),
+            "invalid_target",
+        ),
         ("resource", None, "invalid_target"),
         ("scope", Some("mcp admin"), "invalid_scope"),
     ];
@@ -288,7 +314,11 @@ async fn registration_and_authorization_requests_are_strict(backend: Backend) {
         assert_eq!(answer.status(), 303, "{key}");
         let back = url::Url::parse(answer.headers()["location"].to_str().unwrap()).unwrap();
         assert!(back.as_str().starts_with(&client.redirect_uri), "{back}");
-        let param = |n: &str| back.query_pairs().find(|(k, _)| k == n).map(|(_, v)| v.into_owned());
+        let param = |n: &str| {
+            back.query_pairs()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.into_owned())
+        };
         assert_eq!(param("error").as_deref(), Some(expected), "{key}: {back}");
         assert_eq!(param("state").as_deref(), Some("client-state-1"));
         assert_eq!(param("iss").as_deref(), Some(client.issuer.as_str()));
@@ -301,7 +331,10 @@ async fn registration_and_authorization_requests_are_strict(backend: Backend) {
         .unwrap();
     assert_eq!(count, 0);
     let forged = http
-        .get(format!("{}/oauth/callback?code=x&state=forged", client.issuer))
+        .get(format!(
+            "{}/oauth/callback?code=x&state=forged",
+            client.issuer
+        ))
         .send()
         .await
         .unwrap();
@@ -320,14 +353,23 @@ async fn codes_are_single_use_bound_to_pkce_and_tokens_to_their_resource(backend
 
     // A wrong verifier: refused, and the code is spent.
     let signed_in = client.sign_in(&idp, "alice").await;
-    assert_eq!(signed_in.param("iss").as_deref(), Some(client.issuer.as_str()));
+    assert_eq!(
+        signed_in.param("iss").as_deref(),
+        Some(client.issuer.as_str())
+    );
     assert_eq!(signed_in.param("state").as_deref(), Some("client-state-1"));
     let wrong = SignedIn {
         callback: signed_in.callback.clone(),
         verifier: URL_SAFE_NO_PAD.encode([7u8; 32]),
     };
-    assert_eq!(error_of(&client.redeem(&wrong).await), (400, "invalid_grant"));
-    assert_eq!(error_of(&client.redeem(&signed_in).await), (400, "invalid_grant"));
+    assert_eq!(
+        error_of(&client.redeem(&wrong).await),
+        (400, "invalid_grant")
+    );
+    assert_eq!(
+        error_of(&client.redeem(&signed_in).await),
+        (400, "invalid_grant")
+    );
 
     // A token request for another resource is refused and leaves the code usable; then the code
     // works once, and the token it gave is accepted by acme's MCP endpoint only.
@@ -358,9 +400,15 @@ async fn codes_are_single_use_bound_to_pkce_and_tokens_to_their_resource(backend
     assert_eq!(list_environments(&other_resource, &access).await.0, 401);
 
     // The same code again: refused, and the sign-in it started is revoked with its tokens.
-    assert_eq!(error_of(&client.redeem(&signed_in).await), (400, "invalid_grant"));
+    assert_eq!(
+        error_of(&client.redeem(&signed_in).await),
+        (400, "invalid_grant")
+    );
     assert_eq!(list_environments(&mcp, &access).await.0, 401);
-    assert_eq!(error_of(&client.refresh(&refresh, &mcp).await), (400, "invalid_grant"));
+    assert_eq!(
+        error_of(&client.refresh(&refresh, &mcp).await),
+        (400, "invalid_grant")
+    );
 
     // Access tokens expire.
     let signed_in = client.sign_in(&idp, "bob").await;
@@ -425,9 +473,15 @@ async fn refresh_rotates_and_a_reused_refresh_token_revokes_the_family(backend: 
     assert_eq!(list_environments(&mcp, &second_access).await.0, 200);
 
     // The rotated refresh token again: the whole family is revoked (the newest tokens too).
-    assert_eq!(error_of(&client.refresh(&first_refresh, &mcp).await), (400, "invalid_grant"));
+    assert_eq!(
+        error_of(&client.refresh(&first_refresh, &mcp).await),
+        (400, "invalid_grant")
+    );
     assert_eq!(list_environments(&mcp, &second_access).await.0, 401);
-    assert_eq!(error_of(&client.refresh(&second_refresh, &mcp).await), (400, "invalid_grant"));
+    assert_eq!(
+        error_of(&client.refresh(&second_refresh, &mcp).await),
+        (400, "invalid_grant")
+    );
     let families = custodian::oauth::list_families(
         t.db(),
         &custodian::tenants::TenantId::parse("acme").unwrap(),
@@ -437,7 +491,10 @@ async fn refresh_rotates_and_a_reused_refresh_token_revokes_the_family(backend: 
     assert_eq!(families.len(), 1);
     assert_eq!(families[0].subject, "alice");
     assert_eq!(families[0].email.as_deref(), Some("alice@example.com"));
-    assert_eq!(families[0].revoke_reason.as_deref(), Some("refresh token reused"));
+    assert_eq!(
+        families[0].revoke_reason.as_deref(),
+        Some("refresh token reused")
+    );
 
     // A fresh sign-in is independent of the revoked one.
     let signed_in = client.sign_in(&idp, "alice").await;
@@ -496,7 +553,10 @@ async fn grants_know_the_engineer_and_enforce_own_or_four_eyes_approval(backend:
     assert_eq!(row(&t, &own).await.requester_sub.as_deref(), Some("alice"));
     idp.approve(user_code(&own), Login::as_("alice")).await;
     let denied = wait_until(&alice, &own, "denied").await;
-    assert!(denied["reason"].as_str().unwrap().contains("four eyes"), "{denied}");
+    assert!(
+        denied["reason"].as_str().unwrap().contains("four eyes"),
+        "{denied}"
+    );
     let grant = request_in(&alice, "production").await;
     idp.approve(user_code(&grant), Login::as_("bob")).await;
     wait_until(&alice, &grant, "active").await;
