@@ -778,7 +778,7 @@ mod tests {
     fn only_loopback_http_redirects_with_a_port_register() {
         for ok in [
             "http://127.0.0.1:5555/callback/abc",
-            "http://[::1]:80/cb",
+            "http://[::1]:8080/cb",
             "http://localhost:1234/",
         ] {
             assert!(is_loopback_redirect(ok), "{ok}");

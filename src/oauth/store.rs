@@ -179,6 +179,11 @@ pub(super) async fn insert_family_and_code(
     code: &Code,
 ) -> Result<(), StoreError> {
     let mut tx = db.pool().begin().await?;
+    // Spent and expired codes are kept a day (a replay within it still revokes its sign-in).
+    sqlx::query("DELETE FROM oauth_codes WHERE expires_at < $1")
+        .bind(family.created_at - 24 * 3600)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "INSERT INTO oauth_families (tenant_id, id, client_id, client_name, subject, name, email, \
          scope, resource, created_at, expires_at, last_used_at) \
@@ -287,6 +292,16 @@ pub(super) async fn insert_tokens(
     if live.rows_affected() == 0 {
         return Ok(false);
     }
+    // The family's expired tokens are useless (a rotated refresh token past its expiry can no
+    // longer be replayed either).
+    sqlx::query(
+        "DELETE FROM oauth_tokens WHERE tenant_id = $1 AND family_id = $2 AND expires_at < $3",
+    )
+    .bind(tenant.as_str())
+    .bind(family_id)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
     for (kind, id, hash, expires_at) in tokens {
         sqlx::query(
             "INSERT INTO oauth_tokens (tenant_id, id, family_id, kind, secret_hash, expires_at) \
