@@ -149,6 +149,7 @@ fn main() {
                 device_code_sealed: "unused",
                 poll_interval_ms: 3_600_000,
                 trace_context: None,
+                requester: None,
             },
             now_ms,
         )

@@ -82,14 +82,7 @@ pub async fn create(
     if crate::tenants::get(db, tenant.as_str()).await?.is_none() {
         return Err(TokenError::UnknownTenant(tenant.clone()));
     }
-    // ThreadRng is a CSPRNG (ChaCha12) seeded and periodically reseeded from the OS.
-    let mut rng = rand::rng();
-    let mut id = [0u8; ID_BYTES];
-    rng.fill_bytes(&mut id);
-    let mut secret = Zeroizing::new([0u8; SECRET_BYTES]);
-    rng.fill_bytes(secret.as_mut_slice());
-    let id = hex::encode(id);
-    let secret_text = Zeroizing::new(URL_SAFE_NO_PAD.encode(secret.as_slice()));
+    let (id, secret_text) = mint();
     let token = AgentToken {
         tenant_id: tenant.as_str().to_owned(),
         id: id.clone(),
@@ -205,9 +198,27 @@ pub async fn revoke(
     Ok(())
 }
 
+/// A fresh public id (hex) and secret part (base64url) of a token: 64 and 256 random bits.
+/// OAuth access and refresh tokens use the same shape under their own prefixes.
+pub(crate) fn mint() -> (String, Zeroizing<String>) {
+    // ThreadRng is a CSPRNG (ChaCha12) seeded and periodically reseeded from the OS.
+    let mut rng = rand::rng();
+    let mut id = [0u8; ID_BYTES];
+    rng.fill_bytes(&mut id);
+    let mut secret = Zeroizing::new([0u8; SECRET_BYTES]);
+    rng.fill_bytes(secret.as_mut_slice());
+    let secret_text = Zeroizing::new(URL_SAFE_NO_PAD.encode(secret.as_slice()));
+    (hex::encode(id), secret_text)
+}
+
 /// Splits `cst_<id>_<secret>` into its parts, checking their shape.
 fn split_token(token: &str) -> Option<(&str, &str)> {
-    let rest = token.strip_prefix(TOKEN_PREFIX)?;
+    split_prefixed(token, TOKEN_PREFIX)
+}
+
+/// Splits `<prefix><id>_<secret>` into its parts, checking their shape.
+pub(crate) fn split_prefixed<'t>(token: &'t str, prefix: &str) -> Option<(&'t str, &'t str)> {
+    let rest = token.strip_prefix(prefix)?;
     if rest.len() != ID_CHARS + 1 + SECRET_CHARS || !rest.is_char_boundary(ID_CHARS) {
         return None;
     }
@@ -222,7 +233,8 @@ fn split_token(token: &str) -> Option<(&str, &str)> {
     (id_ok && secret_ok).then_some((id, secret))
 }
 
-fn hash_secret(secret: &[u8]) -> String {
+/// The stored form of a token's secret part (or of any other bearer value): hex SHA-256.
+pub(crate) fn hash_secret(secret: &[u8]) -> String {
     hex::encode(Sha256::digest(secret))
 }
 

@@ -22,6 +22,7 @@ pub mod http;
 pub mod keys;
 pub mod mcp;
 pub mod metrics;
+pub mod oauth;
 pub mod oidc;
 pub mod pki;
 pub mod runners;

@@ -28,6 +28,8 @@ pub struct NewGrant<'a> {
     pub poll_interval_ms: i64,
     /// W3C traceparent of the grant's root span.
     pub trace_context: Option<&'a str>,
+    /// The engineer who asked, when they signed in with OAuth.
+    pub requester: Option<&'a crate::oauth::Engineer>,
 }
 
 macro_rules! select_grants {
@@ -36,7 +38,8 @@ macro_rules! select_grants {
             "SELECT tenant_id, id, environment, agent_token_id, agent_name, purpose, ttl_seconds, ",
             "max_uses, uses, state, created_at, expires_at, user_code, verification_uri, ",
             "verification_uri_complete, poll_interval_ms, approved_at, approver_sub, approver_name, ",
-            "approver_email, approver_groups, auth_time, end_reason, ended_at, trace_context FROM grants ",
+            "approver_email, approver_groups, auth_time, end_reason, ended_at, trace_context, ",
+            "requester_sub, requester_name FROM grants ",
             $clause
         )
     };
@@ -53,8 +56,9 @@ pub async fn insert(
     sqlx::query(
         "INSERT INTO grants (tenant_id, id, environment, agent_token_id, agent_name, purpose, \
          ttl_seconds, max_uses, uses, state, created_at, expires_at, user_code, verification_uri, \
-         verification_uri_complete, device_code_sealed, poll_interval_ms, next_poll_at_ms, trace_context) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, 'pending', $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+         verification_uri_complete, device_code_sealed, poll_interval_ms, next_poll_at_ms, trace_context, \
+         requester_sub, requester_name) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, 'pending', $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
     )
     .bind(new.tenant.as_str())
     .bind(new.id.as_str())
@@ -73,15 +77,21 @@ pub async fn insert(
     .bind(new.poll_interval_ms)
     .bind(now_ms + new.poll_interval_ms)
     .bind(new.trace_context)
+    .bind(new.requester.map(|r| r.subject.as_str()))
+    .bind(new.requester.map(|r| r.name.as_str()))
     .execute(&mut *tx)
     .await?;
-    let detail = serde_json::json!({
+    let mut detail = serde_json::json!({
         "environment": new.environment,
         "agent": new.agent_name,
         "purpose": new.purpose,
         "ttl_seconds": new.ttl_seconds,
         "max_uses": new.max_uses,
     });
+    if let Some(requester) = new.requester {
+        detail["requester"] =
+            serde_json::json!({"subject": requester.subject, "name": requester.name});
+    }
     crate::audit::append(
         &mut tx,
         audit,

@@ -87,7 +87,8 @@ environment's limits (see list_environments).",
         context: RequestContext<RoleServer>,
     ) -> Result<Json<RequestedGrant>, ToolError> {
         let caller = identity(&parts)?;
-        let requested = grants::request(&self.app, caller, args).await?;
+        let requester = parts.extensions.get::<crate::oauth::Engineer>();
+        let requested = grants::request(&self.app, caller, requester, args).await?;
         offer_url_elicitation(&context, &requested);
         Ok(Json(requested))
     }

@@ -17,6 +17,9 @@
 //   CLIENTS        JSON array of client ids (public clients, device grant)       ["custodian"]
 //   DEVICE_TTL     device code lifetime in seconds                                  600
 //   INTERVAL       polling interval announced in device authorization responses      1
+//   SIGNIN_REDIRECT_URIS  JSON array: when set, every client may also use the authorization-code
+//                  flow (PKCE, as oidc-provider requires of public clients) with exactly these
+//                  redirect URIs (Custodian's sign-in callbacks)                   unset
 // and at run time, POST /test/mode {"mode": ...}: faults of a broken or hostile provider,
 //   "normal"              untouched provider responses
 //   "slow_down"           the next token poll is answered `slow_down`, then back to normal
@@ -40,6 +43,7 @@ import * as jose from 'jose';
 const clients = JSON.parse(process.env.CLIENTS || '["custodian"]');
 const deviceTtl = Number(process.env.DEVICE_TTL || 600);
 const interval = Number(process.env.INTERVAL || 1);
+const signinRedirects = JSON.parse(process.env.SIGNIN_REDIRECT_URIS || '[]');
 
 // `email_verified` is part of each account's claims as a real directory would hold it: eve has
 // put alice's address on her own profile (unverified, as Entra ID allows); trent's directory says
@@ -71,9 +75,10 @@ const provider = new Provider(issuer, {
   clients: clients.map((id) => ({
     client_id: id,
     token_endpoint_auth_method: 'none',
-    grant_types: ['urn:ietf:params:oauth:grant-type:device_code'],
-    response_types: [],
-    redirect_uris: [],
+    grant_types: ['urn:ietf:params:oauth:grant-type:device_code']
+      .concat(signinRedirects.length ? ['authorization_code'] : []),
+    response_types: signinRedirects.length ? ['code'] : [],
+    redirect_uris: signinRedirects,
   })),
   jwks: { keys: [signingJwk] },
   features: {

@@ -110,8 +110,12 @@ async fn metadata_document_does_not_reveal_whether_a_tenant_exists(backend: Back
         doc["bearer_methods_supported"],
         serde_json::json!(["header"])
     );
-    // Neither the tenant's IdP (it issues no token this endpoint accepts) nor its display name.
-    assert!(doc.get("authorization_servers").is_none(), "{doc}");
+    // Its authorization server is Custodian's own for the tenant (sign-in), never the tenant's
+    // IdP (whose tokens this endpoint does not accept); nor is the tenant's display name shown.
+    assert_eq!(
+        doc["authorization_servers"],
+        serde_json::json!([format!("{}/t/TENANT", t.base_url)])
+    );
     assert!(
         !body.contains("idp.acme.example.com") && !body.contains("Tenant"),
         "{body}"
