@@ -227,7 +227,7 @@ pub async fn create(
         policy: policy.clone(),
         created_at: now,
     };
-    let inserted = sqlx::query(
+    let insert = sqlx::query(
         "INSERT INTO environments (tenant_id, name, description, secret_names, approvers, \
          max_ttl_seconds, max_uses, max_auth_age_seconds, runner_pool, created_at, \
          require_fresh_login, accepted_acr, required_amr) \
@@ -245,10 +245,8 @@ pub async fn create(
     .bind(env.created_at)
     .bind(i64::from(env.policy.freshness == LoginFreshness::Required))
     .bind(to_json(&env.policy.accepted_acr))
-    .bind(to_json(&env.policy.required_amr))
-    .execute(db.pool())
-    .await
-    .map_err(StoreError::from);
+    .bind(to_json(&env.policy.required_amr));
+    let inserted = crate::cache::execute_changing(db, insert).await;
     match inserted {
         Ok(_) => Ok(env),
         Err(e) if e.is_unique_violation() => Err(EnvironmentError::AlreadyExists(env.name)),
@@ -366,5 +364,5 @@ pub async fn set_secret_names(
         .bind(name)
         .execute(&mut **tx)
         .await?;
-    Ok(())
+    crate::cache::changed(tx).await
 }
