@@ -151,11 +151,7 @@ impl Caches {
     pub fn keep_token(&self, ticket: Ticket, tenant: &TenantId, id: &str, token: CachedToken) {
         let mut state = self.state();
         if state.generation == Some(ticket.0) {
-            keep(
-                &mut state.tokens,
-                (tenant.clone(), id.to_owned()),
-                token,
-            );
+            keep(&mut state.tokens, (tenant.clone(), id.to_owned()), token);
         }
     }
 

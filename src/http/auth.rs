@@ -68,7 +68,8 @@ pub async fn authenticate(
         .unwrap_or_else(|| SecretString::from(String::new()));
     // An unknown tenant answers exactly like a known one without a valid token, so that tenant
     // names cannot be enumerated.
-    let identity = match agent_tokens::verify_cached(&app.caches, &app.db, &tenant_id, &presented).await {
+    let verified = agent_tokens::verify_cached(&app.caches, &app.db, &tenant_id, &presented).await;
+    let identity = match verified {
         Ok(Verified::Valid(identity)) => identity,
         Ok(Verified::Invalid | Verified::UnknownTenant) if token.is_none() => {
             return HttpError::unauthorized(

@@ -247,7 +247,8 @@ credential the runner adds to requests there for you. Secret values are never re
                 })
                 .collect(),
         };
-        let answer = CallToolResult::structured(serde_json::to_value(list).map_err(|e| failed(&e))?);
+        let answer =
+            CallToolResult::structured(serde_json::to_value(list).map_err(|e| failed(&e))?);
         caches.keep_environments(ticket, &caller.tenant, answer.clone());
         Ok(answer)
     }
