@@ -8,6 +8,8 @@
 //! - Verification looks the token up by tenant and public id, then compares hashes in constant time.
 //!   An unknown id, a wrong secret, a revoked token and another tenant's token are the same
 //!   [`Verified::Invalid`].
+//! - The gateway verifies through the replica's cache of valid tokens ([`verify_cached`]); a
+//!   revocation reaches every replica within [`crate::cache::REFRESH`] (see [`crate::cache`]).
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -18,6 +20,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+use crate::cache::{CachedToken, Caches};
 use crate::clock::UnixSeconds;
 use crate::store::{Db, StoreError};
 use crate::tenants::TenantId;
@@ -128,6 +131,36 @@ pub async fn verify(
     tenant: &TenantId,
     presented: &SecretString,
 ) -> Result<Verified, StoreError> {
+    Ok(verify_in_db(db, tenant, presented).await?.0)
+}
+
+/// [`verify`] with the replica's cache of valid tokens in front (see [`crate::cache`]): a revoked
+/// token is refused on every replica within [`crate::cache::REFRESH`] plus one query.
+pub async fn verify_cached(
+    caches: &Caches,
+    db: &Db,
+    tenant: &TenantId,
+    presented: &SecretString,
+) -> Result<Verified, StoreError> {
+    let ticket = caches.fresh(db).await?;
+    if let Some((id, secret)) = split_token(presented.expose_secret())
+        && let Some(cached) = caches.token(tenant, id)
+    {
+        return Ok(compare(tenant, id, secret, cached));
+    }
+    let (verified, row) = verify_in_db(db, tenant, presented).await?;
+    if let (Verified::Valid(identity), Some(row)) = (&verified, row) {
+        caches.keep_token(ticket, tenant, &identity.token_id, row);
+    }
+    Ok(verified)
+}
+
+/// One query; returns the row that proved a valid token with the answer.
+async fn verify_in_db(
+    db: &Db,
+    tenant: &TenantId,
+    presented: &SecretString,
+) -> Result<(Verified, Option<CachedToken>), StoreError> {
     // A malformed token still looks the tenant up (with an id no token has), so that both paths
     // cost one query and answer "unknown tenant" the same way.
     let (id, secret) = split_token(presented.expose_secret()).unwrap_or(("", ""));
@@ -140,25 +173,35 @@ pub async fn verify(
     .bind(id)
     .fetch_optional(db.pool())
     .await?;
-    let presented_hash = hash_secret(secret.as_bytes());
     let Some(row) = row else {
-        return Ok(Verified::UnknownTenant);
+        // Hashed anyway, so that both answers cost the same.
+        let _ = hash_secret(secret.as_bytes());
+        return Ok((Verified::UnknownTenant, None));
     };
-    let (Some(name), Some(stored_hash)) = row else {
-        return Ok(Verified::Invalid);
+    let (Some(name), Some(secret_hash)) = row else {
+        let _ = hash_secret(secret.as_bytes());
+        return Ok((Verified::Invalid, None));
     };
+    let stored = CachedToken { secret_hash, name };
+    let verified = compare(tenant, id, secret, stored.clone());
+    Ok((verified, Some(stored)))
+}
+
+/// Compares the presented secret's hash with the stored one in constant time.
+fn compare(tenant: &TenantId, id: &str, secret: &str, stored: CachedToken) -> Verified {
+    let presented_hash = hash_secret(secret.as_bytes());
     let matches: bool = presented_hash
         .as_bytes()
-        .ct_eq(stored_hash.as_bytes())
+        .ct_eq(stored.secret_hash.as_bytes())
         .into();
     if !matches || id.is_empty() {
-        return Ok(Verified::Invalid);
+        return Verified::Invalid;
     }
-    Ok(Verified::Valid(AgentIdentity {
+    Verified::Valid(AgentIdentity {
         tenant: tenant.clone(),
         token_id: id.to_owned(),
-        token_name: name,
-    }))
+        token_name: stored.name,
+    })
 }
 
 /// The tenant's tokens, newest first.
@@ -172,7 +215,8 @@ pub async fn list(db: &Db, tenant: &TenantId) -> Result<Vec<AgentToken>, StoreEr
     .await?)
 }
 
-/// Revokes the active token with this id or name; it stops working on the next request.
+/// Revokes the active token with this id or name; every replica refuses it within
+/// [`crate::cache::REFRESH`] (this process on its next request).
 pub async fn revoke(
     db: &Db,
     tenant: &TenantId,
@@ -182,16 +226,15 @@ pub async fn revoke(
     if id_or_name.starts_with(TOKEN_PREFIX) {
         return Err(TokenError::LooksLikeToken);
     }
-    let done = sqlx::query(
+    // Replicas that cached the token drop it (see `cache`).
+    let revoke = sqlx::query(
         "UPDATE agent_tokens SET revoked_at = $1 \
          WHERE tenant_id = $2 AND (id = $3 OR name = $3) AND revoked_at IS NULL",
     )
     .bind(now)
     .bind(tenant.as_str())
-    .bind(id_or_name)
-    .execute(db.pool())
-    .await
-    .map_err(StoreError::from)?;
+    .bind(id_or_name);
+    let done = crate::cache::execute_changing(db, revoke).await?;
     if done.rows_affected() == 0 {
         return Err(TokenError::NotFound(id_or_name.chars().take(80).collect()));
     }

@@ -45,6 +45,10 @@ pub struct App {
     pub audit_key: AuditKey,
     /// OTLP metrics (recording into nothing unless export is configured).
     pub metrics: crate::metrics::Metrics,
+    /// Verified tokens and environment listings, kept in step with every replica's changes.
+    pub caches: crate::cache::Caches,
+    /// Writes finished after their answer was sent (a run's outcome record); shutdown waits for them.
+    pub background: Background,
 }
 
 impl App {
@@ -68,6 +72,8 @@ impl App {
         Self {
             audit_key,
             metrics: crate::metrics::Metrics::default(),
+            caches: crate::cache::Caches::default(),
+            background: Background::default(),
             dispatcher,
             config,
             db,
@@ -114,6 +120,28 @@ impl App {
     }
 }
 
+/// Tasks that finish work after its answer was sent. Each holds a read lock until it ends; draining
+/// takes the write lock, which waits for all of them (tokio's lock is fair: no task starts after).
+#[derive(Debug, Default, Clone)]
+pub struct Background(Arc<tokio::sync::RwLock<()>>);
+
+impl Background {
+    /// Runs `work` in a task of its own that shutdown waits for (once draining has begun, the
+    /// task still runs, unwaited).
+    pub fn spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        let held = Arc::clone(&self.0).try_read_owned().ok();
+        tokio::spawn(async move {
+            let _held = held;
+            work.await;
+        });
+    }
+
+    /// Waits until every task spawned so far has ended.
+    pub async fn drain(&self) {
+        let _all = self.0.write().await;
+    }
+}
+
 /// A bound, running gateway.
 pub struct Server {
     pub local_addr: std::net::SocketAddr,
@@ -144,6 +172,7 @@ impl Server {
             crate::http::serve::serve(listener, router, limits, stop).await;
             let _ = poller.await;
             let _ = sweeper.await;
+            app.background.drain().await;
         });
         Ok(Self {
             local_addr,

@@ -292,7 +292,7 @@ pub async fn create(
         policy: policy.clone(),
         created_at: now,
     };
-    let inserted = sqlx::query(
+    let insert = sqlx::query(
         "INSERT INTO environments (tenant_id, name, description, secret_names, approvers, \
          max_ttl_seconds, max_uses, max_auth_age_seconds, runner_pool, created_at, \
          require_fresh_login, accepted_acr, required_amr, approver_vs_requester) \
@@ -311,10 +311,8 @@ pub async fn create(
     .bind(i64::from(env.policy.freshness == LoginFreshness::Required))
     .bind(to_json(&env.policy.accepted_acr))
     .bind(to_json(&env.policy.required_amr))
-    .bind(env.policy.approver_vs_requester.as_str())
-    .execute(db.pool())
-    .await
-    .map_err(StoreError::from);
+    .bind(env.policy.approver_vs_requester.as_str());
+    let inserted = crate::cache::execute_changing(db, insert).await;
     match inserted {
         Ok(_) => Ok(env),
         Err(e) if e.is_unique_violation() => Err(EnvironmentError::AlreadyExists(env.name)),
@@ -444,5 +442,5 @@ pub async fn set_secret_names(
         .bind(name)
         .execute(&mut **tx)
         .await?;
-    Ok(())
+    crate::cache::changed(tx).await
 }

@@ -11,6 +11,7 @@
 pub mod agent_tokens;
 pub mod app;
 pub mod audit;
+pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -709,21 +709,18 @@ pub async fn consume(
     id: &str,
     exec: &serde_json::Value,
 ) -> Result<Grant, GrantError> {
-    let grant = own_grant(app, caller, id).await?;
+    // The UPDATE checks ownership, state, expiry and uses itself; only a refusal reads the grant.
     let taken = store::consume_use(
         &app.db,
         &app.audit_key,
         &caller.tenant,
-        &grant.id,
+        id,
         &caller.token_id,
         exec,
         app.clock.now_ms(),
     )
     .await?;
-    if taken {
-        let now = store::get(&app.db, &caller.tenant, &grant.id)
-            .await?
-            .unwrap_or(grant);
+    if let Some(now) = taken {
         if now.state == GrantState::Exhausted {
             app.grant_changed.notify_waiters();
             drop(grant_span!("grant.exhausted", &now));

@@ -32,16 +32,21 @@ pub struct NewGrant<'a> {
     pub requester: Option<&'a crate::oauth::Engineer>,
 }
 
-macro_rules! select_grants {
-    ($clause:literal) => {
+macro_rules! grant_columns {
+    () => {
         concat!(
-            "SELECT tenant_id, id, environment, agent_token_id, agent_name, purpose, ttl_seconds, ",
+            "tenant_id, id, environment, agent_token_id, agent_name, purpose, ttl_seconds, ",
             "max_uses, uses, state, created_at, expires_at, user_code, verification_uri, ",
             "verification_uri_complete, poll_interval_ms, approved_at, approver_sub, approver_name, ",
             "approver_email, approver_groups, auth_time, end_reason, ended_at, trace_context, ",
-            "requester_sub, requester_name FROM grants ",
-            $clause
+            "requester_sub, requester_name"
         )
+    };
+}
+
+macro_rules! select_grants {
+    ($clause:literal) => {
+        concat!("SELECT ", grant_columns!(), " FROM grants ", $clause)
     };
 }
 
@@ -355,7 +360,7 @@ pub async fn expired_active(
 
 /// Uses one run of an active, unexpired grant of `agent_token_id` (atomically) and records the exec
 /// in the audit log in the same transaction; the use that spends the last one also ends the grant
-/// as exhausted. Returns whether a use was taken.
+/// as exhausted. Returns the grant as this use left it, or `None` when no use was taken.
 pub async fn consume_use(
     db: &Db,
     audit: &AuditKey,
@@ -364,35 +369,31 @@ pub async fn consume_use(
     agent_token_id: &str,
     exec: &Value,
     now_ms: UnixMillis,
-) -> Result<bool, StoreError> {
+) -> Result<Option<Grant>, StoreError> {
     let now = now_ms.div_euclid(1000);
     let mut tx = db.pool().begin().await?;
-    let done = sqlx::query(
+    let row = sqlx::query_as::<_, super::Row>(concat!(
         "UPDATE grants SET uses = uses + 1, \
          state = CASE WHEN uses + 1 >= max_uses THEN 'exhausted' ELSE state END, \
          end_reason = CASE WHEN uses + 1 >= max_uses THEN 'all of its runs were used' ELSE end_reason END, \
          ended_at = CASE WHEN uses + 1 >= max_uses THEN $1 ELSE ended_at END \
          WHERE tenant_id = $2 AND id = $3 AND agent_token_id = $4 AND state = 'active' \
-         AND expires_at > $1 AND uses < max_uses",
-    )
+         AND expires_at > $1 AND uses < max_uses RETURNING ",
+        grant_columns!()
+    ))
     .bind(now)
     .bind(tenant.as_str())
     .bind(id)
     .bind(agent_token_id)
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    if done.rows_affected() != 1 {
-        return Ok(false);
-    }
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let grant = Grant::try_from(row)?;
     // No record, no exec: the caller dispatches only after this transaction commits.
     crate::audit::append(&mut tx, audit, tenant.as_str(), id, "exec", exec, now_ms).await?;
-    let (state,): (String,) =
-        sqlx::query_as("SELECT state FROM grants WHERE tenant_id = $1 AND id = $2")
-            .bind(tenant.as_str())
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-    if state == GrantState::Exhausted.as_str() {
+    if grant.state == GrantState::Exhausted {
         let detail = serde_json::json!({ "reason": "all of its runs were used" });
         crate::audit::append(
             &mut tx,
@@ -406,7 +407,7 @@ pub async fn consume_use(
         .await?;
     }
     tx.commit().await?;
-    Ok(true)
+    Ok(Some(grant))
 }
 
 /// Records a step that is not a transition (e.g. an exec) on the grant's timeline.

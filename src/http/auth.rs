@@ -76,7 +76,7 @@ pub async fn authenticate(
         let resource = oauth::resource(&app.config.server.public_url, tenant_id.as_str());
         oauth::verify_access(&app.db, &tenant_id, &presented, &resource, app.clock.now()).await
     } else {
-        agent_tokens::verify(&app.db, &tenant_id, &presented)
+        agent_tokens::verify_cached(&app.caches, &app.db, &tenant_id, &presented)
             .await
             .map(|verified| (verified, None))
     };

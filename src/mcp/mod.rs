@@ -210,6 +210,7 @@ a command run there will receive. Also returns each environment's limits: the lo
 lifetime (max_ttl_seconds), the most runs per grant (max_uses) and how recently the approver must \
 have signed in, and where its runs may connect (egress: nothing else is reachable), with any \
 credential the runner adds to requests there for you. Secret values are never returned.",
+        output_schema = rmcp::handler::server::tool::schema_for_output::<EnvironmentList>(),
         annotations(
             title = "List environments",
             read_only_hint = true,
@@ -221,15 +222,24 @@ credential the runner adds to requests there for you. Secret values are never re
     async fn list_environments(
         &self,
         Extension(parts): Extension<http::request::Parts>,
-    ) -> Result<Json<EnvironmentList>, ToolError> {
+    ) -> Result<CallToolResult, ToolError> {
         let caller = identity(&parts)?;
-        let envs = environments::list(&self.app.db, &caller.tenant)
+        let failed = |e: &dyn std::fmt::Display| {
+            ToolError::Internal(internal("listing environments failed", e))
+        };
+        let (db, caches) = (&self.app.db, &self.app.caches);
+        // The same answer until an environment or egress rule of any tenant changes (see `cache`).
+        let ticket = caches.fresh(db).await.map_err(|e| failed(&e))?;
+        if let Some(answer) = caches.environments(&caller.tenant) {
+            return Ok(answer);
+        }
+        let envs = environments::list(db, &caller.tenant)
             .await
-            .map_err(|e| ToolError::Internal(internal("listing environments failed", &e)))?;
-        let egress = crate::egress::by_environment(&self.app.db, &caller.tenant)
+            .map_err(|e| failed(&e))?;
+        let egress = crate::egress::by_environment(db, &caller.tenant)
             .await
-            .map_err(|e| ToolError::Internal(internal("listing environments failed", &e)))?;
-        Ok(Json(EnvironmentList {
+            .map_err(|e| failed(&e))?;
+        let list = EnvironmentList {
             environments: envs
                 .into_iter()
                 .map(|env| {
@@ -237,7 +247,11 @@ credential the runner adds to requests there for you. Secret values are never re
                     EnvironmentSummary::new(env, rules)
                 })
                 .collect(),
-        }))
+        };
+        let answer =
+            CallToolResult::structured(serde_json::to_value(list).map_err(|e| failed(&e))?);
+        caches.keep_environments(ticket, &caller.tenant, answer.clone());
+        Ok(answer)
     }
 }
 
