@@ -206,6 +206,7 @@ pub async fn set_credential(
         environments::set_secret_names(&mut tx, tenant, env, &names, &kinds).await?;
     }
     tx.commit().await?;
+    crate::cache::committed();
     Ok(SecretInfo {
         name: name.to_owned(),
         version,
@@ -251,6 +252,7 @@ pub async fn delete(db: &Db, tenant: &TenantId, env: &str, name: &str) -> Result
     kinds.remove(name);
     environments::set_secret_names(&mut tx, tenant, env, &names, &kinds).await?;
     tx.commit().await?;
+    crate::cache::committed();
     Ok(())
 }
 
