@@ -10,6 +10,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod config;
+mod credential_files;
 mod docs;
 mod egress;
 mod grants;
