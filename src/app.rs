@@ -45,6 +45,8 @@ pub struct App {
     pub audit_key: AuditKey,
     /// OTLP metrics (recording into nothing unless export is configured).
     pub metrics: crate::metrics::Metrics,
+    /// OAuth access tokens minted for runs, cached per grant, and the client that mints them.
+    pub oauth_tokens: crate::credentials::oauth::Tokens,
 }
 
 impl App {
@@ -68,6 +70,7 @@ impl App {
         Self {
             audit_key,
             metrics: crate::metrics::Metrics::default(),
+            oauth_tokens: crate::credentials::oauth::Tokens::new(),
             dispatcher,
             config,
             db,

@@ -249,7 +249,7 @@ impl Oidc {
 }
 
 /// openidconnect's HTTP client: the gateway's reqwest client (no redirects, timeouts).
-struct HttpClient(reqwest::Client);
+pub(crate) struct HttpClient(pub(crate) reqwest::Client);
 
 impl<'c> openidconnect::AsyncHttpClient<'c> for HttpClient {
     type Error = reqwest::Error;
@@ -319,7 +319,7 @@ impl ErrorBody {
 
 /// At most `max` characters of `text`, without control characters (text from an IdP, shown to
 /// people).
-fn printable(text: &str, max: usize) -> String {
+pub(crate) fn printable(text: &str, max: usize) -> String {
     text.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 

@@ -41,6 +41,11 @@ fn idp_dir() -> std::path::PathBuf {
 impl TestIdp {
     /// Starts a provider, or `None` outside CI when its npm packages are not installed.
     pub fn start(device_ttl_seconds: u64) -> Option<Self> {
+        Self::start_with_env(device_ttl_seconds, &[])
+    }
+
+    /// Like [`TestIdp::start`], with more of its knobs (see `tests/idp/idp.mjs`).
+    pub fn start_with_env(device_ttl_seconds: u64, env: &[(&str, &str)]) -> Option<Self> {
         if !idp_dir().join("node_modules/oidc-provider").exists() {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
@@ -55,6 +60,7 @@ impl TestIdp {
             .env("CLIENTS", r#"["custodian","other-client"]"#)
             .env("DEVICE_TTL", device_ttl_seconds.to_string())
             .env("INTERVAL", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -20,6 +20,7 @@ mod https_api;
 mod idp;
 mod isolation;
 mod mcp_clients;
+mod oauth_tokens;
 mod processes;
 mod purpose;
 mod runners;
