@@ -67,18 +67,17 @@ pub fn decode(files: Vec<SecretFile>) -> Result<Vec<CredentialFile>, String> {
 /// What a started run holds of its files until it is over.
 #[derive(Default)]
 pub struct Placed {
+    /// Each file's variable and its path as the run sees it.
+    pub env: Vec<(String, String)>,
     /// Isolated: the memory files bubblewrap copies from.
     pub memfds: Vec<OwnedFd>,
     /// Unisolated: the directory holding the files.
     pub dir: Option<tempfile::TempDir>,
 }
 
-/// The files of an isolated run: `(bwrap arguments, variables, memory files)`.
-pub fn for_bwrap(
-    files: &[CredentialFile],
-) -> Result<(Vec<OsString>, Vec<(String, String)>, Placed), String> {
+/// The files of an isolated run: bubblewrap's arguments, and the memory files they name.
+pub fn for_bwrap(files: &[CredentialFile]) -> Result<(Vec<OsString>, Placed), String> {
     let mut args = Vec::new();
-    let mut env = Vec::new();
     let mut placed = Placed::default();
     for file in files {
         let fd = memfd(&file.content)
@@ -94,21 +93,21 @@ pub fn for_bwrap(
             ]
             .map(OsString::from),
         );
-        env.push((file.variable.clone(), inside));
+        placed.env.push((file.variable.clone(), inside));
         placed.memfds.push(fd);
     }
-    Ok((args, env, placed))
+    Ok((args, placed))
 }
 
-/// The files of an unisolated run, written into a fresh 0700 directory: `(variables, directory)`.
-pub fn in_temp_dir(files: &[CredentialFile]) -> Result<(Vec<(String, String)>, Placed), String> {
+/// The files of an unisolated run, written into a fresh 0700 directory.
+pub fn in_temp_dir(files: &[CredentialFile]) -> Result<Placed, String> {
     use std::os::unix::fs::OpenOptionsExt;
     if files.is_empty() {
-        return Ok((Vec::new(), Placed::default()));
+        return Ok(Placed::default());
     }
-    // tempfile creates the directory with mode 0700.
     let dir = tempfile::Builder::new()
         .prefix("custodian-credentials-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .map_err(|e| format!("cannot create a credentials directory: {e}"))?;
     let mut env = Vec::new();
@@ -123,13 +122,11 @@ pub fn in_temp_dir(files: &[CredentialFile]) -> Result<(Vec<(String, String)>, P
             .map_err(|e| format!("cannot write credential file `{}`: {e}", file.filename))?;
         env.push((file.variable.clone(), path.display().to_string()));
     }
-    Ok((
+    Ok(Placed {
         env,
-        Placed {
-            memfds: Vec::new(),
-            dir: Some(dir),
-        },
-    ))
+        memfds: Vec::new(),
+        dir: Some(dir),
+    })
 }
 
 /// An anonymous memory file holding `content`, read from its start (close-on-exec until the
@@ -146,4 +143,81 @@ fn memfd(content: &[u8]) -> std::io::Result<OwnedFd> {
     file.write_all(content)?;
     file.rewind()?;
     Ok(file.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn file(variable: &str, filename: &str, content: &[u8]) -> SecretFile {
+        SecretFile {
+            variable: variable.to_owned(),
+            filename: filename.to_owned(),
+            content: base64::engine::general_purpose::STANDARD.encode(content),
+        }
+    }
+
+    #[test]
+    fn bad_names_duplicates_and_content_refuse_the_run() {
+        for bad in [
+            vec![file("KUBECONFIG", "../etc/passwd", b"x")],
+            vec![file("KUBECONFIG", "a/b", b"x")],
+            vec![file("PATH", "kubeconfig", b"x")],
+            vec![file("lower", "kubeconfig", b"x")],
+            vec![file("A", "same", b"x"), file("B", "same", b"y")],
+            vec![file("A", "one", b"x"), file("A", "two", b"y")],
+            vec![SecretFile {
+                content: "not base64!".into(),
+                ..file("A", "one", b"")
+            }],
+        ] {
+            assert!(decode(bad).is_err());
+        }
+        let decoded = decode(vec![file("TLS_KEY", "client.key", b"\x00binary\xff")]).unwrap();
+        assert_eq!(decoded[0].content.as_slice(), b"\x00binary\xff");
+    }
+
+    #[test]
+    fn unisolated_files_are_0400_in_a_0700_dir_removed_after_the_run() {
+        let files = decode(vec![file("TLS_KEY", "client.key", b"key-material-123")]).unwrap();
+        let placed = in_temp_dir(&files).unwrap();
+        let dir = placed.dir.as_ref().unwrap().path().to_path_buf();
+        let (variable, path) = &placed.env[0];
+        assert_eq!(variable, "TLS_KEY");
+        assert_eq!(std::fs::read(path).unwrap(), b"key-material-123");
+        let mode = |p: &str| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(path), 0o400);
+        assert_eq!(mode(dir.to_str().unwrap()), 0o700);
+        drop(placed);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn isolated_files_are_memory_files_named_in_bwrap_arguments() {
+        let files = decode(vec![file("TLS_KEY", "client.key", b"key-material-123")]).unwrap();
+        let (args, placed) = for_bwrap(&files).unwrap();
+        let fd = placed.memfds[0].as_raw_fd().to_string();
+        let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            args,
+            [
+                "--perms",
+                "0400",
+                "--ro-bind-data",
+                &fd,
+                "/run/credentials/client.key"
+            ]
+        );
+        assert_eq!(
+            placed.env,
+            [(
+                "TLS_KEY".to_owned(),
+                "/run/credentials/client.key".to_owned()
+            )]
+        );
+        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        assert!(link.to_string_lossy().starts_with("/memfd:"), "{link:?}");
+        assert!(placed.dir.is_none());
+    }
 }

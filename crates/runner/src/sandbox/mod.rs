@@ -325,9 +325,9 @@ impl Sandbox {
     ) -> Result<(tokio::process::Command, Lease, Option<std::os::fd::OwnedFd>), String> {
         use std::os::fd::AsRawFd;
         let slot = self.take_slot()?;
-        let (mut command, work, mut layers, file_env, placed) = match self.isolation {
+        let (mut command, work, mut layers, placed) = match self.isolation {
             Isolation::Full => {
-                let (file_args, file_env, placed) = files::for_bwrap(credentials)?;
+                let (file_args, placed) = files::for_bwrap(credentials)?;
                 let mut command = tokio::process::Command::new(&self.config.bwrap);
                 command
                     // Before the fixed arguments, which end by making the root read-only.
@@ -339,7 +339,7 @@ impl Sandbox {
                     .env("HOME", WORK_DIR)
                     .env("TMPDIR", TMP_DIR);
                 let layers = self.layers(cpu_seconds, hidden, None);
-                (command, None, layers, file_env, placed)
+                (command, None, layers, placed)
             }
             Isolation::DangerouslyNone => {
                 let work = tempfile::Builder::new()
@@ -352,15 +352,15 @@ impl Sandbox {
                     .env("HOME", work.path())
                     .env("TMPDIR", work.path());
                 let layers = self.layers(cpu_seconds, hidden, Some(work.path()));
-                let (file_env, placed) = files::in_temp_dir(credentials)?;
-                (command, Some(work), layers, file_env, placed)
+                let placed = files::in_temp_dir(credentials)?;
+                (command, Some(work), layers, placed)
             }
         };
         command
             .env_clear()
             .env("PATH", PATH)
             .env("LANG", "C.UTF-8")
-            .envs(file_env)
+            .envs(placed.env.iter().map(|(n, v)| (n, v)))
             .process_group(0)
             .kill_on_drop(true);
         // Without isolation there is no network namespace to listen in: no egress is set up.

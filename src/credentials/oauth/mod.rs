@@ -17,12 +17,10 @@
 //! The `oauth2` crate (already linked through `openidconnect`) builds the requests and parses the
 //! answers; the HTTP client is the gateway's (no redirects, timeouts).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Duration;
+mod cache;
+mod endpoint;
+mod lease;
 
-use oauth2::basic::{BasicClient, BasicErrorResponse, BasicRequestTokenError};
-use oauth2::{AuthType, ClientId, ClientSecret, RefreshToken, Scope, TokenResponse, TokenUrl};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -31,15 +29,11 @@ use zeroize::Zeroizing;
 use super::{CredentialError, ForRun, Kind, Spec};
 use crate::app::App;
 use crate::grants::Grant;
-use crate::oidc::{HttpClient, printable};
 use crate::secrets::OpenedSecret;
 use crate::tenants::TenantId;
-
-/// How long a replica holds a credential's refresh lease at most (longer than a token request).
-const LEASE_MS: i64 = 30_000;
-/// How long a run waits for another replica's refresh of the same credential.
-const LEASE_WAIT: Duration = Duration::from_secs(20);
-const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+pub use cache::Tokens;
+use cache::{Key, reusable_until};
+use endpoint::request;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -53,7 +47,7 @@ enum GrantType {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-enum ClientAuth {
+pub(super) enum ClientAuth {
     /// HTTP Basic (`client_secret_basic`, the default of RFC 6749).
     #[default]
     Basic,
@@ -220,95 +214,6 @@ pub fn usage(name: &str, settings: &Value) -> (Vec<String>, String) {
     (vec![variable], how)
 }
 
-/// Identifies a cached access token: never shared between grants. A client secret's version is
-/// part of it (a new secret mints new tokens); a refresh token's is not, because every refresh
-/// that the IdP rotates stores a new version.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
-    tenant: String,
-    grant: String,
-    name: String,
-    version: Option<i64>,
-}
-
-struct Cached {
-    token: SecretString,
-    until_ms: i64,
-}
-
-/// Access tokens minted by this replica, per grant, and the HTTP client that mints them.
-pub struct Tokens {
-    http: HttpClient,
-    cache: Mutex<HashMap<Key, Cached>>,
-}
-
-impl std::fmt::Debug for Tokens {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokens").finish_non_exhaustive()
-    }
-}
-
-impl Default for Tokens {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Tokens {
-    pub fn new() -> Self {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(HTTP_TIMEOUT)
-            .user_agent(concat!("custodian/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("a reqwest client with static settings");
-        Self {
-            http: HttpClient(http),
-            cache: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// How many tokens are cached (expired ones excluded): for tests and metrics.
-    pub fn cached(&self, now_ms: i64) -> usize {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.retain(|_, c| c.until_ms > now_ms);
-        cache.len()
-    }
-
-    fn get(&self, key: &Key, now_ms: i64) -> Option<SecretString> {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.retain(|_, c| c.until_ms > now_ms);
-        cache.get(key).map(|c| c.token.clone())
-    }
-
-    fn put(&self, key: Key, token: SecretString, until_ms: i64, now_ms: i64) {
-        if until_ms <= now_ms {
-            return;
-        }
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.retain(|_, c| c.until_ms > now_ms);
-        cache.insert(key, Cached { token, until_ms });
-    }
-}
-
-/// A token the endpoint answered with.
-struct Minted {
-    access_token: SecretString,
-    expires_in: Option<Duration>,
-    refresh_token: Option<SecretString>,
-}
-
-/// Until when a token may be reused: its expiry minus a margin (a run must not start with a
-/// token about to expire), never past the grant's end; `None`: not at all.
-fn reusable_until(minted: &Minted, now_ms: i64, grant_end_ms: i64) -> i64 {
-    let Some(lifetime) = minted.expires_in else {
-        return now_ms;
-    };
-    let lifetime = i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX / 2);
-    let margin = (lifetime / 2).min(60_000);
-    (now_ms + lifetime - margin).min(grant_end_ms)
-}
-
 /// Gives the run an access token for the credential `secret`: cached for its grant, or minted.
 pub async fn for_run(
     app: &App,
@@ -348,9 +253,9 @@ pub async fn for_run(
             minted.access_token
         }
         GrantType::RefreshToken => {
-            let holder = lock(app, grant, name).await.map_err(issue)?;
+            let holder = lease::lock(app, grant, name).await.map_err(issue)?;
             let refreshed = refresh_locked(app, grant, (&settings, raw), key, run).await;
-            unlock(app, grant, name, &holder).await;
+            lease::unlock(app, grant, name, &holder).await;
             refreshed.map_err(issue)?
         }
     };
@@ -436,137 +341,4 @@ async fn refresh_locked(
 
 fn tenant_of(grant: &Grant) -> Result<TenantId, String> {
     TenantId::parse(&grant.tenant_id).map_err(|_| "the grant's tenant is unreadable".to_owned())
-}
-
-/// One request to the token endpoint.
-async fn request(tokens: &Tokens, settings: &Settings, stored: &Stored) -> Result<Minted, String> {
-    let token_url = TokenUrl::new(settings.token_url.clone()).map_err(|e| e.to_string())?;
-    let mut client = BasicClient::new(ClientId::new(settings.client_id.clone()))
-        .set_token_uri(token_url)
-        .set_auth_type(match settings.client_auth {
-            ClientAuth::Basic => AuthType::BasicAuth,
-            ClientAuth::Post => AuthType::RequestBody,
-        });
-    if let Some(secret) = &stored.client_secret {
-        client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()));
-    }
-    let scopes: Vec<Scope> = settings
-        .scope
-        .iter()
-        .flat_map(|s| s.split_whitespace())
-        .map(|s| Scope::new(s.to_owned()))
-        .collect();
-    let extra: Vec<(&str, &String)> = [
-        ("audience", settings.audience.as_ref()),
-        ("resource", settings.resource.as_ref()),
-    ]
-    .into_iter()
-    .filter_map(|(name, value)| value.map(|v| (name, v)))
-    .collect();
-    let answer = match &stored.refresh_token {
-        None => {
-            let mut request = client.exchange_client_credentials().add_scopes(scopes);
-            for (name, value) in &extra {
-                request = request.add_extra_param(*name, (*value).clone());
-            }
-            request.request_async(&tokens.http).await
-        }
-        Some(refresh) => {
-            let refresh = RefreshToken::new(refresh.expose_secret().to_owned());
-            let mut request = client.exchange_refresh_token(&refresh).add_scopes(scopes);
-            for (name, value) in &extra {
-                request = request.add_extra_param(*name, (*value).clone());
-            }
-            request.request_async(&tokens.http).await
-        }
-    };
-    let answer = answer.map_err(describe)?;
-    Ok(Minted {
-        access_token: SecretString::from(answer.access_token().secret().as_str()),
-        expires_in: answer.expires_in(),
-        refresh_token: answer
-            .refresh_token()
-            .map(|t| SecretString::from(t.secret().as_str())),
-    })
-}
-
-/// What went wrong at the token endpoint, without anything it or we sent.
-fn describe(error: BasicRequestTokenError<reqwest::Error>) -> String {
-    use oauth2::RequestTokenError;
-    match error {
-        RequestTokenError::ServerResponse(answer) => describe_refusal(&answer),
-        RequestTokenError::Request(e) => format!(
-            "the token endpoint could not be reached: {}",
-            printable(&crate::error_chain(&e.without_url()), 300)
-        ),
-        RequestTokenError::Parse(..) => {
-            "the token endpoint's answer is not a token response".to_owned()
-        }
-        RequestTokenError::Other(text) => {
-            format!(
-                "the token endpoint answered unexpectedly: {}",
-                printable(&text, 200)
-            )
-        }
-    }
-}
-
-fn describe_refusal(answer: &BasicErrorResponse) -> String {
-    let code = printable(answer.error().as_ref(), 64);
-    match answer.error_description() {
-        Some(d) if !d.trim().is_empty() => {
-            format!("the token endpoint refused: {code} ({})", printable(d, 200))
-        }
-        _ => format!("the token endpoint refused: {code}"),
-    }
-}
-
-/// Takes the credential's refresh lease, waiting for another holder; returns the holder id.
-async fn lock(app: &App, grant: &Grant, name: &str) -> Result<String, String> {
-    let holder = uuid::Uuid::new_v4().simple().to_string();
-    let started = std::time::Instant::now();
-    loop {
-        let now = app.clock.now_ms();
-        let taken = sqlx::query(
-            "INSERT INTO credential_refresh_locks (tenant_id, environment, name, holder, expires_at_ms) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, environment, name) DO UPDATE \
-             SET holder = excluded.holder, expires_at_ms = excluded.expires_at_ms \
-             WHERE credential_refresh_locks.expires_at_ms < $6",
-        )
-        .bind(&grant.tenant_id)
-        .bind(&grant.environment)
-        .bind(name)
-        .bind(&holder)
-        .bind(now + LEASE_MS)
-        .bind(now)
-        .execute(app.db.pool())
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "taking an oauth refresh lease failed");
-            "the credential's refresh lease cannot be taken".to_owned()
-        })?;
-        if taken.rows_affected() == 1 {
-            return Ok(holder);
-        }
-        if started.elapsed() > LEASE_WAIT {
-            return Err("another refresh of this credential did not finish in time".to_owned());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn unlock(app: &App, grant: &Grant, name: &str, holder: &str) {
-    let released = sqlx::query(
-        "DELETE FROM credential_refresh_locks WHERE tenant_id = $1 AND environment = $2 AND name = $3 AND holder = $4",
-    )
-    .bind(&grant.tenant_id)
-    .bind(&grant.environment)
-    .bind(name)
-    .bind(holder)
-    .execute(app.db.pool())
-    .await;
-    if let Err(e) = released {
-        // It expires on its own.
-        tracing::warn!(error = %e, "releasing an oauth refresh lease failed");
-    }
 }
