@@ -300,3 +300,146 @@ async fn a_run_authenticates_with_file_credentials_that_are_gone_after_it() {
     drop(client);
     t.stop().await;
 }
+
+/// `admin secret set` takes file and OAuth credentials from stdin or a file path (never argv),
+/// keeps a file's bytes as they are, and refuses bad settings without changing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_sets_file_and_oauth_credentials_from_stdin_or_a_file() {
+    use crate::cli::{ok, write_config};
+    use std::io::Write;
+    let Some(db) = crate::harness::TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), crate::processes::free_port(), &db.url);
+    let admin = |args: &[&str], stdin: &[u8]| {
+        let mut child = std::process::Command::new(crate::processes::CUSTODIAN)
+            .args(["admin", "--config", &config])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    ok(admin(&["tenant", "create", "acme"], b""));
+    ok(admin(&["env", "create", "acme", "deploy"], b""));
+    let pem = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEH\n-----END PRIVATE KEY-----\n";
+    let set = ok(admin(
+        &[
+            "secret",
+            "set",
+            "acme/deploy",
+            "TLS_KEY",
+            "--kind",
+            "file",
+            "--settings",
+            r#"{"filename": "client.key"}"#,
+        ],
+        pem.as_bytes(),
+    ));
+    assert!(set.contains("TLS_KEY (file) version 1"), "{set}");
+    let binary = dir.path().join("key.der");
+    std::fs::write(&binary, b"\x30\x82\x01\x00binary\x00\xffcontent").unwrap();
+    ok(admin(
+        &[
+            "secret",
+            "set",
+            "acme/deploy",
+            "KEY_DER",
+            "--kind",
+            "file",
+            "--from-file",
+            binary.to_str().unwrap(),
+        ],
+        b"",
+    ));
+    let settings = dir.path().join("oauth.json");
+    std::fs::write(
+        &settings,
+        r#"{"token_url": "https://idp.example/token", "client_id": "ci", "grant": "client_credentials"}"#,
+    )
+    .unwrap();
+    ok(admin(
+        &[
+            "secret",
+            "set",
+            "acme/deploy",
+            "REPORTS",
+            "--kind",
+            "oauth",
+            "--settings-file",
+            settings.to_str().unwrap(),
+        ],
+        b"client-secret-value-1\n",
+    ));
+    // Stored as given: the file's trailing newline kept, binary intact, the secret's dropped.
+    let app_db = custodian::store::Db::connect(&db.url, 1).await.unwrap();
+    let key = custodian::keys::MasterKey::load(
+        Some(&dir.path().join("master.key")),
+        "UNUSED",
+        std::iter::empty(),
+    )
+    .unwrap();
+    let acme = custodian::tenants::TenantId::parse("acme").unwrap();
+    let opened = custodian::secrets::load_for_run(&app_db, &key, &acme, "deploy")
+        .await
+        .unwrap();
+    let value = |name: &str| {
+        opened
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap()
+            .value
+            .to_vec()
+    };
+    assert_eq!(value("TLS_KEY"), pem.as_bytes());
+    assert_eq!(value("KEY_DER"), b"\x30\x82\x01\x00binary\x00\xffcontent");
+    assert_eq!(value("REPORTS"), b"client-secret-value-1");
+    let listed = ok(admin(&["secret", "list", "acme/deploy"], b""));
+    for expected in ["TLS_KEY", "file", "REPORTS", "oauth"] {
+        assert!(listed.contains(expected), "{listed}");
+    }
+    // Bad settings and values: a specific error, nothing stored.
+    for (args, says) in [
+        (
+            vec!["--kind", "file", "--settings", r#"{"filename": "../x"}"#],
+            "file name",
+        ),
+        (
+            vec!["--kind", "file", "--settings", r#"{"variable": "PATH"}"#],
+            "run's own",
+        ),
+        (
+            vec![
+                "--kind",
+                "oauth",
+                "--settings",
+                r#"{"token_url": "http://idp.example/t", "client_id": "c", "grant": "client_credentials"}"#,
+            ],
+            "https://",
+        ),
+        (
+            vec![
+                "--kind",
+                "oauth",
+                "--settings",
+                r#"{"token_url": "https://idp.example/t", "client_id": "c", "grant": "refresh_token"}"#,
+            ],
+            "refresh_token",
+        ),
+    ] {
+        let mut all = vec!["secret", "set", "acme/deploy", "NEW_ONE"];
+        all.extend(args.iter().copied());
+        let refused = admin(&all, b"not-json-refresh-token-value");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && stderr.contains(says),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("not-json-refresh-token-value"), "{stderr}");
+    }
+    assert_eq!(ok(admin(&["secret", "list", "acme/deploy"], b"")), listed);
+}

@@ -342,3 +342,110 @@ async fn refresh_locked(
 fn tenant_of(grant: &Grant) -> Result<TenantId, String> {
     TenantId::parse(&grant.tenant_id).map_err(|_| "the grant's tenant is unreadable".to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn settings(extra: Value) -> Value {
+        let mut s = json!({"token_url": "https://idp.example/token", "client_id": "ci", "grant": "client_credentials"});
+        for (k, v) in extra.as_object().unwrap() {
+            s[k] = v.clone();
+        }
+        s
+    }
+
+    #[test]
+    fn token_urls_must_be_https_or_loopback_http() {
+        assert_eq!(validate(&settings(json!({}))), Ok(()));
+        assert_eq!(
+            validate(&settings(
+                json!({"token_url": "http://127.0.0.1:8080/token"})
+            )),
+            Ok(())
+        );
+        assert_eq!(
+            validate(&settings(json!({"token_url": "http://localhost/token"}))),
+            Ok(())
+        );
+        for bad in [
+            "http://idp.example/token",
+            "https://user:pw@idp.example/token",
+            "ftp://idp.example/token",
+            "not a url",
+        ] {
+            assert!(
+                validate(&settings(json!({"token_url": bad}))).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn settings_are_checked_field_by_field() {
+        for bad in [
+            json!({"grant": "password"}),
+            json!({"client_id": ""}),
+            json!({"variable": "PATH"}),
+            json!({"variable": "lower"}),
+            json!({"scope": "a\nb"}),
+            json!({"client_secret": "never in settings"}),
+        ] {
+            assert!(validate(&settings(bad.clone())).is_err(), "{bad}");
+        }
+        assert!(validate(&Value::Null).is_err());
+        let ok = settings(
+            json!({"scope": "a b", "audience": "api", "resource": "https://api.example", "client_auth": "post", "variable": "API_TOKEN"}),
+        );
+        assert_eq!(validate(&ok), Ok(()));
+        let (variables, how) = usage("REPORTS", &ok);
+        assert_eq!(variables, ["API_TOKEN"]);
+        assert!(
+            how.contains("$API_TOKEN") && how.contains("scope `a b`"),
+            "{how}"
+        );
+    }
+
+    #[test]
+    fn values_match_their_grant() {
+        let cc = settings(json!({}));
+        assert_eq!(check_value(&cc, b"client-secret-1"), Ok(()));
+        assert!(check_value(&cc, b"short").is_err());
+        assert!(check_value(&cc, b"secret-with\nnewline").is_err());
+        let rt = settings(json!({"grant": "refresh_token"}));
+        assert_eq!(
+            check_value(&rt, br#"{"refresh_token": "rt-123456789"}"#),
+            Ok(())
+        );
+        assert_eq!(
+            check_value(
+                &rt,
+                br#"{"refresh_token": "rt-123456789", "client_secret": "cs-123456789"}"#
+            ),
+            Ok(())
+        );
+        for bad in [
+            &b"rt-123456789"[..],
+            br#"{"refresh_token": "short"}"#,
+            br#"{"refresh_token": "rt-123456789", "client_secret": "short"}"#,
+            br#"{"refresh_token": "rt-123456789", "other": 1}"#,
+        ] {
+            let err = check_value(&rt, bad).unwrap_err();
+            assert!(!err.contains("rt-123456789"), "{err}");
+        }
+    }
+
+    #[test]
+    fn tokens_are_reused_until_shortly_before_expiry_and_never_past_the_grant() {
+        let minted = |secs: Option<u64>| endpoint::Minted {
+            access_token: SecretString::from("token-value"),
+            expires_in: secs.map(std::time::Duration::from_secs),
+            refresh_token: None,
+        };
+        assert_eq!(reusable_until(&minted(Some(600)), 0, i64::MAX), 540_000);
+        assert_eq!(reusable_until(&minted(Some(60)), 0, i64::MAX), 30_000);
+        assert_eq!(reusable_until(&minted(Some(600)), 0, 100_000), 100_000);
+        assert_eq!(reusable_until(&minted(None), 5, i64::MAX), 5);
+    }
+}
