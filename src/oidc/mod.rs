@@ -195,16 +195,20 @@ impl Default for Oidc {
     }
 }
 
+/// The gateway's client for identity providers: no redirects, [`HTTP_TIMEOUT`].
+pub(crate) fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(HTTP_TIMEOUT)
+        .user_agent(concat!("custodian/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("a reqwest client with static settings")
+}
+
 impl Oidc {
     pub fn new() -> Self {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(HTTP_TIMEOUT)
-            .user_agent(concat!("custodian/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("a reqwest client with static settings");
         Self {
-            http,
+            http: http_client(),
             discovered: Mutex::new(HashMap::new()),
         }
     }

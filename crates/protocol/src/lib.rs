@@ -305,16 +305,21 @@ const RESERVED_VARIABLES: &[&str] = &[
     "NO_PROXY",
 ];
 
-/// Whether `name` can be the variable of a credential: `[A-Z_][A-Z0-9_]*`, at most 128 bytes, not
-/// one the run needs for itself ([`RESERVED_VARIABLES`]).
-pub fn check_variable(name: &str) -> Result<(), String> {
-    let shaped = !name.is_empty()
+/// Whether `name` has the shape of a credential's name or variable: `[A-Z_][A-Z0-9_]*`, at most
+/// 128 bytes.
+pub fn is_variable_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 128
         && !name.as_bytes()[0].is_ascii_digit()
         && name
             .bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
-    if !shaped {
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Whether `name` can be the variable of a credential: `[A-Z_][A-Z0-9_]*`, at most 128 bytes, not
+/// one the run needs for itself ([`RESERVED_VARIABLES`]).
+pub fn check_variable(name: &str) -> Result<(), String> {
+    if !is_variable_name(name) {
         return Err(format!(
             "variable `{}` must be 1 to 128 of A-Z, 0-9 and _, not starting with a digit",
             name.chars().take(130).collect::<String>()

@@ -1,15 +1,11 @@
 //! Access tokens minted by this replica, cached per grant (memory only, never past the grant).
 
+use secrecy::SecretString;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
-
-use secrecy::SecretString;
 
 use super::endpoint::Minted;
 use crate::oidc::HttpClient;
-
-const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Identifies a cached access token: never shared between grants. A client secret's version is
 /// part of it (a new secret mints new tokens); a refresh token's is not, because every refresh
@@ -47,14 +43,8 @@ impl Default for Tokens {
 
 impl Tokens {
     pub fn new() -> Self {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(HTTP_TIMEOUT)
-            .user_agent(concat!("custodian/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("a reqwest client with static settings");
         Self {
-            http: HttpClient(http),
+            http: HttpClient(crate::oidc::http_client()),
             cache: Mutex::new(HashMap::new()),
         }
     }
