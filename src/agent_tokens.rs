@@ -8,6 +8,8 @@
 //! - Verification looks the token up by tenant and public id, then compares hashes in constant time.
 //!   An unknown id, a wrong secret, a revoked token and another tenant's token are the same
 //!   [`Verified::Invalid`].
+//! - The gateway verifies through the replica's cache of valid tokens ([`verify_cached`]); a
+//!   revocation reaches every replica within [`crate::cache::REFRESH`] (see [`crate::cache`]).
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -18,6 +20,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+use crate::cache::{CachedToken, Caches};
 use crate::clock::UnixSeconds;
 use crate::store::{Db, StoreError};
 use crate::tenants::TenantId;
@@ -82,14 +85,7 @@ pub async fn create(
     if crate::tenants::get(db, tenant.as_str()).await?.is_none() {
         return Err(TokenError::UnknownTenant(tenant.clone()));
     }
-    // ThreadRng is a CSPRNG (ChaCha12) seeded and periodically reseeded from the OS.
-    let mut rng = rand::rng();
-    let mut id = [0u8; ID_BYTES];
-    rng.fill_bytes(&mut id);
-    let mut secret = Zeroizing::new([0u8; SECRET_BYTES]);
-    rng.fill_bytes(secret.as_mut_slice());
-    let id = hex::encode(id);
-    let secret_text = Zeroizing::new(URL_SAFE_NO_PAD.encode(secret.as_slice()));
+    let (id, secret_text) = mint();
     let token = AgentToken {
         tenant_id: tenant.as_str().to_owned(),
         id: id.clone(),
@@ -135,6 +131,36 @@ pub async fn verify(
     tenant: &TenantId,
     presented: &SecretString,
 ) -> Result<Verified, StoreError> {
+    Ok(verify_in_db(db, tenant, presented).await?.0)
+}
+
+/// [`verify`] with the replica's cache of valid tokens in front (see [`crate::cache`]): a revoked
+/// token is refused on every replica within [`crate::cache::REFRESH`] plus one query.
+pub async fn verify_cached(
+    caches: &Caches,
+    db: &Db,
+    tenant: &TenantId,
+    presented: &SecretString,
+) -> Result<Verified, StoreError> {
+    let ticket = caches.fresh(db).await?;
+    if let Some((id, secret)) = split_token(presented.expose_secret())
+        && let Some(cached) = caches.token(tenant, id)
+    {
+        return Ok(compare(tenant, id, secret, cached));
+    }
+    let (verified, row) = verify_in_db(db, tenant, presented).await?;
+    if let (Verified::Valid(identity), Some(row)) = (&verified, row) {
+        caches.keep_token(ticket, tenant, &identity.token_id, row);
+    }
+    Ok(verified)
+}
+
+/// One query; returns the row that proved a valid token with the answer.
+async fn verify_in_db(
+    db: &Db,
+    tenant: &TenantId,
+    presented: &SecretString,
+) -> Result<(Verified, Option<CachedToken>), StoreError> {
     // A malformed token still looks the tenant up (with an id no token has), so that both paths
     // cost one query and answer "unknown tenant" the same way.
     let (id, secret) = split_token(presented.expose_secret()).unwrap_or(("", ""));
@@ -147,25 +173,35 @@ pub async fn verify(
     .bind(id)
     .fetch_optional(db.pool())
     .await?;
-    let presented_hash = hash_secret(secret.as_bytes());
     let Some(row) = row else {
-        return Ok(Verified::UnknownTenant);
+        // Hashed anyway, so that both answers cost the same.
+        let _ = hash_secret(secret.as_bytes());
+        return Ok((Verified::UnknownTenant, None));
     };
-    let (Some(name), Some(stored_hash)) = row else {
-        return Ok(Verified::Invalid);
+    let (Some(name), Some(secret_hash)) = row else {
+        let _ = hash_secret(secret.as_bytes());
+        return Ok((Verified::Invalid, None));
     };
+    let stored = CachedToken { secret_hash, name };
+    let verified = compare(tenant, id, secret, stored.clone());
+    Ok((verified, Some(stored)))
+}
+
+/// Compares the presented secret's hash with the stored one in constant time.
+fn compare(tenant: &TenantId, id: &str, secret: &str, stored: CachedToken) -> Verified {
+    let presented_hash = hash_secret(secret.as_bytes());
     let matches: bool = presented_hash
         .as_bytes()
-        .ct_eq(stored_hash.as_bytes())
+        .ct_eq(stored.secret_hash.as_bytes())
         .into();
     if !matches || id.is_empty() {
-        return Ok(Verified::Invalid);
+        return Verified::Invalid;
     }
-    Ok(Verified::Valid(AgentIdentity {
+    Verified::Valid(AgentIdentity {
         tenant: tenant.clone(),
         token_id: id.to_owned(),
-        token_name: name,
-    }))
+        token_name: stored.name,
+    })
 }
 
 /// The tenant's tokens, newest first.
@@ -179,7 +215,8 @@ pub async fn list(db: &Db, tenant: &TenantId) -> Result<Vec<AgentToken>, StoreEr
     .await?)
 }
 
-/// Revokes the active token with this id or name; it stops working on the next request.
+/// Revokes the active token with this id or name; every replica refuses it within
+/// [`crate::cache::REFRESH`] (this process on its next request).
 pub async fn revoke(
     db: &Db,
     tenant: &TenantId,
@@ -189,25 +226,42 @@ pub async fn revoke(
     if id_or_name.starts_with(TOKEN_PREFIX) {
         return Err(TokenError::LooksLikeToken);
     }
-    let done = sqlx::query(
+    // Replicas that cached the token drop it (see `cache`).
+    let revoke = sqlx::query(
         "UPDATE agent_tokens SET revoked_at = $1 \
          WHERE tenant_id = $2 AND (id = $3 OR name = $3) AND revoked_at IS NULL",
     )
     .bind(now)
     .bind(tenant.as_str())
-    .bind(id_or_name)
-    .execute(db.pool())
-    .await
-    .map_err(StoreError::from)?;
+    .bind(id_or_name);
+    let done = crate::cache::execute_changing(db, revoke).await?;
     if done.rows_affected() == 0 {
         return Err(TokenError::NotFound(id_or_name.chars().take(80).collect()));
     }
     Ok(())
 }
 
+/// A fresh public id (hex) and secret part (base64url) of a token: 64 and 256 random bits.
+/// OAuth access and refresh tokens use the same shape under their own prefixes.
+pub(crate) fn mint() -> (String, Zeroizing<String>) {
+    // ThreadRng is a CSPRNG (ChaCha12) seeded and periodically reseeded from the OS.
+    let mut rng = rand::rng();
+    let mut id = [0u8; ID_BYTES];
+    rng.fill_bytes(&mut id);
+    let mut secret = Zeroizing::new([0u8; SECRET_BYTES]);
+    rng.fill_bytes(secret.as_mut_slice());
+    let secret_text = Zeroizing::new(URL_SAFE_NO_PAD.encode(secret.as_slice()));
+    (hex::encode(id), secret_text)
+}
+
 /// Splits `cst_<id>_<secret>` into its parts, checking their shape.
 fn split_token(token: &str) -> Option<(&str, &str)> {
-    let rest = token.strip_prefix(TOKEN_PREFIX)?;
+    split_prefixed(token, TOKEN_PREFIX)
+}
+
+/// Splits `<prefix><id>_<secret>` into its parts, checking their shape.
+pub(crate) fn split_prefixed<'t>(token: &'t str, prefix: &str) -> Option<(&'t str, &'t str)> {
+    let rest = token.strip_prefix(prefix)?;
     if rest.len() != ID_CHARS + 1 + SECRET_CHARS || !rest.is_char_boundary(ID_CHARS) {
         return None;
     }
@@ -222,7 +276,8 @@ fn split_token(token: &str) -> Option<(&str, &str)> {
     (id_ok && secret_ok).then_some((id, secret))
 }
 
-fn hash_secret(secret: &[u8]) -> String {
+/// The stored form of a token's secret part (or of any other bearer value): hex SHA-256.
+pub(crate) fn hash_secret(secret: &[u8]) -> String {
     hex::encode(Sha256::digest(secret))
 }
 

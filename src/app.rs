@@ -25,8 +25,8 @@ pub struct App {
     pub db: Db,
     /// The one source of time.
     pub clock: Arc<dyn Clock>,
-    /// The live MCP sessions and which agent token opened each.
-    pub sessions: Sessions,
+    /// The MCP sessions this replica serves (all replicas' are in the database).
+    pub sessions: Arc<Sessions>,
     /// Protects secrets at rest (device codes now, secret values later).
     pub master_key: MasterKey,
     /// The device-flow client for every tenant's IdP.
@@ -47,11 +47,15 @@ pub struct App {
     pub metrics: crate::metrics::Metrics,
     /// OAuth access tokens minted for runs, cached per grant, and the client that mints them.
     pub oauth_tokens: crate::credentials::oauth::Tokens,
+    /// Verified tokens and environment listings, kept in step with every replica's changes.
+    pub caches: crate::cache::Caches,
+    /// Writes finished after their answer was sent (a run's outcome record); shutdown waits for them.
+    pub background: Background,
 }
 
 impl App {
     pub fn new(config: Config, db: Db, clock: Arc<dyn Clock>, master_key: MasterKey) -> Self {
-        let sessions = Sessions::new(&config.server);
+        let sessions = Arc::new(Sessions::new(&config.server, db.clone(), clock.clone()));
         let runners = &config.runners;
         let material = match (&runners.ca_file, &runners.cert_file, &runners.key_file) {
             (Some(ca), Some(cert), Some(key)) => match ClientMaterial::load(ca, cert, key) {
@@ -71,6 +75,8 @@ impl App {
             audit_key,
             metrics: crate::metrics::Metrics::default(),
             oauth_tokens: crate::credentials::oauth::Tokens::new(),
+            caches: crate::cache::Caches::default(),
+            background: Background::default(),
             dispatcher,
             config,
             db,
@@ -117,6 +123,28 @@ impl App {
     }
 }
 
+/// Tasks that finish work after its answer was sent. Each holds a read lock until it ends; draining
+/// takes the write lock, which waits for all of them (tokio's lock is fair: no task starts after).
+#[derive(Debug, Default, Clone)]
+pub struct Background(Arc<tokio::sync::RwLock<()>>);
+
+impl Background {
+    /// Runs `work` in a task of its own that shutdown waits for (once draining has begun, the
+    /// task still runs, unwaited).
+    pub fn spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        let held = Arc::clone(&self.0).try_read_owned().ok();
+        tokio::spawn(async move {
+            let _held = held;
+            work.await;
+        });
+    }
+
+    /// Waits until every task spawned so far has ended.
+    pub async fn drain(&self) {
+        let _all = self.0.write().await;
+    }
+}
+
 /// A bound, running gateway.
 pub struct Server {
     pub local_addr: std::net::SocketAddr,
@@ -147,6 +175,7 @@ impl Server {
             crate::http::serve::serve(listener, router, limits, stop).await;
             let _ = poller.await;
             let _ = sweeper.await;
+            app.background.drain().await;
         });
         Ok(Self {
             local_addr,

@@ -89,21 +89,16 @@ pub async fn append(
     detail: &serde_json::Value,
     now_ms: UnixMillis,
 ) -> Result<i64, StoreError> {
-    sqlx::query("INSERT INTO audit_heads (tenant_id, seq, mac) VALUES ($1, 0, $2) ON CONFLICT (tenant_id) DO NOTHING")
-        .bind(tenant)
-        .bind(GENESIS)
-        .execute(&mut **tx)
-        .await?;
-    // Taking the head row first serializes appenders of this tenant (row lock until commit).
-    sqlx::query("UPDATE audit_heads SET seq = seq + 1 WHERE tenant_id = $1")
-        .bind(tenant)
-        .execute(&mut **tx)
-        .await?;
-    let (seq, prev_mac): (i64, String) =
-        sqlx::query_as("SELECT seq, mac FROM audit_heads WHERE tenant_id = $1")
-            .bind(tenant)
-            .fetch_one(&mut **tx)
-            .await?;
+    // Taking the head row first serializes appenders of this tenant (row lock until commit); the
+    // first record of a tenant follows the genesis head.
+    let (seq, prev_mac): (i64, String) = sqlx::query_as(
+        "INSERT INTO audit_heads (tenant_id, seq, mac) VALUES ($1, 1, $2) \
+         ON CONFLICT (tenant_id) DO UPDATE SET seq = audit_heads.seq + 1 RETURNING seq, mac",
+    )
+    .bind(tenant)
+    .bind(GENESIS)
+    .fetch_one(&mut **tx)
+    .await?;
     let detail = detail.to_string();
     let record = Record {
         tenant,

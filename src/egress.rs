@@ -271,7 +271,7 @@ pub async fn add(
         )));
     }
     let inject = rule.inject.as_ref();
-    let inserted = sqlx::query(
+    let insert = sqlx::query(
         "INSERT INTO egress_rules (tenant_id, environment, destination, scheme, host, port, \
          allow_private, inject_secret, inject_header, inject_template, basic_user, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
@@ -287,10 +287,8 @@ pub async fn add(
     .bind(inject.map(|i| i.header.clone()))
     .bind(inject.map(|i| i.template.clone()))
     .bind(inject.and_then(|i| i.basic_user.clone()))
-    .bind(now)
-    .execute(db.pool())
-    .await
-    .map_err(StoreError::from);
+    .bind(now);
+    let inserted = crate::cache::execute_changing(db, insert).await;
     match inserted {
         Ok(_) => Ok(()),
         Err(e) if e.is_unique_violation() => {
@@ -307,15 +305,13 @@ pub async fn remove(
     environment: &str,
     destination: &Destination,
 ) -> Result<(), EgressError> {
-    let removed = sqlx::query(
+    let delete = sqlx::query(
         "DELETE FROM egress_rules WHERE tenant_id = $1 AND environment = $2 AND destination = $3",
     )
     .bind(tenant.as_str())
     .bind(environment)
-    .bind(destination.to_string())
-    .execute(db.pool())
-    .await
-    .map_err(StoreError::from)?;
+    .bind(destination.to_string());
+    let removed = crate::cache::execute_changing(db, delete).await?;
     if removed.rows_affected() == 0 {
         return Err(EgressError::NotListed(destination.to_string()));
     }

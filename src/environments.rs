@@ -39,6 +39,47 @@ pub struct Policy {
     pub required_amr: Vec<String>,
     /// Which pool of runners executes commands for this environment.
     pub runner_pool: String,
+    /// Whether the approver must be, or must not be, the engineer who asked (known when they
+    /// signed in with `codex mcp login`; agent tokens name no engineer).
+    #[serde(skip_serializing_if = "RequesterRule::is_any")]
+    pub approver_vs_requester: RequesterRule,
+}
+
+/// Who may approve a grant relative to the engineer who asked for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequesterRule {
+    /// Anyone the approver lists allow.
+    #[default]
+    Any,
+    /// Only the engineer who asked (a grant requested with an agent token cannot be approved).
+    Requester,
+    /// Anyone but the engineer who asked: four eyes (with an agent token, no engineer asked).
+    NotRequester,
+}
+
+impl RequesterRule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Any => "any",
+            Self::Requester => "requester",
+            Self::NotRequester => "not_requester",
+        }
+    }
+
+    /// Parses `any`, `requester` or `not_requester` (`-` accepted for `_`).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.replace('-', "_").as_str() {
+            "any" => Some(Self::Any),
+            "requester" => Some(Self::Requester),
+            "not_requester" => Some(Self::NotRequester),
+            _ => None,
+        }
+    }
+
+    pub fn is_any(&self) -> bool {
+        *self == Self::Any
+    }
 }
 
 impl Default for Policy {
@@ -52,6 +93,7 @@ impl Default for Policy {
             accepted_acr: Vec::new(),
             required_amr: Vec::new(),
             runner_pool: "default".to_owned(),
+            approver_vs_requester: RequesterRule::Any,
         }
     }
 }
@@ -244,11 +286,11 @@ pub async fn create(
         policy: policy.clone(),
         created_at: now,
     };
-    let inserted = sqlx::query(
+    let insert = sqlx::query(
         "INSERT INTO environments (tenant_id, name, description, secret_names, approvers, \
          max_ttl_seconds, max_uses, max_auth_age_seconds, runner_pool, created_at, \
-         require_fresh_login, accepted_acr, required_amr) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+         require_fresh_login, accepted_acr, required_amr, approver_vs_requester) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(&env.tenant_id)
     .bind(&env.name)
@@ -263,9 +305,8 @@ pub async fn create(
     .bind(i64::from(env.policy.freshness == LoginFreshness::Required))
     .bind(to_json(&env.policy.accepted_acr))
     .bind(to_json(&env.policy.required_amr))
-    .execute(db.pool())
-    .await
-    .map_err(StoreError::from);
+    .bind(env.policy.approver_vs_requester.as_str());
+    let inserted = crate::cache::execute_changing(db, insert).await;
     match inserted {
         Ok(_) => Ok(env),
         Err(e) if e.is_unique_violation() => Err(EnvironmentError::AlreadyExists(env.name)),
@@ -289,6 +330,7 @@ struct Row {
     require_fresh_login: i64,
     accepted_acr: String,
     required_amr: String,
+    approver_vs_requester: String,
 }
 
 impl TryFrom<Row> for Environment {
@@ -326,6 +368,8 @@ impl TryFrom<Row> for Environment {
                 accepted_acr,
                 required_amr,
                 runner_pool: row.runner_pool,
+                approver_vs_requester: RequesterRule::parse(&row.approver_vs_requester)
+                    .ok_or_else(|| corrupt("approver_vs_requester"))?,
             },
             tenant_id: row.tenant_id,
             name: row.name,
@@ -341,7 +385,7 @@ macro_rules! select_environments {
         concat!(
             "SELECT tenant_id, name, description, secret_names, credentials, approvers, max_ttl_seconds, ",
             "max_uses, max_auth_age_seconds, runner_pool, created_at, require_fresh_login, ",
-            "accepted_acr, required_amr FROM environments ",
+            "accepted_acr, required_amr, approver_vs_requester FROM environments ",
             $clause
         )
     };
@@ -392,5 +436,5 @@ pub async fn set_secret_names(
         .bind(name)
         .execute(&mut **tx)
         .await?;
-    Ok(())
+    crate::cache::changed(tx).await
 }

@@ -31,6 +31,8 @@ pub enum Purpose {
     KeyId,
     /// The MAC key of the audit chain.
     Audit,
+    /// The PKCE verifier and nonce of a sign-in at a tenant's IdP, while it is in progress.
+    SignIn,
 }
 
 impl Purpose {
@@ -40,6 +42,7 @@ impl Purpose {
             Purpose::DataKeyWrap => b"custodian/data-key-wrap/v1",
             Purpose::KeyId => b"custodian/key-id/v1",
             Purpose::Audit => b"custodian/audit-chain/v1",
+            Purpose::SignIn => b"custodian/sign-in/v1",
         }
     }
 }

@@ -11,6 +11,7 @@
 pub mod agent_tokens;
 pub mod app;
 pub mod audit;
+pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod http;
 pub mod keys;
 pub mod mcp;
 pub mod metrics;
+pub mod oauth;
 pub mod oidc;
 pub mod pki;
 pub mod runners;

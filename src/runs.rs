@@ -14,6 +14,7 @@
 //!   correlation id; the details go to the audit log, the span and the log.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::UnixSeconds;
@@ -124,7 +125,11 @@ fn command_line(args: &RunArgs) -> Result<Vec<String>, RunError> {
 
 /// Runs one command under the caller's grant.
 #[tracing::instrument(skip_all, fields(tenant.id = %caller.tenant, grant.id = %args.grant_id))]
-pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<RunResult, RunError> {
+pub async fn run(
+    app: &Arc<App>,
+    caller: &AgentIdentity,
+    args: RunArgs,
+) -> Result<RunResult, RunError> {
     let argv = command_line(&args)?;
     let max = app.config.runners.max_timeout_seconds;
     let timeout = args
@@ -304,20 +309,21 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
         "redactions": redactions,
         "egress": response.egress,
     });
-    if let Err(e) = grants::store::record(
-        &app.db,
-        &app.audit_key,
-        &caller.tenant,
-        &grant.id,
-        "exec.finished",
-        &detail,
+    // Written while the answer goes out (the exec itself was recorded before it ran); shutdown
+    // waits for it, and a failure is logged, not hidden.
+    let (writer, tenant, grant_id, now_ms) = (
+        Arc::clone(app),
+        caller.tenant.clone(),
+        grant.id.clone(),
         app.clock.now_ms(),
-    )
-    .await
-    {
-        // The exec itself was recorded before it ran; losing its outcome is logged, not hidden.
-        tracing::error!(error = %e, "recording the outcome of an exec failed");
-    }
+    );
+    app.background.spawn(async move {
+        let (db, key) = (&writer.db, &writer.audit_key);
+        let recorded = grants::store::record(db, key, &tenant, &grant_id, "exec.finished", &detail, now_ms);
+        if let Err(e) = recorded.await {
+            tracing::error!(exec.id = %detail["exec_id"], error = %e, "recording the outcome of an exec failed");
+        }
+    });
     tracing::info!(exec.id = %exec_id, runner.id = %runner.name, exit_code = ?response.exit_code, duration_ms = response.duration_ms, cancelled, "run finished");
     Ok(RunResult {
         exit_code: response.exit_code,

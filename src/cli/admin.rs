@@ -6,7 +6,7 @@ use secrecy::ExposeSecret;
 
 use crate::app::App;
 use crate::config::Config;
-use crate::environments::{self, Approvers, LoginFreshness, Policy};
+use crate::environments::{self, Approvers, LoginFreshness, Policy, RequesterRule};
 use crate::grants::{self, GrantState};
 use crate::tenants::{self, IdpSettings, SecretRef, TenantId};
 use crate::{agent_tokens, clock};
@@ -40,6 +40,9 @@ pub enum AdminCommand {
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Engineers signed in with `codex mcp login` (OAuth sessions): list, revoke.
+    #[command(subcommand, name = "sign-ins", alias = "oauth")]
+    SignIns(super::sign_ins::SignInCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -257,6 +260,10 @@ pub enum EnvCommand {
         /// Required `amr` method of the approver's sign-in (repeatable; all of).
         #[arg(long = "require-amr")]
         required_amr: Vec<String>,
+        /// Who approves relative to the engineer who asked (signed in with `codex mcp login`):
+        /// `any`, `requester` (only they), or `not-requester` (four eyes).
+        #[arg(long, default_value = "any", value_parser = parse_requester_rule)]
+        approver_vs_requester: RequesterRule,
     },
     /// List a tenant's environments.
     List { tenant: String },
@@ -303,6 +310,10 @@ pub enum TokenCommand {
     Revoke { tenant: String, token: String },
 }
 
+fn parse_requester_rule(text: &str) -> Result<RequesterRule, String> {
+    RequesterRule::parse(text).ok_or_else(|| "expected any, requester or not-requester".to_owned())
+}
+
 /// Runs the commands that touch no database (`master-key generate`, `pki …`), which therefore need
 /// no configuration; `None` for every other command.
 pub fn offline(command: &AdminCommand) -> Option<anyhow::Result<()>> {
@@ -325,6 +336,7 @@ pub async fn run(config: Config, command: AdminCommand) -> anyhow::Result<()> {
 async fn dispatch(app: &App, command: AdminCommand, now: clock::UnixSeconds) -> anyhow::Result<()> {
     let db = &app.db;
     match command {
+        AdminCommand::SignIns(command) => super::sign_ins::run(db, command, now).await?,
         AdminCommand::Tenant(TenantCommand::Create {
             id,
             display_name,
@@ -473,9 +485,11 @@ async fn dispatch(app: &App, command: AdminCommand, now: clock::UnixSeconds) -> 
             no_fresh_login,
             accepted_acr,
             required_amr,
+            approver_vs_requester,
         }) => {
             let tenant = TenantId::parse(&tenant)?;
             let policy = Policy {
+                approver_vs_requester,
                 approvers: Approvers {
                     subjects: approver_subjects,
                     emails: approver_emails,

@@ -132,7 +132,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          agent relays, or run `custodian dev approve <user code>`.\n\n\
          Manage this instance with `custodian admin --config {config} …`\n\
          (e.g. `custodian admin --config {config} grants list dev`).\n\n\
+         To sign in instead of pasting a token, leave `bearer_token_env_var` out of the Codex config\n\
+         (when present it overrides sign-in) and run `codex mcp login custodian`; the dev identity\n\
+         provider signs you in as {email}. `custodian admin --config {config} sign-ins list dev`\n\
+         shows who is signed in.\n\n\
          Press Ctrl-C to stop.",
+        email = crate::oidc::dev_idp::DEV_EMAIL,
         config = config_path.display(),
         issuer = idp.issuer,
         dir = args.data_dir.display(),

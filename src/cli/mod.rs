@@ -3,6 +3,7 @@
 
 mod admin;
 mod dev;
+mod sign_ins;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -16,7 +16,7 @@ pub mod poller;
 mod purpose;
 pub mod store;
 
-pub use policy::check_approver;
+pub use policy::{check_approver, check_requester};
 
 /// A span of a grant's trace: a child of its `grant.request` span, whenever and wherever it is made.
 macro_rules! grant_span {
@@ -50,8 +50,9 @@ use tracing::Instrument;
 use crate::agent_tokens::AgentIdentity;
 use crate::app::App;
 use crate::clock::UnixSeconds;
-use crate::environments::{self, LoginFreshness};
+use crate::environments::{self, LoginFreshness, RequesterRule};
 use crate::keys::Purpose;
+use crate::oauth::Engineer;
 use crate::store::StoreError;
 use crate::tenants::TenantId;
 
@@ -163,6 +164,11 @@ pub struct Grant {
     pub ended_at: Option<UnixSeconds>,
     /// W3C traceparent of the grant's root span (one trace per grant).
     pub trace_context: Option<String>,
+    /// The engineer who asked (IdP subject and name), when they signed in with OAuth.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requester_sub: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requester_name: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -192,6 +198,8 @@ struct Row {
     end_reason: Option<String>,
     ended_at: Option<i64>,
     trace_context: Option<String>,
+    requester_sub: Option<String>,
+    requester_name: Option<String>,
 }
 
 impl TryFrom<Row> for Grant {
@@ -231,6 +239,8 @@ impl TryFrom<Row> for Grant {
             end_reason: row.end_reason,
             ended_at: row.ended_at,
             trace_context: row.trace_context,
+            requester_sub: row.requester_sub,
+            requester_name: row.requester_name,
         })
     }
 }
@@ -451,6 +461,7 @@ fn capped(
 pub async fn request(
     app: &App,
     caller: &AgentIdentity,
+    requester: Option<&Engineer>,
     args: RequestArgs,
 ) -> Result<RequestedGrant, GrantError> {
     let purpose = purpose::validate(&args.purpose)?;
@@ -459,6 +470,15 @@ pub async fn request(
             args.environment.chars().take(64).collect(),
         ));
     };
+    if env.policy.approver_vs_requester == RequesterRule::Requester && requester.is_none() {
+        return Err(GrantError::InvalidArgument {
+            field: "environment",
+            message: format!(
+                "`{}` must be approved by the engineer who asks, and an agent token names no engineer: sign in with `codex mcp login` to request it",
+                env.name
+            ),
+        });
+    }
     let ttl_seconds = capped(
         "ttl_seconds",
         args.ttl_seconds,
@@ -543,6 +563,7 @@ pub async fn request(
             device_code_sealed: &sealed,
             poll_interval_ms: interval_ms,
             trace_context: trace_context.as_deref(),
+            requester,
         },
         now_ms,
     )
@@ -688,21 +709,18 @@ pub async fn consume(
     id: &str,
     exec: &serde_json::Value,
 ) -> Result<Grant, GrantError> {
-    let grant = own_grant(app, caller, id).await?;
+    // The UPDATE checks ownership, state, expiry and uses itself; only a refusal reads the grant.
     let taken = store::consume_use(
         &app.db,
         &app.audit_key,
         &caller.tenant,
-        &grant.id,
+        id,
         &caller.token_id,
         exec,
         app.clock.now_ms(),
     )
     .await?;
-    if taken {
-        let now = store::get(&app.db, &caller.tenant, &grant.id)
-            .await?
-            .unwrap_or(grant);
+    if let Some(now) = taken {
         if now.state == GrantState::Exhausted {
             app.grant_changed.notify_waiters();
             drop(grant_span!("grant.exhausted", &now));

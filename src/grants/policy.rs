@@ -9,7 +9,7 @@
 //! - Every denial says why, naming what the provider did or did not send.
 
 use crate::clock::UnixSeconds;
-use crate::environments::{LoginFreshness, Policy};
+use crate::environments::{LoginFreshness, Policy, RequesterRule};
 use crate::oidc::{Approver, CLOCK_SKEW_SECONDS};
 
 /// Whether `approver` may approve under `policy` at time `now`; the error is the denial reason.
@@ -42,6 +42,28 @@ pub fn check_approver(
         ));
     }
     check_allowed(policy, approver)
+}
+
+/// Whether `approver` may approve a grant that `requester` (the IdP subject of the engineer who
+/// asked; `None` for an agent token) asked for, under the environment's requester rule.
+pub fn check_requester(
+    rule: RequesterRule,
+    requester: Option<&str>,
+    approver: &Approver,
+) -> Result<(), String> {
+    match (rule, requester) {
+        (RequesterRule::Any, _) | (RequesterRule::NotRequester, None) => Ok(()),
+        (RequesterRule::Requester, Some(r)) if r == approver.subject => Ok(()),
+        (RequesterRule::Requester, _) => Err(
+            "this environment requires the engineer who asked to approve their own grant, and the approver is someone else"
+                .to_owned(),
+        ),
+        (RequesterRule::NotRequester, Some(r)) if r == approver.subject => Err(
+            "this environment requires someone other than the engineer who asked to approve (four eyes)"
+                .to_owned(),
+        ),
+        (RequesterRule::NotRequester, Some(_)) => Ok(()),
+    }
 }
 
 fn check_fresh(
@@ -95,6 +117,27 @@ fn check_allowed(policy: &Policy, approver: &Approver) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requester_rules_compare_idp_subjects() {
+        let alice = approver();
+        let mut bob = approver();
+        bob.subject = "bob".into();
+        let any = RequesterRule::Any;
+        let own = RequesterRule::Requester;
+        let other = RequesterRule::NotRequester;
+        assert_eq!(check_requester(any, Some("alice"), &alice), Ok(()));
+        assert_eq!(check_requester(own, Some("alice"), &alice), Ok(()));
+        assert!(check_requester(own, Some("alice"), &bob).is_err());
+        assert!(check_requester(own, None, &alice).is_err());
+        assert!(
+            check_requester(other, Some("alice"), &alice)
+                .unwrap_err()
+                .contains("four eyes")
+        );
+        assert_eq!(check_requester(other, Some("alice"), &bob), Ok(()));
+        assert_eq!(check_requester(other, None, &alice), Ok(()));
+    }
     use crate::environments::Approvers;
 
     fn approver() -> Approver {

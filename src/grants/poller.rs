@@ -15,7 +15,9 @@ use std::time::Duration;
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
-use super::{Grant, GrantId, GrantState, check_approver, device_code_aad, grant_span, store};
+use super::{
+    Grant, GrantId, GrantState, check_approver, check_requester, device_code_aad, grant_span, store,
+};
 use crate::app::App;
 use crate::clock::UnixMillis;
 use crate::environments;
@@ -168,7 +170,14 @@ async fn poll_one(app: &App, tenant: &str, id: &str) -> Result<(), super::Intern
                 )
                 .await;
             };
-            match check_approver(&env.policy, &approver, app.clock.now()) {
+            let allowed = check_approver(&env.policy, &approver, app.clock.now()).and_then(|()| {
+                check_requester(
+                    env.policy.approver_vs_requester,
+                    grant.requester_sub.as_deref(),
+                    &approver,
+                )
+            });
+            match allowed {
                 Ok(()) => {
                     if store::approve(
                         &app.db,

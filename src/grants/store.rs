@@ -28,17 +28,25 @@ pub struct NewGrant<'a> {
     pub poll_interval_ms: i64,
     /// W3C traceparent of the grant's root span.
     pub trace_context: Option<&'a str>,
+    /// The engineer who asked, when they signed in with OAuth.
+    pub requester: Option<&'a crate::oauth::Engineer>,
+}
+
+macro_rules! grant_columns {
+    () => {
+        concat!(
+            "tenant_id, id, environment, agent_token_id, agent_name, purpose, ttl_seconds, ",
+            "max_uses, uses, state, created_at, expires_at, user_code, verification_uri, ",
+            "verification_uri_complete, poll_interval_ms, approved_at, approver_sub, approver_name, ",
+            "approver_email, approver_groups, auth_time, end_reason, ended_at, trace_context, ",
+            "requester_sub, requester_name"
+        )
+    };
 }
 
 macro_rules! select_grants {
     ($clause:literal) => {
-        concat!(
-            "SELECT tenant_id, id, environment, agent_token_id, agent_name, purpose, ttl_seconds, ",
-            "max_uses, uses, state, created_at, expires_at, user_code, verification_uri, ",
-            "verification_uri_complete, poll_interval_ms, approved_at, approver_sub, approver_name, ",
-            "approver_email, approver_groups, auth_time, end_reason, ended_at, trace_context FROM grants ",
-            $clause
-        )
+        concat!("SELECT ", grant_columns!(), " FROM grants ", $clause)
     };
 }
 
@@ -53,8 +61,9 @@ pub async fn insert(
     sqlx::query(
         "INSERT INTO grants (tenant_id, id, environment, agent_token_id, agent_name, purpose, \
          ttl_seconds, max_uses, uses, state, created_at, expires_at, user_code, verification_uri, \
-         verification_uri_complete, device_code_sealed, poll_interval_ms, next_poll_at_ms, trace_context) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, 'pending', $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+         verification_uri_complete, device_code_sealed, poll_interval_ms, next_poll_at_ms, trace_context, \
+         requester_sub, requester_name) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, 'pending', $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
     )
     .bind(new.tenant.as_str())
     .bind(new.id.as_str())
@@ -73,15 +82,21 @@ pub async fn insert(
     .bind(new.poll_interval_ms)
     .bind(now_ms + new.poll_interval_ms)
     .bind(new.trace_context)
+    .bind(new.requester.map(|r| r.subject.as_str()))
+    .bind(new.requester.map(|r| r.name.as_str()))
     .execute(&mut *tx)
     .await?;
-    let detail = serde_json::json!({
+    let mut detail = serde_json::json!({
         "environment": new.environment,
         "agent": new.agent_name,
         "purpose": new.purpose,
         "ttl_seconds": new.ttl_seconds,
         "max_uses": new.max_uses,
     });
+    if let Some(requester) = new.requester {
+        detail["requester"] =
+            serde_json::json!({"subject": requester.subject, "name": requester.name});
+    }
     crate::audit::append(
         &mut tx,
         audit,
@@ -345,7 +360,7 @@ pub async fn expired_active(
 
 /// Uses one run of an active, unexpired grant of `agent_token_id` (atomically) and records the exec
 /// in the audit log in the same transaction; the use that spends the last one also ends the grant
-/// as exhausted. Returns whether a use was taken.
+/// as exhausted. Returns the grant as this use left it, or `None` when no use was taken.
 pub async fn consume_use(
     db: &Db,
     audit: &AuditKey,
@@ -354,35 +369,31 @@ pub async fn consume_use(
     agent_token_id: &str,
     exec: &Value,
     now_ms: UnixMillis,
-) -> Result<bool, StoreError> {
+) -> Result<Option<Grant>, StoreError> {
     let now = now_ms.div_euclid(1000);
     let mut tx = db.pool().begin().await?;
-    let done = sqlx::query(
+    let row = sqlx::query_as::<_, super::Row>(concat!(
         "UPDATE grants SET uses = uses + 1, \
          state = CASE WHEN uses + 1 >= max_uses THEN 'exhausted' ELSE state END, \
          end_reason = CASE WHEN uses + 1 >= max_uses THEN 'all of its runs were used' ELSE end_reason END, \
          ended_at = CASE WHEN uses + 1 >= max_uses THEN $1 ELSE ended_at END \
          WHERE tenant_id = $2 AND id = $3 AND agent_token_id = $4 AND state = 'active' \
-         AND expires_at > $1 AND uses < max_uses",
-    )
+         AND expires_at > $1 AND uses < max_uses RETURNING ",
+        grant_columns!()
+    ))
     .bind(now)
     .bind(tenant.as_str())
     .bind(id)
     .bind(agent_token_id)
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    if done.rows_affected() != 1 {
-        return Ok(false);
-    }
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let grant = Grant::try_from(row)?;
     // No record, no exec: the caller dispatches only after this transaction commits.
     crate::audit::append(&mut tx, audit, tenant.as_str(), id, "exec", exec, now_ms).await?;
-    let (state,): (String,) =
-        sqlx::query_as("SELECT state FROM grants WHERE tenant_id = $1 AND id = $2")
-            .bind(tenant.as_str())
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-    if state == GrantState::Exhausted.as_str() {
+    if grant.state == GrantState::Exhausted {
         let detail = serde_json::json!({ "reason": "all of its runs were used" });
         crate::audit::append(
             &mut tx,
@@ -396,7 +407,7 @@ pub async fn consume_use(
         .await?;
     }
     tx.commit().await?;
-    Ok(true)
+    Ok(Some(grant))
 }
 
 /// Records a step that is not a transition (e.g. an exec) on the grant's timeline.

@@ -2,11 +2,14 @@
 //!
 //! Guarantees:
 //! - Each request is authenticated on its own; an MCP session never stands in for a token.
-//! - A missing, malformed, unknown, revoked or other-tenant token gets the same `401` with the
+//! - Agent tokens (`cst_`) and OAuth access tokens (`csa_`, issued by the tenant's authorization
+//!   server in `crate::oauth`, bound to this tenant's MCP URL) are accepted; an OAuth request also
+//!   carries the signed-in [`oauth::Engineer`] to the handler.
+//! - A missing, malformed, unknown, expired, revoked or other-tenant token gets the same `401` with the
 //!   RFC 9728 `resource_metadata` pointer (GET, POST and DELETE alike), and so does any request to
 //!   a tenant that does not exist: status, body and headers do not tell whether a tenant exists.
-//! - A session is bound to the token that created it: the same session id presented with any other
-//!   token is answered as an unknown session (`404`).
+//! - A session is bound to the token that created it, on every replica: the same session id
+//!   presented with any other token is answered as an unknown session (`404`).
 //! - A request's `MCP-Protocol-Version`, when present, must name a supported version; inside a
 //!   session it may be left out (the session's negotiated version applies, as the spec allows for
 //!   2025-03-26 clients).
@@ -18,12 +21,13 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::error::HttpError;
-use super::sessions::SessionCheck;
+use super::sessions::{BindError, SessionCheck};
 use crate::agent_tokens::{self, Verified};
 use crate::app::App;
+use crate::oauth;
 use crate::tenants::TenantId;
 
 const SESSION_HEADER: &str = "mcp-session-id";
@@ -68,9 +72,17 @@ pub async fn authenticate(
         .unwrap_or_else(|| SecretString::from(String::new()));
     // An unknown tenant answers exactly like a known one without a valid token, so that tenant
     // names cannot be enumerated.
-    let identity = match agent_tokens::verify(&app.db, &tenant_id, &presented).await {
-        Ok(Verified::Valid(identity)) => identity,
-        Ok(Verified::Invalid | Verified::UnknownTenant) if token.is_none() => {
+    let verified = if presented.expose_secret().starts_with(oauth::ACCESS_PREFIX) {
+        let resource = oauth::resource(&app.config.server.public_url, tenant_id.as_str());
+        oauth::verify_access(&app.db, &tenant_id, &presented, &resource, app.clock.now()).await
+    } else {
+        agent_tokens::verify_cached(&app.caches, &app.db, &tenant_id, &presented)
+            .await
+            .map(|verified| (verified, None))
+    };
+    let (identity, engineer) = match verified {
+        Ok((Verified::Valid(identity), engineer)) => (identity, engineer),
+        Ok((Verified::Invalid | Verified::UnknownTenant, _)) if token.is_none() => {
             return HttpError::unauthorized(
                 &metadata,
                 "an agent token is required: send Authorization: Bearer cst_…",
@@ -78,7 +90,7 @@ pub async fn authenticate(
             )
             .into_response();
         }
-        Ok(Verified::Invalid | Verified::UnknownTenant) => {
+        Ok((Verified::Invalid | Verified::UnknownTenant, _)) => {
             return HttpError::unauthorized(
                 &metadata,
                 "the agent token is not valid for this tenant",
@@ -95,7 +107,12 @@ pub async fn authenticate(
         .get(SESSION_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let checked = app.sessions.check(session.as_deref(), &identity);
+    let checked = match app.sessions.check(session.as_deref(), &identity).await {
+        Ok(checked) => checked,
+        Err(e) => {
+            return HttpError::internal("looking up an MCP session failed", &e).into_response();
+        }
+    };
     if matches!(checked, SessionCheck::Foreign) {
         return HttpError::new(
             StatusCode::NOT_FOUND,
@@ -112,6 +129,9 @@ pub async fn authenticate(
 
     let is_delete = request.method() == Method::DELETE;
     request.extensions_mut().insert(identity.clone());
+    if let Some(engineer) = engineer {
+        request.extensions_mut().insert(engineer);
+    }
     let mut response = next.run(request).await;
 
     match (&session, checked) {
@@ -122,9 +142,13 @@ pub async fn authenticate(
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
             if let Some(created) = created
-                && let Err(limit) = app.sessions.bind(&created, &identity)
+                && let Err(refused) = app.sessions.bind(&created, &identity).await
             {
                 app.sessions.close(&created).await;
+                let BindError::Limit(limit) = refused else {
+                    return HttpError::internal("recording an MCP session failed", &refused)
+                        .into_response();
+                };
                 // The client is told; at debug so that a flood of attempts cannot flood the log.
                 tracing::debug!(tenant.id = %identity.tenant, agent.token = %identity.token_name, "MCP session refused: {limit}");
                 return super::jsonrpc::too_many_sessions(&limit.to_string());

@@ -1,4 +1,5 @@
-//! The HTTP surface: the MCP endpoint per tenant, RFC 9728 metadata, and health probes.
+//! The HTTP surface: the MCP endpoint per tenant, RFC 9728 metadata, the tenants' authorization
+//! servers (`crate::oauth::http`), and health probes.
 
 pub mod approve;
 pub mod auth;
@@ -43,6 +44,9 @@ pub fn router(app: Arc<App>, shutdown: CancellationToken) -> Router {
         // Long answers must keep moving to outlive the connection idle timeout (see `serve`).
         .with_sse_keep_alive(Some((server.idle_timeout / 3).min(SSE_KEEP_ALIVE)))
         .with_cancellation_token(shutdown);
+    // Any replica serves any session: one it does not hold is re-created from the database.
+    let mut mcp_config = mcp_config;
+    mcp_config.session_store = Some(app.sessions.clone());
     let handler_app = app.clone();
     let mcp = StreamableHttpService::new(
         move || Ok(CustodianMcp::new(handler_app.clone())),
@@ -65,12 +69,18 @@ pub fn router(app: Arc<App>, shutdown: CancellationToken) -> Router {
             get(protected_resource_metadata),
         )
         .route("/approve/{id}", get(approve::page))
-        .layer(middleware::from_fn_with_state(policy, guard::check_origin));
+        .layer(middleware::from_fn_with_state(
+            policy.clone(),
+            guard::check_origin,
+        ));
 
+    let sign_in = crate::oauth::http::routes()
+        .layer(middleware::from_fn_with_state(policy, guard::check_origin));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .merge(tenant_routes)
+        .merge(sign_in)
         .with_state(app)
 }
 
@@ -89,9 +99,9 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
 ///
 /// The document is built from the URL alone, without looking the tenant up, so that it is the
 /// same for every well-formed tenant id and does not reveal which tenants exist (the `401` of the
-/// MCP endpoint points here for unknown tenants too). It names no `authorization_servers`: the
-/// endpoint accepts Custodian agent tokens only, which no OAuth authorization server issues; the
-/// tenant's IdP approves grants but its tokens are not accepted here.
+/// MCP endpoint points here for unknown tenants too). Its authorization server is Custodian's own
+/// for the tenant (`crate::oauth`), which delegates sign-in to the tenant's IdP; the IdP itself is
+/// not named, and its tokens are not accepted here.
 async fn protected_resource_metadata(
     State(app): State<Arc<App>>,
     Path(tenant): Path<String>,
@@ -103,6 +113,8 @@ async fn protected_resource_metadata(
     let base = app.config.server.public_url.as_str().trim_end_matches('/');
     Json(json!({
         "resource": format!("{base}/t/{tenant}/mcp"),
+        "authorization_servers": [crate::oauth::issuer(&app.config.server.public_url, tenant.as_str())],
+        "scopes_supported": crate::oauth::SCOPES,
         "bearer_methods_supported": ["header"],
         "resource_name": "Custodian",
     }))

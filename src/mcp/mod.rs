@@ -87,7 +87,8 @@ environment's limits (see list_environments).",
         context: RequestContext<RoleServer>,
     ) -> Result<Json<RequestedGrant>, ToolError> {
         let caller = identity(&parts)?;
-        let requested = grants::request(&self.app, caller, args).await?;
+        let requester = parts.extensions.get::<crate::oauth::Engineer>();
+        let requested = grants::request(&self.app, caller, requester, args).await?;
         offer_url_elicitation(&context, &requested);
         Ok(Json(requested))
     }
@@ -209,6 +210,7 @@ a command run there will receive. Also returns each environment's limits: the lo
 lifetime (max_ttl_seconds), the most runs per grant (max_uses) and how recently the approver must \
 have signed in, and where its runs may connect (egress: nothing else is reachable), with any \
 credential the runner adds to requests there for you. Secret values are never returned.",
+        output_schema = rmcp::handler::server::tool::schema_for_output::<EnvironmentList>(),
         annotations(
             title = "List environments",
             read_only_hint = true,
@@ -220,15 +222,24 @@ credential the runner adds to requests there for you. Secret values are never re
     async fn list_environments(
         &self,
         Extension(parts): Extension<http::request::Parts>,
-    ) -> Result<Json<EnvironmentList>, ToolError> {
+    ) -> Result<CallToolResult, ToolError> {
         let caller = identity(&parts)?;
-        let envs = environments::list(&self.app.db, &caller.tenant)
+        let failed = |e: &dyn std::fmt::Display| {
+            ToolError::Internal(internal("listing environments failed", e))
+        };
+        let (db, caches) = (&self.app.db, &self.app.caches);
+        // The same answer until an environment or egress rule of any tenant changes (see `cache`).
+        let ticket = caches.fresh(db).await.map_err(|e| failed(&e))?;
+        if let Some(answer) = caches.environments(&caller.tenant) {
+            return Ok(answer);
+        }
+        let envs = environments::list(db, &caller.tenant)
             .await
-            .map_err(|e| ToolError::Internal(internal("listing environments failed", &e)))?;
-        let egress = crate::egress::by_environment(&self.app.db, &caller.tenant)
+            .map_err(|e| failed(&e))?;
+        let egress = crate::egress::by_environment(db, &caller.tenant)
             .await
-            .map_err(|e| ToolError::Internal(internal("listing environments failed", &e)))?;
-        Ok(Json(EnvironmentList {
+            .map_err(|e| failed(&e))?;
+        let list = EnvironmentList {
             environments: envs
                 .into_iter()
                 .map(|env| {
@@ -236,7 +247,11 @@ credential the runner adds to requests there for you. Secret values are never re
                     EnvironmentSummary::new(env, rules)
                 })
                 .collect(),
-        }))
+        };
+        let answer =
+            CallToolResult::structured(serde_json::to_value(list).map_err(|e| failed(&e))?);
+        caches.keep_environments(ticket, &caller.tenant, answer.clone());
+        Ok(answer)
     }
 }
 
@@ -352,6 +367,10 @@ impl IntoCallToolResult for ToolError {
     }
 }
 
+/// How long an offered URL elicitation waits for the client's answer. Behind a load balancer the
+/// answer may reach another replica and never come back here; the wait must end anyway.
+const ELICITATION_WAIT: Duration = Duration::from_secs(600);
+
 /// Offers the approval page as a URL-mode elicitation when the client declared support; the text
 /// path (the returned message) works without it. Fire and forget: the approval itself happens at
 /// the IdP, whatever the client answers.
@@ -372,7 +391,10 @@ fn offer_url_elicitation(context: &RequestContext<RoleServer>, requested: &Reque
     let message = requested.message.clone();
     let id = requested.grant_id.clone();
     tokio::spawn(async move {
-        if let Err(e) = peer.elicit_url(message, url, id).await {
+        if let Err(e) = peer
+            .elicit_url_with_timeout(message, url, id, Some(ELICITATION_WAIT))
+            .await
+        {
             tracing::debug!(error = %e, "URL elicitation not taken up by the client");
         }
     });

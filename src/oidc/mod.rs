@@ -19,6 +19,7 @@
 //!   (wrong client, issuer, endpoints: an admin must act).
 
 mod check;
+mod code;
 pub mod dev_idp;
 mod device;
 mod token;
@@ -43,6 +44,7 @@ use crate::clock::UnixSeconds;
 use crate::tenants::IdpSettings;
 
 pub use check::{IdpCheck, IdpCheckFailed};
+pub use code::SignInRequest;
 pub use device::link_is_safe;
 
 /// How long discovery documents and keys are reused before being fetched again.

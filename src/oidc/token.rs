@@ -14,6 +14,7 @@ use openidconnect::{
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use subtle::ConstantTimeEq;
 
 use super::{
     Approver, CLOCK_SKEW_SECONDS, ErrorBody, Fault, Oidc, PollOutcome, client_secret, read_capped,
@@ -30,10 +31,10 @@ const USERINFO_RETRIES: [Duration; 2] = [Duration::from_millis(300), Duration::f
 
 /// Every claim beyond the standard ones, so that the approver and groups claims are configurable.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-struct OtherClaims(HashMap<String, Value>);
+pub(super) struct OtherClaims(HashMap<String, Value>);
 impl AdditionalClaims for OtherClaims {}
 
-type TokenResponse = StandardTokenResponse<
+pub(super) type TokenResponse = StandardTokenResponse<
     IdTokenFields<
         OtherClaims,
         EmptyExtraTokenFields,
@@ -126,7 +127,7 @@ impl Oidc {
             }
         };
         drop(body);
-        let outcome = match self.verify(idp, &tokens, now).await {
+        let outcome = match self.verify(idp, &tokens, None, now).await {
             Ok(approver) => PollOutcome::Approved(approver),
             Err(reason) => PollOutcome::Rejected(reason),
         };
@@ -134,11 +135,13 @@ impl Oidc {
         outcome
     }
 
-    /// Verifies the ID token and builds the approver from it (and userinfo when needed).
-    async fn verify(
+    /// Verifies the ID token and builds the approver from it (and userinfo when needed). With
+    /// `nonce` (authorization-code sign-in), the ID token must carry exactly that nonce.
+    pub(super) async fn verify(
         &self,
         idp: &IdpSettings,
         tokens: &TokenResponse,
+        nonce: Option<&SecretString>,
         now: UnixSeconds,
     ) -> Result<Approver, String> {
         let Some(id_token) = tokens.extra_fields().id_token() else {
@@ -164,8 +167,23 @@ impl Oidc {
                 CoreJwsSigningAlgorithm::EcdsaP384Sha384,
                 CoreJwsSigningAlgorithm::EdDsa,
             ]);
-            // The device flow carries no nonce.
-            match id_token.claims(&verifier, |_: Option<&openidconnect::Nonce>| Ok(())) {
+            // The device flow carries no nonce; a code sign-in must return the one it sent.
+            let nonce_check = |got: Option<&openidconnect::Nonce>| match nonce {
+                None => Ok(()),
+                Some(sent) => {
+                    let same: bool = got
+                        .map(|n| n.secret().as_bytes())
+                        .unwrap_or_default()
+                        .ct_eq(sent.expose_secret().as_bytes())
+                        .into();
+                    if same {
+                        Ok(())
+                    } else {
+                        Err("the nonce differs from the one sent".to_owned())
+                    }
+                }
+            };
+            match id_token.claims(&verifier, nonce_check) {
                 Ok(claims) => {
                     let userinfo = discovered
                         .metadata

@@ -362,6 +362,15 @@ for path in ["/", "/etc", "/etc/custodian-runner/tls", "/proc", "/tmp/x"]:
     message = refused(merged(default_given, {"runners": {"sandbox": {"readOnlyPaths": [path]}}}))
     check(f"readOnlyPaths refuses {path}", message and "readOnlyPaths" in message, message)
 
+# MCP sessions live in the database: the ingress routes without session affinity unless asked to.
+ingress_on = {"ingress": {"enabled": True}}
+affinity = "nginx.ingress.kubernetes.io/upstream-hash-by"
+for sticky, expected in [(None, False), (True, True)]:
+    given = merged(default_given, ingress_on if sticky is None else merged(ingress_on, {"ingress": {"stickyOnSessionId": sticky}}))
+    ingresses = [d for d in render(given)[0] if d["kind"] == "Ingress"]
+    annotated = bool(ingresses) and affinity in (ingresses[0]["metadata"].get("annotations") or {})
+    check(f"ingress session affinity {'on when asked' if sticky else 'off by default'}", len(ingresses) == 1 and annotated == expected)
+
 # Runs keep their files in memory: the runner's memory limit must exist and hold one run's tmpfs.
 small = {"runners": {"resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}}}
 message = refused(merged(default_given, small))

@@ -17,6 +17,9 @@
 //   CLIENTS        JSON array of client ids (public clients, device grant)       ["custodian"]
 //   DEVICE_TTL     device code lifetime in seconds                                  600
 //   INTERVAL       polling interval announced in device authorization responses      1
+//   SIGNIN_REDIRECT_URIS  JSON array: when set, every client may also use the authorization-code
+//                  flow (PKCE, as oidc-provider requires of public clients) with exactly these
+//                  redirect URIs (Custodian's sign-in callbacks)                   unset
 //   SERVICE_SECRET secret of the confidential client `svc-reporter` (client_credentials grant,
 //                  scope `reports:read`)                                             random
 //   INTROSPECTOR_SECRET  secret of the confidential client `introspector`, which tests use to
@@ -47,6 +50,7 @@ import * as jose from 'jose';
 const clients = JSON.parse(process.env.CLIENTS || '["custodian"]');
 const deviceTtl = Number(process.env.DEVICE_TTL || 600);
 const interval = Number(process.env.INTERVAL || 1);
+const signinRedirects = JSON.parse(process.env.SIGNIN_REDIRECT_URIS || '[]');
 
 // `email_verified` is part of each account's claims as a real directory would hold it: eve has
 // put alice's address on her own profile (unverified, as Entra ID allows); trent's directory says
@@ -82,9 +86,10 @@ const provider = new Provider(issuer, {
     ...clients.map((id) => ({
       client_id: id,
       token_endpoint_auth_method: 'none',
-      grant_types: ['urn:ietf:params:oauth:grant-type:device_code'],
-      response_types: [],
-      redirect_uris: [],
+      grant_types: ['urn:ietf:params:oauth:grant-type:device_code']
+        .concat(signinRedirects.length ? ['authorization_code'] : []),
+      response_types: signinRedirects.length ? ['code'] : [],
+      redirect_uris: signinRedirects,
     })),
     {
       client_id: 'offline-cli',

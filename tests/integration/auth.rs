@@ -11,6 +11,7 @@ on_both_backends!(
     unknown_tenants_answer_like_known_ones_without_a_valid_token,
     tenant_a_token_sees_nothing_of_tenant_b,
     revoked_token_stops_working_on_the_next_request,
+    another_replicas_changes_are_honoured_within_a_second,
     session_is_bound_to_the_token_that_opened_it,
     verify_accepts_only_the_exact_token,
 );
@@ -110,8 +111,12 @@ async fn metadata_document_does_not_reveal_whether_a_tenant_exists(backend: Back
         doc["bearer_methods_supported"],
         serde_json::json!(["header"])
     );
-    // Neither the tenant's IdP (it issues no token this endpoint accepts) nor its display name.
-    assert!(doc.get("authorization_servers").is_none(), "{doc}");
+    // Its authorization server is Custodian's own for the tenant (sign-in), never the tenant's
+    // IdP (whose tokens this endpoint does not accept); nor is the tenant's display name shown.
+    assert_eq!(
+        doc["authorization_servers"],
+        serde_json::json!([format!("{}/t/TENANT", t.base_url)])
+    );
     assert!(
         !body.contains("idp.acme.example.com") && !body.contains("Tenant"),
         "{body}"
@@ -234,6 +239,100 @@ async fn revoked_token_stops_working_on_the_next_request(backend: Backend) {
     let again = t.token(&acme, "codex").await;
     assert_ne!(again, token);
     t.stop().await;
+}
+
+/// Two replicas on one database; the admin CLI (a process of its own) changes the database. The
+/// second replica, which has the token and the listing cached, must see an added environment and
+/// refuse the revoked token within a second.
+async fn another_replicas_changes_are_honoured_within_a_second(backend: Backend) {
+    let Some(a) = TestApp::builder(backend).start().await else {
+        return;
+    };
+    let Some(b) = TestApp::builder(backend)
+        .on_database(a.database())
+        .start()
+        .await
+    else {
+        return;
+    };
+    let acme = a.tenant("acme").await;
+    a.environment(&acme, "first", &["API_KEY"]).await;
+    let token = a.token(&acme, "codex").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("custodian.toml");
+    std::fs::write(
+        &config,
+        format!("[database]\nurl = \"{}\"\n", a.database().url),
+    )
+    .unwrap();
+    let admin = |args: &[&str]| {
+        let mut all = vec!["admin", "--config", config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let done = crate::processes::custodian(
+            &all,
+            &[("CUSTODIAN_MASTER_KEY", a.database().master_key.as_str())],
+        );
+        assert!(
+            done.status.success(),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+    };
+    let mut on_b = RawMcp::new(b.mcp_url("acme"), Some(&token));
+    on_b.initialize().await;
+    let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"list_environments","arguments":{}}}"#;
+    let names = |answer: Option<serde_json::Value>| -> Vec<String> {
+        let answer = answer.expect("a JSON-RPC answer");
+        answer["result"]["structuredContent"]["environments"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{answer}"))
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // Before: the token works on B, and B has the token and the listing cached.
+    for _ in 0..3 {
+        let (status, answer) = on_b.send(list).await;
+        assert_eq!(status, 200);
+        assert_eq!(names(answer), ["first"]);
+    }
+
+    admin(&["env", "create", "acme", "second", "--secret", "DB_URL"]);
+    let changed = std::time::Instant::now();
+    loop {
+        let (status, answer) = on_b.send(list).await;
+        assert_eq!(status, 200);
+        if names(answer) == ["first", "second"] {
+            break;
+        }
+        assert!(
+            changed.elapsed() < std::time::Duration::from_secs(1),
+            "replica B still lists the old environments a second after the change"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    admin(&["agent-token", "revoke", "acme", "codex"]);
+    let revoked = std::time::Instant::now();
+    loop {
+        let (status, answer) = on_b.send(list).await;
+        if status == 401 {
+            assert!(answer.is_none_or(|a| a.get("result").is_none()));
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            revoked.elapsed() < std::time::Duration::from_secs(1),
+            "replica B still accepts the revoked token a second after the revocation"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // And it stays refused, on both replicas.
+    assert_eq!(on_b.send(list).await.0, 401);
+    let on_a = RawMcp::new(a.mcp_url("acme"), Some(&token));
+    assert_eq!(on_a.send(list).await.0, 401);
+    b.stop().await;
+    a.stop().await;
 }
 
 async fn session_is_bound_to_the_token_that_opened_it(backend: Backend) {

@@ -283,7 +283,7 @@ async fn admin_and_migrate_manage_the_database(backend: Backend) {
     );
     assert!(set.status.success(), "{printed}");
     assert!(
-        printed.contains("DB_URL version 1") && !printed.contains(canary),
+        printed.contains("DB_URL (env) version 1") && !printed.contains(canary),
         "{printed}"
     );
     let listed = ok(run(&["admin", "secret", "list", "acme/prod"]));

@@ -303,10 +303,19 @@ async fn runs_reach_only_what_their_environment_lists_with_credentials_they_neve
     assert!(!stdout(&refused).contains("42"), "{refused}");
     assert!(stdout(&refused).trim().ends_with(" 2"), "{refused}");
 
-    // The audit log counts allowed and refused egress per destination.
-    let records = custodian::audit::for_grant(t.db(), &acme, &grant)
-        .await
-        .unwrap();
+    // The audit log counts allowed and refused egress per destination (each outcome is written
+    // just after its answer: wait until every exec has one).
+    let mut records = Vec::new();
+    for _ in 0..100 {
+        records = custodian::audit::for_grant(t.db(), &acme, &grant)
+            .await
+            .unwrap();
+        let count = |kind: &str| records.iter().filter(|r| r.kind == kind).count();
+        if count("exec.finished") == count("exec") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let mut allowed = std::collections::BTreeMap::<String, u64>::new();
     let mut refused_n = std::collections::BTreeMap::<String, u64>::new();
     for record in records.iter().filter(|r| r.kind == "exec.finished") {

@@ -39,10 +39,14 @@ on_both_backends!(
     a_misconfigured_client_is_reported_as_such_not_as_temporary,
 );
 
-type Client = rmcp::service::RunningService<rmcp::RoleClient, rmcp::model::ClientConfig>;
+pub(crate) type Client = rmcp::service::RunningService<rmcp::RoleClient, rmcp::model::ClientConfig>;
 
 /// Calls a tool; returns `Ok(structured)` or `Err(text)` for a refusal (`isError`).
-async fn call(client: &Client, tool: &'static str, args: Value) -> Result<Value, String> {
+pub(crate) async fn call(
+    client: &Client,
+    tool: &'static str,
+    args: Value,
+) -> Result<Value, String> {
     let result = client
         .call_tool(
             CallToolRequestParams::new(tool).with_arguments(args.as_object().unwrap().clone()),
@@ -76,7 +80,7 @@ async fn request(client: &Client) -> Value {
     request_in(client, "staging").await
 }
 
-async fn request_in(client: &Client, environment: &str) -> Value {
+pub(crate) async fn request_in(client: &Client, environment: &str) -> Value {
     call(
         client,
         "request_grant",
@@ -87,7 +91,7 @@ async fn request_in(client: &Client, environment: &str) -> Value {
 }
 
 /// The stored grant row.
-async fn row(t: &TestApp, grant: &Value) -> custodian::grants::Grant {
+pub(crate) async fn row(t: &TestApp, grant: &Value) -> custodian::grants::Grant {
     let tenant = custodian::tenants::TenantId::parse("acme").unwrap();
     store::get(t.db(), &tenant, grant["grant_id"].as_str().unwrap())
         .await
@@ -105,7 +109,7 @@ async fn wait_state(client: &Client, grant: &Value, seconds: u64) -> Value {
     .expect("grant_status")
 }
 
-async fn wait_until(client: &Client, grant: &Value, state: &str) -> Value {
+pub(crate) async fn wait_until(client: &Client, grant: &Value, state: &str) -> Value {
     for _ in 0..20 {
         let status = wait_state(client, grant, 5).await;
         if status["state"] == state {
@@ -115,7 +119,7 @@ async fn wait_until(client: &Client, grant: &Value, state: &str) -> Value {
     panic!("grant never became {state}");
 }
 
-fn user_code(grant: &Value) -> &str {
+pub(crate) fn user_code(grant: &Value) -> &str {
     grant["user_code"].as_str().unwrap()
 }
 
@@ -933,6 +937,7 @@ async fn verification_links_that_are_not_https_are_refused_and_never_rendered(ba
             device_code_sealed: "not-used",
             poll_interval_ms: 3_600_000,
             trace_context: None,
+            requester: None,
         },
         s.t.clock.now_ms(),
     )

@@ -248,6 +248,7 @@ impl TestApp {
                 device_code_sealed: "not-used",
                 poll_interval_ms: 3_600_000,
                 trace_context: None,
+                requester: None,
             },
             now_ms,
         )
@@ -531,6 +532,11 @@ pub async fn dump_all_text(db: &Db) -> String {
         "SELECT grant_id || '|' || kind || '|' || detail FROM audit_log",
         "SELECT id || '|' || COALESCE(idp_client_id, '') || '|' || COALESCE(idp_client_secret_ref, '') FROM tenants",
         "SELECT id || '|' || secret_hash FROM agent_tokens",
+        "SELECT id || '|' || redirect_uris FROM oauth_clients",
+        "SELECT state_hash || '|' || code_challenge || '|' || upstream_sealed FROM oauth_signins",
+        "SELECT id || '|' || subject || '|' || scope || '|' || resource FROM oauth_families",
+        "SELECT code_hash || '|' || redirect_uri || '|' || code_challenge FROM oauth_codes",
+        "SELECT id || '|' || family_id || '|' || secret_hash FROM oauth_tokens",
     ] {
         let rows: Vec<(String,)> = sqlx::query_as(query)
             .fetch_all(db.pool())

@@ -41,11 +41,25 @@ fn idp_dir() -> std::path::PathBuf {
 impl TestIdp {
     /// Starts a provider, or `None` outside CI when its npm packages are not installed.
     pub fn start(device_ttl_seconds: u64) -> Option<Self> {
-        Self::start_with_env(device_ttl_seconds, &[])
+        Self::spawn(device_ttl_seconds, &[], &[])
     }
 
     /// Like [`TestIdp::start`], with more of its knobs (see `tests/idp/idp.mjs`).
     pub fn start_with_env(device_ttl_seconds: u64, env: &[(&str, &str)]) -> Option<Self> {
+        Self::spawn(device_ttl_seconds, &[], env)
+    }
+
+    /// Starts a provider whose clients may also sign engineers in with the authorization-code
+    /// flow, redirecting only to `redirect_uris` (Custodian's sign-in callbacks).
+    pub fn start_with_sign_in(redirect_uris: &[String]) -> Option<Self> {
+        Self::spawn(600, redirect_uris, &[])
+    }
+
+    fn spawn(
+        device_ttl_seconds: u64,
+        redirect_uris: &[String],
+        env: &[(&str, &str)],
+    ) -> Option<Self> {
         if !idp_dir().join("node_modules/oidc-provider").exists() {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
@@ -60,6 +74,10 @@ impl TestIdp {
             .env("CLIENTS", r#"["custodian","other-client"]"#)
             .env("DEVICE_TTL", device_ttl_seconds.to_string())
             .env("INTERVAL", "1")
+            .env(
+                "SIGNIN_REDIRECT_URIS",
+                serde_json::to_string(redirect_uris).expect("json"),
+            )
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -192,6 +210,67 @@ impl TestIdp {
                 .await;
         }
         assert_eq!(next["done"], true, "approval did not complete: {next}");
+    }
+
+    /// Signs in as `login` at an authorization URL (Custodian's, which redirects to the provider),
+    /// like a person's browser: login, consent, then the redirects back through Custodian. Stops
+    /// at the client's redirect (a path starting with `/callback`) and returns its URL, for the
+    /// caller to deliver to the client.
+    pub async fn sign_in(&self, authorization_url: &str, login: Login) -> String {
+        let browser = reqwest::Client::builder()
+            .cookie_store(true)
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                if attempt.url().path().starts_with("/callback") {
+                    attempt.stop()
+                } else {
+                    attempt.follow()
+                }
+            }))
+            .build()
+            .expect("client");
+        let first = browser
+            .get(authorization_url)
+            .send()
+            .await
+            .expect("authorization request");
+        if let Some(to) = first.headers().get(reqwest::header::LOCATION) {
+            // Custodian sent the browser straight back (an error for the client).
+            return to.to_str().expect("location").to_owned();
+        }
+        let details: serde_json::Value = first.json().await.expect("interaction details");
+        assert_eq!(details["prompt"], "login", "{details}");
+        let body = serde_json::json!({
+            "account": login.account,
+            "auth_age_seconds": login.auth_age_seconds,
+            "amr": login.amr,
+        });
+        let mut step = (details, "login", body);
+        for _ in 0..3 {
+            let (details, action, body) = step;
+            let uid = details["uid"].as_str().expect("uid");
+            let answer: serde_json::Value = browser
+                .post(format!("{}/interaction/{uid}/{action}", self.issuer))
+                .json(&body)
+                .send()
+                .await
+                .expect("interaction")
+                .json()
+                .await
+                .expect("json");
+            let redirect = answer["redirectTo"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{answer}"));
+            let followed = browser.get(redirect).send().await.expect("follow");
+            if let Some(to) = followed.headers().get(reqwest::header::LOCATION) {
+                return to.to_str().expect("location").to_owned();
+            }
+            let text = followed.text().await.expect("body");
+            let next: serde_json::Value =
+                serde_json::from_str(&text).unwrap_or_else(|_| panic!("sign-in stuck at: {text}"));
+            assert_eq!(next["prompt"], "consent", "{next}");
+            step = (next, "consent", serde_json::json!({}));
+        }
+        panic!("the sign-in did not come back to the client");
     }
 
     /// Declines at the device confirmation page.

@@ -9,7 +9,7 @@ use base64::Engine;
 use serde_json::json;
 
 use super::privilege::compile_probe;
-use super::{Reaper, World, assert_none, carries, controls, digits, evidence};
+use super::{Reaper, World, assert_none, carries, controls, digits, evidence, wait_until};
 use crate::processes::{RunAs, host_processes_with};
 use crate::runners::run;
 
@@ -94,7 +94,7 @@ async fn a_run_writes_only_to_its_capped_mounts(user: RunAs) {
     w.stop().await;
 }
 
-/// `python3 -c SERVE NAME`, as the victim: serves its secret for 10 s to whoever connects to the
+/// `python3 -c SERVE NAME`, as the victim: serves its secret for 20 s to whoever connects to the
 /// abstract unix socket `@NAME`, as an agent, a language server or a test display of its own
 /// would. It first checks its own socket answers (the positive control: `self-check ok`).
 const SERVE: &str = r#"
@@ -112,7 +112,7 @@ probe = socket.socket(socket.AF_UNIX)
 probe.connect("\0" + sys.argv[1])
 if probe.recv(256).decode().strip() == os.environ["VICTIM_TOKEN"]:
     print("self-check ok", flush=True)
-time.sleep(10)
+time.sleep(20)
 "#;
 
 /// `python3 -c HARVEST CONTROL`: serves CONTROL on an abstract socket of its own (the control),
@@ -156,16 +156,23 @@ async fn another_runs_abstract_socket_is_out_of_reach(user: RunAs) {
     let call = json!({
         "grant_id": w.victim.grant,
         "argv": ["python3", "-c", SERVE, name],
-        "timeout_seconds": 30,
+        "timeout_seconds": 60,
     });
     let victim = tokio::spawn(async move { run(&peer, call).await });
-    // The victim binds at once; the attack runs within its 10 s of serving.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The attack starts once the victim runs (seen from the host), and the victim still runs
+    // when the attack has ended: the attack ran while the victim served.
+    let started = wait_until(Duration::from_secs(30), || !reaper.survivors().is_empty()).await;
+    assert!(started.is_ok(), "the victim's run never started");
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let attack = w
         .attack("python3 -c \"$1\" \"$0\" | out sockets", &[HARVEST], None)
         .await;
+    assert!(
+        !reaper.survivors().is_empty(),
+        "the victim had stopped serving before the attack ended; the test would prove nothing"
+    );
     drop(reaper);
-    let served = tokio::time::timeout(Duration::from_secs(20), victim)
+    let served = tokio::time::timeout(Duration::from_secs(60), victim)
         .await
         .expect("the victim's run ends")
         .unwrap()
