@@ -259,6 +259,7 @@ pub async fn delete(db: &Db, tenant: &TenantId, env: &str, name: &str) -> Result
 /// A secret opened for one run.
 pub struct OpenedSecret {
     pub name: String,
+    pub version: i64,
     pub value: Zeroizing<Vec<u8>>,
 }
 
@@ -299,7 +300,11 @@ pub async fn load_for_run(
             .expect("just loaded")
             .1;
         let value = key.open(&value_aad(tenant, env, &name, version), &ciphertext)?;
-        opened.push(OpenedSecret { name, value });
+        opened.push(OpenedSecret {
+            name,
+            version,
+            value,
+        });
     }
     Ok(opened)
 }

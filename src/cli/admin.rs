@@ -115,7 +115,8 @@ pub enum PkiCommand {
 #[derive(Debug, Subcommand)]
 pub enum SecretCommand {
     /// Store a new version of a credential; the value is read from stdin (one trailing newline is
-    /// dropped) or from --from-file (as is), never from the command line.
+    /// dropped, except for `file` credentials) or from --from-file (as is), never from the command
+    /// line.
     Set {
         /// TENANT/ENVIRONMENT
         place: String,
@@ -779,7 +780,8 @@ async fn secret_command(
                 }
                 None => {
                     std::io::Read::read_to_end(&mut std::io::stdin(), &mut value)?;
-                    if value.last() == Some(&b'\n') {
+                    // A file's content is kept byte for byte; a one-line value loses its newline.
+                    if spec.kind != crate::credentials::Kind::File && value.last() == Some(&b'\n') {
                         value.pop();
                         if value.last() == Some(&b'\r') {
                             value.pop();

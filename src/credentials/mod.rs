@@ -233,7 +233,7 @@ pub async fn for_run(
                     .await?;
             }
             Kind::Oauth => {
-                oauth::for_run(app, grant, &secret.name, settings, &secret.value, &mut run).await?;
+                oauth::for_run(app, grant, secret, settings, &mut run).await?;
             }
         }
     }
