@@ -342,8 +342,10 @@ impl Sandbox {
                 (command, None, layers, placed)
             }
             Isolation::DangerouslyNone => {
+                // 0700: other users of the host cannot look in (tempfile's default is 0777 & umask).
                 let work = tempfile::Builder::new()
                     .prefix("custodian-run-")
+                    .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
                     .tempdir()
                     .map_err(|e| format!("cannot create a work directory: {e}"))?;
                 let mut command = tokio::process::Command::new(&self.helper);
