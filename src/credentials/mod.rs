@@ -12,6 +12,7 @@
 //! `list_environments` shows agents how to use each credential ([`Usage`]), never a value.
 
 pub mod file;
+pub mod lease;
 pub mod oauth;
 pub mod postgres;
 
