@@ -195,17 +195,27 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
             .map(|s| String::from_utf8_lossy(&s.value).into_owned())
     })
     .map_err(RunError::Egress)?;
-    let mut handed =
-        match credentials::for_run(app, &grant, &env.credentials, &opened, &injected).await {
-            Ok(handed) => handed,
-            Err(error) => {
-                // Nothing was sent: the use is given back, as for a dispatch that never started.
-                span.record("custodian.error", tracing::field::display(&error));
-                tracing::warn!(exec.id = %exec_id, error = %error, "issuing a credential for a run failed");
-                record_failure(app, &caller.tenant, &grant.id, &exec_id, &runner.name, &error.to_string(), true).await;
-                return Err(RunError::Credential(error));
-            }
-        };
+    let mut handed = match credentials::for_run(app, &grant, &env.credentials, &opened, &injected)
+        .await
+    {
+        Ok(handed) => handed,
+        Err(error) => {
+            // Nothing was sent: the use is given back, as for a dispatch that never started.
+            span.record("custodian.error", tracing::field::display(&error));
+            tracing::warn!(exec.id = %exec_id, error = %error, "issuing a credential for a run failed");
+            record_failure(
+                app,
+                &caller.tenant,
+                &grant.id,
+                &exec_id,
+                &runner.name,
+                &error.to_string(),
+                true,
+            )
+            .await;
+            return Err(RunError::Credential(error));
+        }
+    };
     drop(opened);
     let redactor = Redactor::new(
         handed
@@ -226,6 +236,7 @@ pub async fn run(app: &App, caller: &AgentIdentity, args: RunArgs) -> Result<Run
         traceparent: crate::telemetry::traceparent(&span),
         egress: rules,
         files: std::mem::take(&mut handed.files),
+        env: std::mem::take(&mut handed.plain),
     };
     drop(handed);
     let tenant = caller.tenant.clone();

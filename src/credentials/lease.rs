@@ -194,7 +194,10 @@ pub async fn issue(
     .map_err(StoreError::from);
     match inserted {
         Ok(_) => {
-            create(app, grant, name, engine, settings, admin, &resource, &secret).await?;
+            create(
+                app, grant, name, engine, settings, admin, &resource, &secret,
+            )
+            .await?;
             return Ok(Issued { resource, secret });
         }
         Err(e) if e.is_unique_violation() => {}
@@ -223,7 +226,9 @@ pub async fn issue(
             )
             .await
             .map_err(|e| internal(&e))?;
-            Ok(Zeroizing::new(String::from_utf8_lossy(&opened).into_owned()))
+            Ok(Zeroizing::new(
+                String::from_utf8_lossy(&opened).into_owned(),
+            ))
         };
         let now_ms = app.clock.now_ms();
         match row.state.as_str() {
@@ -246,13 +251,22 @@ pub async fn issue(
                     now_ms,
                 )
                 .await
-                    .map_err(|e| internal(&e))?
+                .map_err(|e| internal(&e))?
                 {
                     let secret = open().await?;
                     let stored: Value =
                         serde_json::from_str(&row.settings).map_err(|e| internal(&e))?;
-                    create(app, grant, name, engine, &stored, admin, &row.resource, &secret)
-                        .await?;
+                    create(
+                        app,
+                        grant,
+                        name,
+                        engine,
+                        &stored,
+                        admin,
+                        &row.resource,
+                        &secret,
+                    )
+                    .await?;
                     return Ok(Issued {
                         resource: row.resource,
                         secret,

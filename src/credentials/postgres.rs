@@ -32,7 +32,6 @@ use sqlx::{ConnectOptions, Connection};
 use zeroize::Zeroizing;
 
 use super::{CredentialError, ForRun, Kind};
-use custodian_protocol::SecretEnv;
 
 /// Template roles a new role may join.
 const MAX_ROLES: usize = 16;
@@ -122,8 +121,14 @@ fn check_identifier(what: &str, name: &str) -> Result<(), String> {
             "{what} `{name}`: names starting with cst_ are the roles Custodian makes"
         ));
     }
-    if ["public", "none", "current_user", "current_role", "session_user"]
-        .contains(&name.to_ascii_lowercase().as_str())
+    if [
+        "public",
+        "none",
+        "current_user",
+        "current_role",
+        "session_user",
+    ]
+    .contains(&name.to_ascii_lowercase().as_str())
     {
         return Err(format!("{what} `{name}` is a reserved name"));
     }
@@ -421,6 +426,15 @@ pub async fn create_role(
             };
             let limit = settings.connection_limit.to_string();
             run_formatted(&mut tx, template, &[role, &limit, &verifier, &until]).await?;
+            // A CREATEROLE admin that is not a superuser needs to hold the role to drop what it
+            // will own (`DROP OWNED`) and to end its sessions.
+            let (superuser,): (bool,) =
+                sqlx::query_as("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if !superuser {
+                run_formatted(&mut tx, "GRANT %I TO CURRENT_USER", &[role]).await?;
+            }
             for member_of in &settings.roles {
                 run_formatted(&mut tx, "GRANT %I TO %I", &[member_of, role]).await?;
             }
@@ -507,7 +521,7 @@ pub async fn for_run(
     };
     let parsed = Settings::parse(settings).map_err(failed)?;
     let target = Target::of(&parsed, value).map_err(failed)?;
-    if run.env.iter().any(|v| v.name == "PGUSER") {
+    if run.plain.iter().any(|v| v.name == "PGUSER") {
         return Err(failed(
             "a run can take one postgres credential; this environment has several".to_owned(),
         ));
@@ -533,16 +547,13 @@ pub async fn for_run(
         target.host.clone()
     };
     for (variable, shown) in [
-        ("PGHOST", target.host.clone()),
-        ("PGPORT", target.port.to_string()),
-        ("PGDATABASE", target.database.clone()),
-        ("PGUSER", issued.resource.clone()),
-        ("PGSSLMODE", target.ssl_mode.to_owned()),
+        ("PGHOST", target.host.as_str()),
+        ("PGPORT", &target.port.to_string()),
+        ("PGDATABASE", &target.database),
+        ("PGUSER", &issued.resource),
+        ("PGSSLMODE", target.ssl_mode),
     ] {
-        run.env.push(SecretEnv {
-            name: variable.to_owned(),
-            value: shown,
-        });
+        run.plain(variable, shown);
     }
     run.variable("PGPASSWORD", &issued.secret);
     let url = Zeroizing::new(format!(

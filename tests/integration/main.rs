@@ -10,6 +10,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod config;
+mod credentials_postgres;
 mod docs;
 mod egress;
 mod grants;

@@ -140,6 +140,10 @@ pub struct ExecRequest {
     /// variable; gone when the run ends.
     #[serde(default)]
     pub files: Vec<SecretFile>,
+    /// Variables that are not secret (e.g. `PGHOST` of a database credential): set in the run
+    /// before `secrets` (which win on a clash) and never redacted.
+    #[serde(default)]
+    pub env: Vec<PlainEnv>,
 }
 
 /// One destination a run may reach through the runner.
@@ -250,6 +254,13 @@ impl std::fmt::Debug for SecretFile {
             .field("filename", &self.filename)
             .finish_non_exhaustive()
     }
+}
+
+/// An environment variable of the child that is not secret.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PlainEnv {
+    pub name: String,
+    pub value: String,
 }
 
 /// A secret as an environment variable of the child.
