@@ -504,6 +504,21 @@ pub async fn drop_role(settings: &Value, admin_url: &[u8], role: &str) -> Result
     result.map_err(|e| scrub(e, &[&secrets[0]]))
 }
 
+/// The host a run reaches the database at: inside a run, a `tcp:HOST:PORT` egress rule listens on
+/// 127.0.0.1:PORT (see the runner's egress module), so a database listed that way is reached there.
+fn host_in_run(host: &str, port: u16, rules: &[crate::egress::Rule]) -> String {
+    let forwarded = rules.iter().any(|r| {
+        r.destination.scheme == "tcp"
+            && r.destination.port == port
+            && r.destination.host.eq_ignore_ascii_case(host)
+    });
+    if forwarded {
+        "127.0.0.1".to_owned()
+    } else {
+        host.to_owned()
+    }
+}
+
 /// Hands the grant's role for the credential `name` to a run (creating it on the grant's first
 /// run), and the admin URL to the redactors only.
 pub async fn for_run(
@@ -520,7 +535,18 @@ pub async fn for_run(
         reason,
     };
     let parsed = Settings::parse(settings).map_err(failed)?;
-    let target = Target::of(&parsed, value).map_err(failed)?;
+    let mut target = Target::of(&parsed, value).map_err(failed)?;
+    if parsed.host.is_none() {
+        let tenant = crate::tenants::TenantId::parse(&grant.tenant_id)
+            .map_err(|_| failed("the grant's tenant id is corrupt".to_owned()))?;
+        let rules = crate::egress::list(&app.db, &tenant, &grant.environment)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "reading egress rules failed");
+                failed("the environment's egress rules cannot be read".to_owned())
+            })?;
+        target.host = host_in_run(&target.host, target.port, &rules);
+    }
     if run.plain.iter().any(|v| v.name == "PGUSER") {
         return Err(failed(
             "a run can take one postgres credential; this environment has several".to_owned(),
@@ -616,6 +642,20 @@ mod tests {
             let error = check_value(&Value::Null, bad).unwrap_err();
             assert!(!error.contains("pw-secret"), "{error}");
         }
+    }
+
+    #[test]
+    fn a_database_listed_as_a_tcp_forward_is_reached_on_the_runs_loopback() {
+        let rule = |text: &str| crate::egress::Rule {
+            destination: crate::egress::parse_destination(text).unwrap(),
+            allow_private: true,
+            inject: None,
+        };
+        let rules = [rule("tcp:db.internal:5432"), rule("https://db.other:5432")];
+        assert_eq!(host_in_run("db.internal", 5432, &rules), "127.0.0.1");
+        assert_eq!(host_in_run("DB.internal", 5432, &rules), "127.0.0.1");
+        assert_eq!(host_in_run("db.internal", 6432, &rules), "db.internal");
+        assert_eq!(host_in_run("db.other", 5432, &rules), "db.other");
     }
 
     #[test]
