@@ -45,9 +45,10 @@ struct Cluster {
 impl Cluster {
     async fn new() -> Option<Cluster> {
         // The admin's password is a canary: the test's own statements are not logged either.
-        let options = <PgConnectOptions as std::str::FromStr>::from_str(&format!("{SERVER}/postgres"))
-            .unwrap()
-            .disable_statement_logging();
+        let options =
+            <PgConnectOptions as std::str::FromStr>::from_str(&format!("{SERVER}/postgres"))
+                .unwrap()
+                .disable_statement_logging();
         let pool = match PgPoolOptions::new()
             .max_connections(2)
             .connect_with(options)
@@ -547,7 +548,7 @@ async fn a_grant_has_its_own_role_only_while_it_is_active(backend: Backend) {
     );
     // Nothing can log in as it any more: the role, and its verifier, are gone.
     assert!(cluster.verifier(&role).await.is_none());
-    let login = cluster.try_connect_as(&role).await.err().expect("no login");
+    let login = cluster.try_connect_as(&role).await.expect_err("no login");
     assert!(login.to_string().contains("does not exist"), "{login}");
 
     let lease = s
