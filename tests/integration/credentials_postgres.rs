@@ -32,12 +32,14 @@ on_both_backends!(
 
 const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 
-/// A throwaway database, a template role and an admin role; all dropped with this value (and any
-/// role Custodian made that a failed test left behind).
+/// A throwaway database, a template role (reads `items`, may create tables), an owner role (takes
+/// over what dropped roles owned, when so configured) and an admin role; all dropped with this
+/// value (and any role Custodian made that a failed test left behind).
 struct Cluster {
     pool: PgPool,
     database: String,
     template: String,
+    owner: String,
     admin: String,
     admin_password: String,
 }
@@ -66,17 +68,20 @@ impl Cluster {
             pool,
             database: format!("credtest_{tag}"),
             template: format!("credtest_read_{tag}"),
+            owner: format!("credtest_owner_{tag}"),
             admin: format!("credtest_admin_{tag}"),
             admin_password: format!("admPw{}", hex::encode(rand::random::<[u8; 12]>())),
         };
         for statement in [
             format!("CREATE DATABASE {}", cluster.database),
             format!("CREATE ROLE {} NOLOGIN", cluster.template),
+            format!("CREATE ROLE {} NOLOGIN", cluster.owner),
             format!(
                 "CREATE ROLE {} LOGIN CREATEROLE PASSWORD '{}'",
                 cluster.admin, cluster.admin_password
             ),
             format!("GRANT pg_signal_backend TO {}", cluster.admin),
+            format!("GRANT {} TO {}", cluster.owner, cluster.admin),
         ] {
             cluster.exec(&statement).await;
         }
@@ -85,6 +90,7 @@ impl Cluster {
             "CREATE TABLE items (name text)".to_owned(),
             "INSERT INTO items VALUES ('first'), ('second')".to_owned(),
             format!("GRANT SELECT ON items TO {}", cluster.template),
+            format!("GRANT CREATE ON SCHEMA public TO {}", cluster.template),
         ] {
             sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
                 .execute(&mut db)
@@ -124,6 +130,16 @@ impl Cluster {
 
     fn settings(&self) -> String {
         json!({"roles": [self.template], "connection_limit": 3}).to_string()
+    }
+
+    /// The owner of `table` in the test database, if it exists.
+    async fn table_owner(&self, table: &str) -> Option<String> {
+        let mut db = self.connect_as("postgres").await;
+        sqlx::query_scalar("SELECT tableowner::text FROM pg_tables WHERE tablename = $1")
+            .bind(table)
+            .fetch_optional(&mut db)
+            .await
+            .unwrap()
     }
 
     /// `(can log in, valid until as epoch seconds, connection limit, member of the template)`.
@@ -182,9 +198,10 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let (database, template, admin) = (
+        let (database, template, owner, admin) = (
             self.database.clone(),
             self.template.clone(),
+            self.owner.clone(),
             self.admin.clone(),
         );
         let _ = std::thread::spawn(move || {
@@ -208,6 +225,7 @@ impl Drop for Cluster {
                 let mut statements = vec![format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")];
                 statements.extend(left.iter().map(|r| format!("DROP ROLE IF EXISTS {r}")));
                 statements.push(format!("DROP ROLE IF EXISTS {template}"));
+                statements.push(format!("DROP ROLE IF EXISTS {owner}"));
                 statements.push(format!("DROP ROLE IF EXISTS {admin}"));
                 for statement in statements {
                     let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
@@ -328,8 +346,10 @@ async fn setup(backend: Backend) -> Option<Setup> {
         .start()
         .await?;
     let acme = t.tenant("acme").await;
+    let keep = json!({"roles": [cluster.template], "on_drop": {"reassign_to": cluster.owner}});
     for (env, settings) in [
         ("db", cluster.settings()),
+        ("keep", keep.to_string()),
         (
             "broken",
             json!({"roles": ["credtest_no_such_role"]}).to_string(),
@@ -666,6 +686,32 @@ async fn roles_of_expired_and_used_up_grants_go_after_their_last_run(backend: Ba
         assert_eq!(revoked["reason"], json!(reason), "{records:?}");
     }
     assert!(s.leases().await.iter().all(|l| l.state == "dropped"));
+
+    // What a role owns goes with it, or to the configured owner.
+    let dropping = s.t.active_grant(&s.acme, &s.token_id, "db", 10, 600).await;
+    let keeping =
+        s.t.active_grant(&s.acme, &s.token_id, "keep", 10, 600)
+            .await;
+    for (grant, table) in [(&dropping, "scratch"), (&keeping, "kept")] {
+        let made = s
+            .run(grant, &format!("psql -tAc 'create table {table} (x int)'"))
+            .await;
+        assert_eq!(made["exit_code"], json!(0), "{made}");
+        let role = custodian::credentials::postgres::role_name(grant, "DB");
+        assert_eq!(cluster.table_owner(table).await, Some(role));
+        custodian::grants::revoke_as_admin(&s.t.app, &s.acme, grant)
+            .await
+            .unwrap();
+    }
+    for grant in [&dropping, &keeping] {
+        let role = custodian::credentials::postgres::role_name(grant, "DB");
+        cluster.wait_dropped(&role, Duration::from_secs(5)).await;
+    }
+    assert_eq!(cluster.table_owner("scratch").await, None);
+    assert_eq!(
+        cluster.table_owner("kept").await,
+        Some(cluster.owner.clone())
+    );
     drop(s.client);
     s.t.stop().await;
 }
@@ -816,6 +862,20 @@ async fn a_gateway_killed_mid_grant_leaves_no_role_after_restart() {
     let stored = every_stored_text(&db).await;
     assert!(!stored.contains(&cluster.admin_password));
     db.close().await;
+    // An admin sees what was made for the grant and what became of it.
+    let shown = cli(
+        &[
+            "admin", "--config", config_arg, "grants", "show", "acme", &grant,
+        ],
+        None,
+    );
+    assert!(
+        shown.contains(&format!("DB (postgres) {role}  dropped")),
+        "{shown}"
+    );
+    for kind in ["credential.issued", "credential.revoked"] {
+        assert!(shown.contains(kind), "{shown}");
+    }
     assert!(second.terminate(Duration::from_secs(15)).success());
     for log in ["first.log", "second.log"] {
         let text = std::fs::read_to_string(dir.path().join(log)).unwrap();
