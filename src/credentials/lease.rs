@@ -435,7 +435,7 @@ pub async fn reap_once(app: &App) -> Result<usize, StoreError> {
     let due: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
         "SELECT l.tenant_id, l.grant_id, l.credential, g.state FROM credential_leases l \
          LEFT JOIN grants g ON g.tenant_id = l.tenant_id AND g.id = l.grant_id \
-         WHERE l.state <> 'dropped' AND l.next_attempt_at_ms <= $1 \
+         WHERE l.state IN ('creating', 'live', 'dropping') AND l.next_attempt_at_ms <= $1 \
          AND (l.lease_until_ms IS NULL OR l.lease_until_ms < $1) \
          AND (g.id IS NULL OR g.state IN ('revoked', 'expired', 'denied') OR g.expires_at <= $2 \
            OR (g.state = 'exhausted' AND \
