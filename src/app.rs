@@ -169,12 +169,14 @@ impl Server {
         let router = crate::http::router(app.clone(), shutdown.child_token())
             .layer(tower_http::trace::TraceLayer::new_for_http());
         let sweeper = crate::http::sessions::spawn_sweeper(app.clone(), shutdown.child_token());
+        let reaper = crate::credentials::lease::spawn(app.clone(), shutdown.child_token());
         let limits = crate::http::serve::Limits::from_config(&app.config.server);
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
             crate::http::serve::serve(listener, router, limits, stop).await;
             let _ = poller.await;
             let _ = sweeper.await;
+            let _ = reaper.await;
             app.background.drain().await;
         });
         Ok(Self {

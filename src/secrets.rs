@@ -125,6 +125,33 @@ async fn data_key_version(
     )?)
 }
 
+/// Seals `value` under the tenant's newest data key with `aad` (for values the gateway makes
+/// itself, e.g. a password of a per-grant database role); returns the key version and ciphertext.
+pub(crate) async fn seal_for_tenant(
+    db: &Db,
+    master: &MasterKey,
+    tenant: &TenantId,
+    aad: &str,
+    value: &[u8],
+    now: UnixSeconds,
+) -> Result<(i64, String), SecretError> {
+    let (version, key) = data_key(db, master, tenant, now).await?;
+    Ok((version, key.seal(aad, value)))
+}
+
+/// Opens what [`seal_for_tenant`] sealed.
+pub(crate) async fn open_for_tenant(
+    db: &Db,
+    master: &MasterKey,
+    tenant: &TenantId,
+    key_version: i64,
+    aad: &str,
+    sealed: &str,
+) -> Result<Zeroizing<Vec<u8>>, SecretError> {
+    let key = data_key_version(db, master, tenant, key_version).await?;
+    Ok(key.open(aad, sealed)?)
+}
+
 /// Stores a new version of `name` in `env` as an environment variable, declaring the name on the
 /// environment if needed.
 pub async fn set(

@@ -633,6 +633,29 @@ async fn grants_command(
             for e in grants::store::events(&app.db, &tenant, &g.id).await? {
                 println!("  {:>3}  {}  {:<10} {}", e.seq, e.at_ms, e.kind, e.detail);
             }
+            let leases: Vec<_> = crate::credentials::lease::list(&app.db, &tenant)
+                .await?
+                .into_iter()
+                .filter(|l| l.grant_id == g.id)
+                .collect();
+            if !leases.is_empty() {
+                println!(
+                    "
+credentials made for it"
+                );
+                for l in leases {
+                    println!(
+                        "  {} ({}) {}  {}  attempts {}{}",
+                        l.credential,
+                        l.engine,
+                        l.resource,
+                        l.state,
+                        l.attempts,
+                        l.last_error
+                            .map_or(String::new(), |e| format!("  last error: {e}"))
+                    );
+                }
+            }
         }
         GrantsCommand::Revoke { tenant, grant_id } => {
             let tenant = TenantId::parse(&tenant)?;

@@ -12,6 +12,7 @@ mod cli;
 mod codex;
 mod config;
 mod credential_files;
+mod credentials_postgres;
 mod docs;
 mod egress;
 mod grants;

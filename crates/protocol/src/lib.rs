@@ -175,6 +175,10 @@ pub struct ExecRequest {
     /// variable; gone when the run ends.
     #[serde(default)]
     pub files: Vec<SecretFile>,
+    /// Variables that are not secret (e.g. `PGHOST` of a database credential): set in the run
+    /// before `secrets` (which win on a clash) and never redacted.
+    #[serde(default)]
+    pub env: Vec<PlainEnv>,
 }
 
 /// One destination a run may reach through the runner.
@@ -358,6 +362,13 @@ impl SecretFile {
         check_variable(&self.variable)?;
         check_filename(&self.filename)
     }
+}
+
+/// An environment variable of the child that is not secret.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PlainEnv {
+    pub name: String,
+    pub value: String,
 }
 
 /// A secret as an environment variable of the child.

@@ -106,9 +106,11 @@ pub async fn run(
         .as_ref()
         .map(crate::egress::Plan::env)
         .unwrap_or_default();
-    let env: Vec<(&str, &str)> = secrets
+    let plain = std::mem::take(&mut request.env);
+    let env: Vec<(&str, &str)> = plain
         .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .map(|v| (v.name.as_str(), v.value.as_str()))
+        .chain(secrets.iter().map(|(n, v)| (n.as_str(), v.as_str())))
         .chain(proxy_env.iter().map(|(n, v)| (*n, v.as_str())))
         .collect();
     let (mut command, lease, socket) = sandbox
