@@ -45,8 +45,10 @@ pub const REFRESH_PREFIX: &str = "csr_";
 pub const ACCESS_TTL_SECONDS: i64 = 600;
 /// A refresh token is usable this long after it was issued (each refresh issues a new one).
 pub const REFRESH_TTL_SECONDS: i64 = 7 * 24 * 3600;
-/// No refresh beyond this long after the sign-in: then the engineer signs in again.
-pub const SIGN_IN_LIFETIME_SECONDS: i64 = 30 * 24 * 3600;
+/// No refresh beyond this long after the sign-in: then the engineer signs in again. A day, so
+/// that an engineer disabled at the IdP keeps access for at most that long (Custodian does not ask
+/// the IdP on refresh), while `codex mcp login` once a working day is enough.
+pub const SIGN_IN_LIFETIME_SECONDS: i64 = 24 * 3600;
 /// Authorization codes live this long.
 pub const CODE_TTL_SECONDS: i64 = 60;
 /// A sign-in at the IdP must come back within this long.

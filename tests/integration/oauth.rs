@@ -547,6 +547,7 @@ async fn grants_know_the_engineer_and_enforce_own_or_four_eyes_approval(backend:
     .await
     .unwrap_err();
     assert!(refused.contains("codex mcp login"), "{refused}");
+    assert_eq!(grant_count(&t).await, 0);
 
     // Four eyes: alice cannot approve her own production grant; bob can.
     let own = request_in(&alice, "production").await;
@@ -572,12 +573,27 @@ async fn grants_know_the_engineer_and_enforce_own_or_four_eyes_approval(backend:
     idp.approve(user_code(&grant), Login::as_("alice")).await;
     wait_until(&alice, &grant, "active").await;
 
-    // Agent-token grants name no requester; four eyes lets any approver through for them.
-    let grant = request_in(&bot, "production").await;
-    assert_eq!(row(&t, &grant).await.requester_sub, None);
-    idp.approve(user_code(&grant), Login::as_("alice")).await;
-    wait_until(&bot, &grant, "active").await;
+    // An agent token names no engineer, so four eyes refuses it too (whoever holds a `cst_`
+    // token could otherwise request with it and approve their own grant): nothing is created.
+    let before = grant_count(&t).await;
+    let refused = call(
+        &bot,
+        "request_grant",
+        json!({"environment": "production", "purpose": "deploy the release"}),
+    )
+    .await
+    .unwrap_err();
+    assert!(refused.contains("codex mcp login"), "{refused}");
+    assert_eq!(grant_count(&t).await, before);
     t.stop().await;
+}
+
+async fn grant_count(t: &TestApp) -> i64 {
+    let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM grants")
+        .fetch_one(t.db().pool())
+        .await
+        .unwrap();
+    count
 }
 
 on_both_backends!(grants_know_the_engineer_and_enforce_own_or_four_eyes_approval);
