@@ -202,7 +202,10 @@ pub enum Next {
     Consent(Consent),
     /// To the tenant's IdP to sign in, binding this browser to the sign-in with a cookie holding
     /// `browser` (its return is accepted only from the same browser).
-    SignIn { url: url::Url, browser: SecretString },
+    SignIn {
+        url: url::Url,
+        browser: SecretString,
+    },
     /// Back to the client, with a code or an OAuth error.
     Client(url::Url),
 }
@@ -344,7 +347,11 @@ pub async fn authorize(
             "redirect_uri is missing or differs from every registered one (exact match)".to_owned(),
         ));
     };
-    if request.state.as_ref().is_some_and(|s| s.len() > MAX_STATE_BYTES) {
+    if request
+        .state
+        .as_ref()
+        .is_some_and(|s| s.len() > MAX_STATE_BYTES)
+    {
         // Shown on the page, never echoed or stored.
         return Err(OAuthError::InvalidRequest(format!(
             "state is longer than {MAX_STATE_BYTES} bytes"
@@ -404,12 +411,16 @@ pub async fn authorize(
     if !stored {
         tracing::warn!(tenant.id = %tenant, "sign-in refused: too many in progress at this tenant");
         return fail(OAuthError::TemporarilyUnavailable(
-            "too many sign-ins are in progress at this tenant; try again in a few minutes".to_owned(),
+            "too many sign-ins are in progress at this tenant; try again in a few minutes"
+                .to_owned(),
         ));
     }
     let tenant_name = crate::tenants::get(server.db, tenant.as_str())
         .await?
-        .map_or_else(|| tenant.to_string(), |t| format!("{} ({tenant})", t.display_name));
+        .map_or_else(
+            || tenant.to_string(),
+            |t| format!("{} ({tenant})", t.display_name),
+        );
     let redirect_to = url::Url::parse(redirect_uri)
         .ok()
         .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port()?)))
@@ -450,7 +461,8 @@ pub async fn answer_consent(
     let consent_hash = hash_secret(form.as_bytes());
     let issuer = server.issuer(tenant);
     if !allow {
-        let Some(sign_in) = store::deny_sign_in(server.db, tenant, &consent_hash, now).await? else {
+        let Some(sign_in) = store::deny_sign_in(server.db, tenant, &consent_hash, now).await?
+        else {
             return Err(unknown_sign_in());
         };
         tracing::info!(tenant.id = %tenant, oauth.client = %sign_in.client_id, "sign-in denied on the consent page");

@@ -199,7 +199,11 @@ impl Cookies {
             Kind::Consent => SameSite::Strict,
             Kind::Browser => SameSite::Lax,
         };
-        let max_age = if value.is_empty() { 0 } else { SIGN_IN_TTL_SECONDS };
+        let max_age = if value.is_empty() {
+            0
+        } else {
+            SIGN_IN_TTL_SECONDS
+        };
         let cookie = Cookie::build((self.name(kind), value.to_owned()))
             .http_only(true)
             .secure(self.secure)

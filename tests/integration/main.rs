@@ -21,6 +21,7 @@ mod idp;
 mod isolation;
 mod mcp_clients;
 mod oauth;
+mod oauth_consent;
 mod processes;
 mod purpose;
 mod replicas;

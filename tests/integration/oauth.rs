@@ -40,7 +40,7 @@ async fn get_json(http: &reqwest::Client, url: &str) -> Value {
     http.get(url).send().await.unwrap().json().await.unwrap()
 }
 
-fn no_redirects() -> reqwest::Client {
+pub fn no_redirects() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -211,11 +211,11 @@ pub async fn list_environments(mcp_url: &str, token: &str) -> (u16, Option<Value
     (status, result)
 }
 
-fn error_of(answer: &(u16, Value)) -> (u16, &str) {
+pub fn error_of(answer: &(u16, Value)) -> (u16, &str) {
     (answer.0, answer.1["error"].as_str().unwrap_or(""))
 }
 
-async fn gateway_and_idp(backend: Backend) -> Option<(TestApp, TestIdp)> {
+pub async fn gateway_and_idp(backend: Backend) -> Option<(TestApp, TestIdp)> {
     let t = TestApp::builder(backend).start().await?;
     let idp = TestIdp::start_with_sign_in(&[
         format!("{}/t/acme/oauth/callback", t.base_url),
