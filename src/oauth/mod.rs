@@ -9,6 +9,11 @@
 //!
 //! Guarantees:
 //! - Only public clients with `http` loopback redirect URIs register; redirect URIs match exactly.
+//!   At most 200 registrations without a completed sign-in per tenant: a new one drops the oldest.
+//! - The engineer consents on a page naming the tenant, the client and its redirect; the answer
+//!   must carry the page's token in both the form and a cookie (double submit), and the IdP's
+//!   return is accepted only from the browser that allowed the sign-in (a second cookie).
+//! - Sign-ins in progress are bounded: `state` at most 512 bytes, 10 per client, 1000 per tenant.
 //! - Only PKCE with S256; authorization codes are single-use and live [`CODE_TTL_SECONDS`]; a code
 //!   presented twice revokes everything issued from it.
 //! - `resource` must be the tenant's MCP URL in the authorization and every token request; access
