@@ -170,8 +170,7 @@ struct Cookies {
 }
 
 impl Cookies {
-    fn new(app: &App, tenant: &TenantId) -> Self {
-        let public_url = &app.config.server.public_url;
+    fn new(public_url: &url::Url, tenant: &TenantId) -> Self {
         let issuer = super::issuer(public_url, tenant.as_str());
         let path = url::Url::parse(&issuer)
             .map(|u| format!("{}/oauth", u.path()))
@@ -293,7 +292,7 @@ async fn authorize(
         Err(e) => return error_page(&e),
     };
     let next = flow::authorize(&server(&app), &tenant, request, app.clock.now()).await;
-    go(next, &Cookies::new(&app, &tenant))
+    go(next, &Cookies::new(&app.config.server.public_url, &tenant))
 }
 
 /// The consent page's form.
@@ -327,7 +326,7 @@ async fn consent(
             ));
         }
     };
-    let cookies = Cookies::new(&app, &tenant);
+    let cookies = Cookies::new(&app.config.server.public_url, &tenant);
     let cookie = cookies.get(&headers, Kind::Consent);
     let next = flow::answer_consent(
         &server(&app),
@@ -356,7 +355,7 @@ async fn callback(
         Ok(tenant) => tenant,
         Err(e) => return error_page(&e),
     };
-    let cookies = Cookies::new(&app, &tenant);
+    let cookies = Cookies::new(&app.config.server.public_url, &tenant);
     let browser = cookies.get(&headers, Kind::Browser);
     let next = flow::finish_sign_in(
         &server(&app),
@@ -413,5 +412,51 @@ async fn token(
         )
             .into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_are_host_prefixed_and_secure_behind_https() {
+        let acme = TenantId::parse("acme").unwrap();
+        let https = Cookies::new(
+            &url::Url::parse("https://custodian.example.com").unwrap(),
+            &acme,
+        );
+        let consent = https.set(Kind::Consent, "token").unwrap();
+        let consent = consent.to_str().unwrap();
+        for part in [
+            "__Host-custodian-consent-acme=token",
+            "HttpOnly",
+            "Secure",
+            "SameSite=Strict",
+            "Path=/;",
+        ] {
+            assert!(format!("{consent};").contains(part), "{part}: {consent}");
+        }
+        let browser = https.set(Kind::Browser, "b").unwrap();
+        assert!(browser.to_str().unwrap().contains("SameSite=Lax"));
+        let http = Cookies::new(
+            &url::Url::parse("http://127.0.0.1:8080/base/").unwrap(),
+            &acme,
+        );
+        let consent = http.set(Kind::Consent, "token").unwrap();
+        let consent = consent.to_str().unwrap();
+        assert!(
+            consent.starts_with("custodian-consent-acme=token"),
+            "{consent}"
+        );
+        assert!(consent.contains("Path=/base/t/acme/oauth"), "{consent}");
+        assert!(!consent.contains("Secure"), "{consent}");
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("other=1; custodian-consent-acme=abc"),
+        );
+        assert_eq!(http.get(&headers, Kind::Consent).as_deref(), Some("abc"));
+        assert_eq!(http.get(&headers, Kind::Browser), None);
     }
 }
