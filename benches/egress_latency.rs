@@ -101,6 +101,7 @@ fn main() {
                 rule("tcp", None),
             ],
             files: vec![],
+            env: Vec::new(),
         };
         let response = custodian_runner::exec::run(&sandbox, &upstream, request, Default::default())
             .await

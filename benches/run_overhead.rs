@@ -194,6 +194,7 @@ fn main() {
                 traceparent: None,
                 egress: vec![],
                 files: vec![],
+                env: Vec::new(),
             };
             custodian_runner::exec::run(&sandbox, &upstream, request, Default::default()).await.expect("exec");
         })

@@ -45,6 +45,8 @@ pub struct App {
     pub audit_key: AuditKey,
     /// OTLP metrics (recording into nothing unless export is configured).
     pub metrics: crate::metrics::Metrics,
+    /// OAuth access tokens minted for runs, cached per grant, and the client that mints them.
+    pub oauth_tokens: crate::credentials::oauth::Tokens,
     /// Verified tokens and environment listings, kept in step with every replica's changes.
     pub caches: crate::cache::Caches,
     /// Writes finished after their answer was sent (a run's outcome record); shutdown waits for them.
@@ -72,6 +74,7 @@ impl App {
         Self {
             audit_key,
             metrics: crate::metrics::Metrics::default(),
+            oauth_tokens: crate::credentials::oauth::Tokens::new(),
             caches: crate::cache::Caches::default(),
             background: Background::default(),
             dispatcher,
@@ -166,12 +169,14 @@ impl Server {
         let router = crate::http::router(app.clone(), shutdown.child_token())
             .layer(tower_http::trace::TraceLayer::new_for_http());
         let sweeper = crate::http::sessions::spawn_sweeper(app.clone(), shutdown.child_token());
+        let reaper = crate::credentials::lease::spawn(app.clone(), shutdown.child_token());
         let limits = crate::http::serve::Limits::from_config(&app.config.server);
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
             crate::http::serve::serve(listener, router, limits, stop).await;
             let _ = poller.await;
             let _ = sweeper.await;
+            let _ = reaper.await;
             app.background.drain().await;
         });
         Ok(Self {

@@ -39,13 +39,21 @@ const MAX_ENTRIES: usize = 10_000;
 /// Changes made by this process, so that its own next request re-reads the generation.
 static LOCAL_CHANGES: AtomicU64 = AtomicU64::new(0);
 
-/// Records, inside the transaction making a change, that cached views are out of date.
+/// Records, inside the transaction making a change, that cached views are out of date. Call
+/// [`committed`] after the transaction commits.
 pub async fn changed(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<(), StoreError> {
     sqlx::query("UPDATE cache_generation SET generation = generation + 1 WHERE id = 1")
         .execute(&mut **tx)
         .await?;
     LOCAL_CHANGES.fetch_add(1, Ordering::Release);
     Ok(())
+}
+
+/// After the commit of a transaction that called [`changed`]: this process's next request re-reads
+/// the generation again, so that a read made between the change and its commit (which saw the
+/// old rows) is not served from the cache until the next refresh.
+pub fn committed() {
+    LOCAL_CHANGES.fetch_add(1, Ordering::Release);
 }
 
 /// Runs one statement that changes what is cached, with [`changed`], in one transaction.
@@ -57,6 +65,7 @@ pub async fn execute_changing(
     let done = statement.execute(&mut *tx).await?;
     changed(&mut tx).await?;
     tx.commit().await?;
+    committed();
     Ok(done)
 }
 

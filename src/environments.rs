@@ -231,13 +231,7 @@ pub const MAX_AUTH_AGE_SECONDS: i64 = 24 * 3600;
 
 /// Whether `name` can be an environment variable holding a secret.
 pub fn validate_secret_name(name: &str) -> Result<(), EnvironmentError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.as_bytes()[0].is_ascii_digit()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
-    if ok {
+    if custodian_protocol::is_variable_name(name) {
         Ok(())
     } else {
         Err(EnvironmentError::InvalidSecretName(

@@ -200,9 +200,27 @@ pub async fn run(
             .map(|s| String::from_utf8_lossy(&s.value).into_owned())
     })
     .map_err(RunError::Egress)?;
-    let mut handed = credentials::for_run(app, &grant, &env.credentials, &opened, &injected)
+    let mut handed = match credentials::for_run(app, &grant, &env.credentials, &opened, &injected)
         .await
-        .map_err(RunError::Credential)?;
+    {
+        Ok(handed) => handed,
+        Err(error) => {
+            // Nothing was sent: the use is given back, as for a dispatch that never started.
+            span.record("custodian.error", tracing::field::display(&error));
+            tracing::warn!(exec.id = %exec_id, error = %error, "issuing a credential for a run failed");
+            record_failure(
+                app,
+                &caller.tenant,
+                &grant.id,
+                &exec_id,
+                &runner.name,
+                &error.to_string(),
+                true,
+            )
+            .await;
+            return Err(RunError::Credential(error));
+        }
+    };
     drop(opened);
     let redactor = Redactor::new(
         handed
@@ -223,6 +241,7 @@ pub async fn run(
         traceparent: crate::telemetry::traceparent(&span),
         egress: rules,
         files: std::mem::take(&mut handed.files),
+        env: std::mem::take(&mut handed.plain),
     };
     drop(handed);
     let tenant = caller.tenant.clone();
@@ -317,11 +336,16 @@ pub async fn run(
         grant.id.clone(),
         app.clock.now_ms(),
     );
+    let exhausted = grant.state == GrantState::Exhausted;
     app.background.spawn(async move {
         let (db, key) = (&writer.db, &writer.audit_key);
         let recorded = grants::store::record(db, key, &tenant, &grant_id, "exec.finished", &detail, now_ms);
         if let Err(e) = recorded.await {
             tracing::error!(exec.id = %detail["exec_id"], error = %e, "recording the outcome of an exec failed");
+        }
+        if exhausted {
+            // Its last run ended: the reaper removes what was made for the grant.
+            writer.grant_changed.notify_waiters();
         }
     });
     tracing::info!(exec.id = %exec_id, runner.id = %runner.name, exit_code = ?response.exit_code, duration_ms = response.duration_ms, cancelled, "run finished");
@@ -379,10 +403,38 @@ async fn dispatch_failed(
     error: &DispatchError,
 ) -> RunError {
     tracing::warn!(exec.id = %exec_id, runner.id = %runner, error = %error, "dispatch to a runner failed");
+    let given_back = record_failure(
+        app,
+        tenant,
+        grant_id,
+        exec_id,
+        runner,
+        &error.to_string(),
+        error.nothing_ran(),
+    )
+    .await;
+    RunError::RunnerFailed {
+        exec_id: exec_id.to_owned(),
+        given_back,
+    }
+}
+
+/// Writes `exec.failed` for an exec that did not finish, giving its use back when `nothing_ran`
+/// (see [`grants::store::exec_failed`]); returns whether it was given back. Waiters and the
+/// credential reaper are woken either way (an exhausted grant's last run just ended).
+async fn record_failure(
+    app: &App,
+    tenant: &TenantId,
+    grant_id: &str,
+    exec_id: &str,
+    runner: &str,
+    reason: &str,
+    nothing_ran: bool,
+) -> bool {
     let detail = serde_json::json!({
         "exec_id": exec_id,
         "runner": runner,
-        "reason": error.to_string(),
+        "reason": reason,
     });
     let given_back = match grants::store::exec_failed(
         &app.db,
@@ -390,7 +442,7 @@ async fn dispatch_failed(
         tenant,
         grant_id,
         &detail,
-        error.nothing_ran(),
+        nothing_ran,
         app.clock.now_ms(),
     )
     .await
@@ -401,11 +453,6 @@ async fn dispatch_failed(
             false
         }
     };
-    if given_back {
-        app.grant_changed.notify_waiters();
-    }
-    RunError::RunnerFailed {
-        exec_id: exec_id.to_owned(),
-        given_back,
-    }
+    app.grant_changed.notify_waiters();
+    given_back
 }

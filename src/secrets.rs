@@ -125,6 +125,33 @@ async fn data_key_version(
     )?)
 }
 
+/// Seals `value` under the tenant's newest data key with `aad` (for values the gateway makes
+/// itself, e.g. a password of a per-grant database role); returns the key version and ciphertext.
+pub(crate) async fn seal_for_tenant(
+    db: &Db,
+    master: &MasterKey,
+    tenant: &TenantId,
+    aad: &str,
+    value: &[u8],
+    now: UnixSeconds,
+) -> Result<(i64, String), SecretError> {
+    let (version, key) = data_key(db, master, tenant, now).await?;
+    Ok((version, key.seal(aad, value)))
+}
+
+/// Opens what [`seal_for_tenant`] sealed.
+pub(crate) async fn open_for_tenant(
+    db: &Db,
+    master: &MasterKey,
+    tenant: &TenantId,
+    key_version: i64,
+    aad: &str,
+    sealed: &str,
+) -> Result<Zeroizing<Vec<u8>>, SecretError> {
+    let key = data_key_version(db, master, tenant, key_version).await?;
+    Ok(key.open(aad, sealed)?)
+}
+
 /// Stores a new version of `name` in `env` as an environment variable, declaring the name on the
 /// environment if needed.
 pub async fn set(
@@ -206,6 +233,7 @@ pub async fn set_credential(
         environments::set_secret_names(&mut tx, tenant, env, &names, &kinds).await?;
     }
     tx.commit().await?;
+    crate::cache::committed();
     Ok(SecretInfo {
         name: name.to_owned(),
         version,
@@ -251,12 +279,14 @@ pub async fn delete(db: &Db, tenant: &TenantId, env: &str, name: &str) -> Result
     kinds.remove(name);
     environments::set_secret_names(&mut tx, tenant, env, &names, &kinds).await?;
     tx.commit().await?;
+    crate::cache::committed();
     Ok(())
 }
 
 /// A secret opened for one run.
 pub struct OpenedSecret {
     pub name: String,
+    pub version: i64,
     pub value: Zeroizing<Vec<u8>>,
 }
 
@@ -297,7 +327,11 @@ pub async fn load_for_run(
             .expect("just loaded")
             .1;
         let value = key.open(&value_aad(tenant, env, &name, version), &ciphertext)?;
-        opened.push(OpenedSecret { name, value });
+        opened.push(OpenedSecret {
+            name,
+            version,
+            value,
+        });
     }
     Ok(opened)
 }

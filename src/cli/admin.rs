@@ -115,7 +115,8 @@ pub enum PkiCommand {
 #[derive(Debug, Subcommand)]
 pub enum SecretCommand {
     /// Store a new version of a credential; the value is read from stdin (one trailing newline is
-    /// dropped) or from --from-file (as is), never from the command line.
+    /// dropped, except for `file` credentials) or from --from-file (as is), never from the command
+    /// line.
     Set {
         /// TENANT/ENVIRONMENT
         place: String,
@@ -637,6 +638,29 @@ async fn grants_command(
             for e in grants::store::events(&app.db, &tenant, &g.id).await? {
                 println!("  {:>3}  {}  {:<10} {}", e.seq, e.at_ms, e.kind, e.detail);
             }
+            let leases: Vec<_> = crate::credentials::lease::list(&app.db, &tenant)
+                .await?
+                .into_iter()
+                .filter(|l| l.grant_id == g.id)
+                .collect();
+            if !leases.is_empty() {
+                println!(
+                    "
+credentials made for it"
+                );
+                for l in leases {
+                    println!(
+                        "  {} ({}) {}  {}  attempts {}{}",
+                        l.credential,
+                        l.engine,
+                        l.resource,
+                        l.state,
+                        l.attempts,
+                        l.last_error
+                            .map_or(String::new(), |e| format!("  last error: {e}"))
+                    );
+                }
+            }
         }
         GrantsCommand::Revoke { tenant, grant_id } => {
             let tenant = TenantId::parse(&tenant)?;
@@ -784,7 +808,8 @@ async fn secret_command(
                 }
                 None => {
                     std::io::Read::read_to_end(&mut std::io::stdin(), &mut value)?;
-                    if value.last() == Some(&b'\n') {
+                    // A file's content is kept byte for byte; a one-line value loses its newline.
+                    if spec.kind != crate::credentials::Kind::File && value.last() == Some(&b'\n') {
                         value.pop();
                         if value.last() == Some(&b'\r') {
                             value.pop();

@@ -12,12 +12,13 @@
 //! `list_environments` shows agents how to use each credential ([`Usage`]), never a value.
 
 pub mod file;
+pub mod lease;
 pub mod oauth;
 pub mod postgres;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use custodian_protocol::{SecretEnv, SecretFile};
+use custodian_protocol::{PlainEnv, SecretEnv, SecretFile};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -172,6 +173,8 @@ pub enum CredentialError {
 pub struct ForRun {
     pub env: Vec<SecretEnv>,
     pub files: Vec<SecretFile>,
+    /// Variables that are not secret (never redacted), e.g. `PGHOST`.
+    pub plain: Vec<PlainEnv>,
     /// (name shown in `[REDACTED:name]`, value): everything above plus what never reaches the
     /// run but must never come back either (admin URLs, client secrets, refresh tokens).
     pub redact: Vec<(String, Zeroizing<Vec<u8>>)>,
@@ -185,6 +188,14 @@ impl ForRun {
             value: value.to_owned(),
         });
         self.redact(name, value.as_bytes());
+    }
+
+    /// Adds an environment variable that is not secret.
+    pub fn plain(&mut self, name: &str, value: &str) {
+        self.plain.push(PlainEnv {
+            name: name.to_owned(),
+            value: value.to_owned(),
+        });
     }
 
     /// Adds a value the redactors replace by `[REDACTED:name]`.
@@ -233,7 +244,7 @@ pub async fn for_run(
                     .await?;
             }
             Kind::Oauth => {
-                oauth::for_run(app, grant, &secret.name, settings, &secret.value, &mut run).await?;
+                oauth::for_run(app, grant, secret, settings, &mut run).await?;
             }
         }
     }

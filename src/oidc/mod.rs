@@ -197,16 +197,20 @@ impl Default for Oidc {
     }
 }
 
+/// The gateway's client for identity providers: no redirects, [`HTTP_TIMEOUT`].
+pub(crate) fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(HTTP_TIMEOUT)
+        .user_agent(concat!("custodian/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("a reqwest client with static settings")
+}
+
 impl Oidc {
     pub fn new() -> Self {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(HTTP_TIMEOUT)
-            .user_agent(concat!("custodian/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("a reqwest client with static settings");
         Self {
-            http,
+            http: http_client(),
             discovered: Mutex::new(HashMap::new()),
         }
     }
@@ -251,7 +255,7 @@ impl Oidc {
 }
 
 /// openidconnect's HTTP client: the gateway's reqwest client (no redirects, timeouts).
-struct HttpClient(reqwest::Client);
+pub(crate) struct HttpClient(pub(crate) reqwest::Client);
 
 impl<'c> openidconnect::AsyncHttpClient<'c> for HttpClient {
     type Error = reqwest::Error;
@@ -321,7 +325,7 @@ impl ErrorBody {
 
 /// At most `max` characters of `text`, without control characters (text from an IdP, shown to
 /// people).
-fn printable(text: &str, max: usize) -> String {
+pub(crate) fn printable(text: &str, max: usize) -> String {
     text.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 

@@ -20,6 +20,13 @@
 //   SIGNIN_REDIRECT_URIS  JSON array: when set, every client may also use the authorization-code
 //                  flow (PKCE, as oidc-provider requires of public clients) with exactly these
 //                  redirect URIs (Custodian's sign-in callbacks)                   unset
+//   SERVICE_SECRET secret of the confidential client `svc-reporter` (client_credentials grant,
+//                  scope `reports:read`)                                             random
+//   INTROSPECTOR_SECRET  secret of the confidential client `introspector`, which tests use to
+//                  introspect tokens (POST /token/introspection)                     random
+// Besides CLIENTS, the public client `offline-cli` may use the device flow with `offline_access`
+// and the refresh_token grant (oidc-provider's default rotation: a public client's refresh token
+// is rotated at every use, and reusing a rotated-away one revokes the grant).
 // and at run time, POST /test/mode {"mode": ...}: faults of a broken or hostile provider,
 //   "normal"              untouched provider responses
 //   "slow_down"           the next token poll is answered `slow_down`, then back to normal
@@ -71,15 +78,45 @@ const server = http.createServer();
 await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
 const issuer = `http://127.0.0.1:${server.address().port}`;
 
+const serviceSecret = process.env.SERVICE_SECRET || crypto.randomBytes(24).toString('hex');
+const introspectorSecret = process.env.INTROSPECTOR_SECRET || crypto.randomBytes(24).toString('hex');
+
 const provider = new Provider(issuer, {
-  clients: clients.map((id) => ({
-    client_id: id,
-    token_endpoint_auth_method: 'none',
-    grant_types: ['urn:ietf:params:oauth:grant-type:device_code']
-      .concat(signinRedirects.length ? ['authorization_code'] : []),
-    response_types: signinRedirects.length ? ['code'] : [],
-    redirect_uris: signinRedirects,
-  })),
+  clients: [
+    ...clients.map((id) => ({
+      client_id: id,
+      token_endpoint_auth_method: 'none',
+      grant_types: ['urn:ietf:params:oauth:grant-type:device_code']
+        .concat(signinRedirects.length ? ['authorization_code'] : []),
+      response_types: signinRedirects.length ? ['code'] : [],
+      redirect_uris: signinRedirects,
+    })),
+    {
+      client_id: 'offline-cli',
+      token_endpoint_auth_method: 'none',
+      grant_types: ['urn:ietf:params:oauth:grant-type:device_code', 'refresh_token'],
+      response_types: [],
+      redirect_uris: [],
+    },
+    {
+      client_id: 'svc-reporter',
+      client_secret: serviceSecret,
+      token_endpoint_auth_method: 'client_secret_basic',
+      grant_types: ['client_credentials'],
+      scope: 'reports:read',
+      response_types: [],
+      redirect_uris: [],
+    },
+    {
+      client_id: 'introspector',
+      client_secret: introspectorSecret,
+      token_endpoint_auth_method: 'client_secret_basic',
+      grant_types: [],
+      response_types: [],
+      redirect_uris: [],
+    },
+  ],
+  scopes: ['openid', 'offline_access', 'reports:read'],
   jwks: { keys: [signingJwk] },
   features: {
     deviceFlow: {
@@ -95,6 +132,8 @@ const provider = new Provider(issuer, {
       },
     },
     devInteractions: { enabled: false },
+    clientCredentials: { enabled: true },
+    introspection: { enabled: true },
   },
   // The claims this directory holds, by scope (oidc-provider's way of declaring them).
   claims: { email: ['email', 'email_verified'], groups: ['groups'], profile: ['name'] },
@@ -240,4 +279,6 @@ server.on('request', async (req, res) => {
   return callback(req, res);
 });
 
+// The harness reads the banner and closes the pipe: later notices of the provider go nowhere.
+process.stdout.on('error', () => {});
 process.stdout.write(`${JSON.stringify({ issuer, clients, nonce: crypto.randomUUID() })}\n`);

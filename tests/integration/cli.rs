@@ -14,7 +14,7 @@ on_both_backends!(
     admin_and_migrate_manage_the_database
 );
 
-fn write_config(dir: &std::path::Path, port: u16, db_url: &str) -> String {
+pub(crate) fn write_config(dir: &std::path::Path, port: u16, db_url: &str) -> String {
     let key = dir.join("master.key");
     ok(custodian(
         &[
@@ -38,7 +38,7 @@ fn write_config(dir: &std::path::Path, port: u16, db_url: &str) -> String {
     path.display().to_string()
 }
 
-fn ok(output: std::process::Output) -> String {
+pub(crate) fn ok(output: std::process::Output) -> String {
     assert!(
         output.status.success(),
         "command failed: {}",

@@ -40,7 +40,7 @@ async fn tripwire(ip: &str) -> (SocketAddr, Arc<Mutex<usize>>) {
 }
 
 /// Decodes `base64 of gzip` printed by a run.
-fn gunzip_base64(text: &str) -> String {
+pub(crate) fn gunzip_base64(text: &str) -> String {
     let bytes = STANDARD.decode(text.trim()).expect("base64 from the run");
     let mut gzip = Command::new("gzip")
         .arg("-dc")

@@ -41,16 +41,25 @@ fn idp_dir() -> std::path::PathBuf {
 impl TestIdp {
     /// Starts a provider, or `None` outside CI when its npm packages are not installed.
     pub fn start(device_ttl_seconds: u64) -> Option<Self> {
-        Self::spawn(device_ttl_seconds, &[])
+        Self::spawn(device_ttl_seconds, &[], &[])
+    }
+
+    /// Like [`TestIdp::start`], with more of its knobs (see `tests/idp/idp.mjs`).
+    pub fn start_with_env(device_ttl_seconds: u64, env: &[(&str, &str)]) -> Option<Self> {
+        Self::spawn(device_ttl_seconds, &[], env)
     }
 
     /// Starts a provider whose clients may also sign engineers in with the authorization-code
     /// flow, redirecting only to `redirect_uris` (Custodian's sign-in callbacks).
     pub fn start_with_sign_in(redirect_uris: &[String]) -> Option<Self> {
-        Self::spawn(600, redirect_uris)
+        Self::spawn(600, redirect_uris, &[])
     }
 
-    fn spawn(device_ttl_seconds: u64, redirect_uris: &[String]) -> Option<Self> {
+    fn spawn(
+        device_ttl_seconds: u64,
+        redirect_uris: &[String],
+        env: &[(&str, &str)],
+    ) -> Option<Self> {
         if !idp_dir().join("node_modules/oidc-provider").exists() {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
@@ -69,6 +78,7 @@ impl TestIdp {
                 "SIGNIN_REDIRECT_URIS",
                 serde_json::to_string(redirect_uris).expect("json"),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -605,6 +605,7 @@ async fn runners_and_gateways_must_prove_their_identities(backend: Backend) {
             traceparent: None,
             egress: vec![],
             files: vec![],
+            env: Vec::new(),
         };
         let before = s.runner.execs();
         let outcome = dispatcher

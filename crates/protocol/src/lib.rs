@@ -104,6 +104,41 @@ mod tests {
             assert!(Identity::parse(uri).is_err(), "{uri}");
         }
     }
+
+    #[test]
+    fn credential_file_names_and_variables() {
+        for good in ["tls.crt", "kubeconfig", "sa-key_1.json", "id_ed25519"] {
+            assert_eq!(check_filename(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "../x",
+            "a b",
+            "a\0b",
+            "é",
+            &"x".repeat(65),
+        ] {
+            assert!(check_filename(bad).is_err(), "{bad}");
+        }
+        for good in ["KUBECONFIG", "TLS_CERT", "_X1"] {
+            assert_eq!(check_variable(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "1X",
+            "lower",
+            "A-B",
+            "PATH",
+            "LD_PRELOAD",
+            "HTTPS_PROXY",
+        ] {
+            assert!(check_variable(bad).is_err(), "{bad}");
+        }
+    }
 }
 
 /// Path of the runner's exec endpoint.
@@ -140,6 +175,10 @@ pub struct ExecRequest {
     /// variable; gone when the run ends.
     #[serde(default)]
     pub files: Vec<SecretFile>,
+    /// Variables that are not secret (e.g. `PGHOST` of a database credential): set in the run
+    /// before `secrets` (which win on a clash) and never redacted.
+    #[serde(default)]
+    pub env: Vec<PlainEnv>,
 }
 
 /// One destination a run may reach through the runner.
@@ -250,6 +289,86 @@ impl std::fmt::Debug for SecretFile {
             .field("filename", &self.filename)
             .finish_non_exhaustive()
     }
+}
+
+/// Where credential files appear inside an isolated run.
+pub const CREDENTIALS_DIR: &str = "/run/credentials";
+
+/// Variables a credential cannot take: the run's own (`PATH`, `HOME`, ...), the loader's and
+/// the egress proxy's.
+const RESERVED_VARIABLES: &[&str] = &[
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "LANG",
+    "LD_PRELOAD",
+    "LD_LIBRARY_PATH",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+];
+
+/// Whether `name` has the shape of a credential's name or variable: `[A-Z_][A-Z0-9_]*`, at most
+/// 128 bytes.
+pub fn is_variable_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.as_bytes()[0].is_ascii_digit()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Whether `name` can be the variable of a credential: `[A-Z_][A-Z0-9_]*`, at most 128 bytes, not
+/// one the run needs for itself ([`RESERVED_VARIABLES`]).
+pub fn check_variable(name: &str) -> Result<(), String> {
+    if !is_variable_name(name) {
+        return Err(format!(
+            "variable `{}` must be 1 to 128 of A-Z, 0-9 and _, not starting with a digit",
+            name.chars().take(130).collect::<String>()
+        ));
+    }
+    if RESERVED_VARIABLES.contains(&name) {
+        return Err(format!(
+            "variable `{name}` is the run's own and cannot be set"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `name` can name a credential file: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with
+/// `.` (so neither `.` nor `..`, nor a hidden file), no `/`.
+pub fn check_filename(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "file name `{}` must be 1 to 64 of A-Z, a-z, 0-9, `.`, `_`, `-`, not starting with `.`",
+            name.chars().take(66).collect::<String>()
+        ))
+    }
+}
+
+impl SecretFile {
+    /// Checks the variable and the file name (never the content).
+    pub fn check(&self) -> Result<(), String> {
+        check_variable(&self.variable)?;
+        check_filename(&self.filename)
+    }
+}
+
+/// An environment variable of the child that is not secret.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PlainEnv {
+    pub name: String,
+    pub value: String,
 }
 
 /// A secret as an environment variable of the child.

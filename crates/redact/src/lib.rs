@@ -21,8 +21,10 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use zeroize::Zeroizing;
 
+mod fragments;
 mod patterns;
 mod prefilter;
+pub use fragments::file_fragments;
 use patterns::Patterns;
 use prefilter::Prefilter;
 
@@ -76,19 +78,26 @@ impl std::fmt::Debug for Redactor {
 pub type Counts = BTreeMap<String, u64>;
 
 impl Redactor {
-    /// Builds a redactor for `(name, value)` pairs.
+    /// Builds a redactor for `(name, value)` pairs; several values under one name are one secret.
     pub fn new<'a>(
         secrets: impl IntoIterator<Item = (&'a str, &'a [u8])>,
     ) -> Result<Self, RedactError> {
         let mut forms: Vec<(Zeroizing<Vec<u8>>, usize)> = Vec::new();
         let mut labels = Vec::new();
         let mut names = Vec::new();
-        for (index, (name, value)) in secrets.into_iter().enumerate() {
+        for (name, value) in secrets {
             if value.len() < MIN_SECRET_LEN {
                 return Err(RedactError::TooShort(name.to_owned()));
             }
-            names.push(name.to_owned());
-            labels.push(format!("[REDACTED:{name}]").into_bytes());
+            // Values given under one name are one secret (one label, one count).
+            let index = match names.iter().position(|n| n == name) {
+                Some(index) => index,
+                None => {
+                    names.push(name.to_owned());
+                    labels.push(format!("[REDACTED:{name}]").into_bytes());
+                    names.len() - 1
+                }
+            };
             forms.extend(patterns_of(value).into_iter().map(|form| (form, index)));
         }
         // A pattern shared by several secrets belongs to the first of them.

@@ -62,12 +62,38 @@ pub async fn run(
         .into_iter()
         .map(|s| (s.name, Zeroizing::new(s.value)))
         .collect();
+    let files = crate::sandbox::files::decode(std::mem::take(&mut request.files))
+        .map_err(NotStarted::Secrets)?;
+    if let Some(clash) = files
+        .iter()
+        .find(|f| secrets.iter().any(|(n, _)| *n == f.variable))
+    {
+        return Err(NotStarted::Secrets(format!(
+            "the variable `{}` is both a secret and a credential file's path",
+            clash.variable
+        )));
+    }
+    // A file's content and the pieces a command can print alone, under its variable's name.
+    let fragments: Vec<(&str, Zeroizing<Vec<u8>>)> = files
+        .iter()
+        .flat_map(|f| {
+            custodian_redact::file_fragments(&f.content)
+                .into_iter()
+                .map(|piece| (f.variable.as_str(), piece))
+        })
+        .collect();
     // Injected credentials are redacted too, though they never enter the run.
     let redactor = Arc::new(
         Redactor::new(
             secrets
                 .iter()
                 .map(|(n, v)| (n.as_str(), v.as_bytes()))
+                .chain(
+                    files
+                        .iter()
+                        .map(|f| (f.variable.as_str(), f.content.as_slice())),
+                )
+                .chain(fragments.iter().map(|(n, v)| (*n, v.as_slice())))
                 .chain(plan.iter().flat_map(crate::egress::Plan::secrets)),
         )
         .map_err(|e| NotStarted::Secrets(e.to_string()))?,
@@ -80,15 +106,18 @@ pub async fn run(
         .as_ref()
         .map(crate::egress::Plan::env)
         .unwrap_or_default();
-    let env: Vec<(&str, &str)> = secrets
+    let plain = std::mem::take(&mut request.env);
+    let env: Vec<(&str, &str)> = plain
         .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .map(|v| (v.name.as_str(), v.value.as_str()))
+        .chain(secrets.iter().map(|(n, v)| (n.as_str(), v.as_str())))
         .chain(proxy_env.iter().map(|(n, v)| (*n, v.as_str())))
         .collect();
     let (mut command, lease, socket) = sandbox
         .command(
             &request.argv,
             &env,
+            &files,
             timeout.as_secs() + 1,
             plan.as_ref().map(crate::egress::Plan::net),
         )
@@ -105,6 +134,8 @@ pub async fn run(
     let spawned = command.spawn();
     drop(command);
     drop(env);
+    drop(fragments);
+    drop(files);
     let mut child = spawned.map_err(|e| NotStarted::Sandbox(e.to_string()))?;
     let group = child.id().map(|pid| pid as i32);
     // The group is bubblewrap's: killing it ends the run's namespace init, and the kernel then

@@ -30,7 +30,7 @@ fn cap(n: usize) -> i64 {
 }
 
 /// Inserts `session` unless its token or tenant already holds its cap of live sessions.
-/// Concurrent inserts of one tenant are serialized (a row lock on the tenant in PostgreSQL; SQLite
+/// Concurrent inserts of one tenant are serialized (a row lock on the tenant in PostgreSQL, one that does not block inserts referencing it; SQLite
 /// takes its write lock at the statement's start), so the caps hold across replicas.
 pub async fn insert_within_caps(
     db: &Db,
@@ -39,7 +39,7 @@ pub async fn insert_within_caps(
     let tenant = session.owner.tenant.as_str();
     let mut tx = db.pool().begin().await?;
     if db.backend() == Backend::Postgres {
-        sqlx::query("SELECT id FROM tenants WHERE id = $1 FOR UPDATE")
+        sqlx::query("SELECT id FROM tenants WHERE id = $1 FOR NO KEY UPDATE")
             .bind(tenant)
             .execute(&mut *tx)
             .await?;

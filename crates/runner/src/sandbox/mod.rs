@@ -29,6 +29,7 @@
 
 mod etc;
 pub mod fdpass;
+pub mod files;
 pub mod filter;
 pub mod inner;
 
@@ -124,10 +125,12 @@ struct UidSlot {
     _lock: std::fs::File,
 }
 
-/// What a started command holds until it is over: its uid and (unisolated) its work dir.
+/// What a started command holds until it is over: its uid, its credential files and (unisolated)
+/// its work dir.
 pub struct Lease {
     _slot: Option<UidSlot>,
     _work: Option<tempfile::TempDir>,
+    _files: files::Placed,
     /// The run's end of the listener socket.
     _net: Option<std::os::fd::OwnedFd>,
 }
@@ -229,7 +232,12 @@ impl Sandbox {
             (Isolation::Full, _) => {
                 let mut readable: Vec<PathBuf> = SYSTEM_DIRS
                     .iter()
-                    .chain(&["/etc", "/proc", "/run/custodian"])
+                    .chain(&[
+                        "/etc",
+                        "/proc",
+                        "/run/custodian",
+                        custodian_protocol::CREDENTIALS_DIR,
+                    ])
                     .map(PathBuf::from)
                     .collect();
                 readable.extend(self.config.read_only_paths.iter().cloned());
@@ -279,25 +287,32 @@ impl Sandbox {
     }
 
     /// The command that runs `argv` in a fresh sandbox with `env` (and nothing else of the
-    /// runner's environment); the [`Lease`] must live until the command is over. With `net`
-    /// (isolated runs only), the returned socket receives the run's listeners once it starts
-    /// ([`fdpass::recv`]).
+    /// runner's environment) and `credentials` ([`files`]); the [`Lease`] must live until the
+    /// command is over. With `net` (isolated runs only), the returned socket receives the run's
+    /// listeners once it starts ([`fdpass::recv`]).
     pub fn command(
         &self,
         argv: &[String],
         env: &[(&str, &str)],
+        credentials: &[files::CredentialFile],
         cpu_seconds: u64,
         net: Option<NetPlan>,
     ) -> Result<(tokio::process::Command, Lease, Option<std::os::fd::OwnedFd>), String> {
-        self.prepare(cpu_seconds, None, net, |command, layers, lease| {
-            command
-                .arg(HELPER_ARG)
-                .arg(layers)
-                .arg("--")
-                .args(argv)
-                .envs(env.iter().copied());
-            lease
-        })
+        self.prepare(
+            cpu_seconds,
+            None,
+            net,
+            credentials,
+            |command, layers, lease| {
+                command
+                    .arg(HELPER_ARG)
+                    .arg(layers)
+                    .arg("--")
+                    .args(argv)
+                    .envs(env.iter().copied());
+                lease
+            },
+        )
     }
 
     fn prepare(
@@ -305,25 +320,32 @@ impl Sandbox {
         cpu_seconds: u64,
         hidden: Option<PathBuf>,
         net: Option<NetPlan>,
+        credentials: &[files::CredentialFile],
         finish: impl FnOnce(&mut tokio::process::Command, String, Lease) -> Lease,
     ) -> Result<(tokio::process::Command, Lease, Option<std::os::fd::OwnedFd>), String> {
         use std::os::fd::AsRawFd;
         let slot = self.take_slot()?;
-        let (mut command, work, mut layers) = match self.isolation {
+        let (mut command, work, mut layers, placed) = match self.isolation {
             Isolation::Full => {
+                let (file_args, placed) = files::for_bwrap(credentials)?;
                 let mut command = tokio::process::Command::new(&self.config.bwrap);
                 command
+                    // Before the fixed arguments, which end by making the root read-only.
+                    .args(file_args)
                     .args(&self.bwrap_args)
                     .arg("--")
                     .arg(HELPER_INSIDE)
                     .current_dir("/")
                     .env("HOME", WORK_DIR)
                     .env("TMPDIR", TMP_DIR);
-                (command, None, self.layers(cpu_seconds, hidden, None))
+                let layers = self.layers(cpu_seconds, hidden, None);
+                (command, None, layers, placed)
             }
             Isolation::DangerouslyNone => {
+                // 0700: other users of the host cannot look in (tempfile's default is 0777 & umask).
                 let work = tempfile::Builder::new()
                     .prefix("custodian-run-")
+                    .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
                     .tempdir()
                     .map_err(|e| format!("cannot create a work directory: {e}"))?;
                 let mut command = tokio::process::Command::new(&self.helper);
@@ -332,13 +354,15 @@ impl Sandbox {
                     .env("HOME", work.path())
                     .env("TMPDIR", work.path());
                 let layers = self.layers(cpu_seconds, hidden, Some(work.path()));
-                (command, Some(work), layers)
+                let placed = files::in_temp_dir(credentials)?;
+                (command, Some(work), layers, placed)
             }
         };
         command
             .env_clear()
             .env("PATH", PATH)
             .env("LANG", "C.UTF-8")
+            .envs(placed.env.iter().map(|(n, v)| (n, v)))
             .process_group(0)
             .kill_on_drop(true);
         // Without isolation there is no network namespace to listen in: no egress is set up.
@@ -360,6 +384,8 @@ impl Sandbox {
             None => (None, None),
         };
         let inherited = theirs.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+        // Bubblewrap reads each credential file from its descriptor.
+        let file_fds: Vec<i32> = placed.memfds.iter().map(AsRawFd::as_raw_fd).collect();
         let parent = std::process::id() as libc::pid_t;
         let host_id = slot.as_ref().map(|slot| slot.uid);
         // SAFETY: the closure runs in the forked child before exec and calls only fcntl, open,
@@ -370,6 +396,11 @@ impl Sandbox {
                 // The run's end of the egress socket survives exec (bubblewrap passes it on).
                 if inherited >= 0 && libc::fcntl(inherited, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                for fd in &file_fds {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 // First in line for the OOM killer, before the runner: a run that exhausts the
                 // host's (or the pod's) memory is what gets killed. Written while still root
@@ -404,6 +435,7 @@ impl Sandbox {
         let lease = Lease {
             _slot: slot,
             _work: work,
+            _files: placed,
             _net: theirs,
         };
         let lease = finish(&mut command, layers, lease);
@@ -416,6 +448,7 @@ impl Sandbox {
             1,
             Some(hidden.to_path_buf()),
             None,
+            &[],
             |command, layers, lease| {
                 command
                     .arg(HELPER_ARG)
