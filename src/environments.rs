@@ -54,7 +54,7 @@ pub enum RequesterRule {
     Any,
     /// Only the engineer who asked (a grant requested with an agent token cannot be approved).
     Requester,
-    /// Anyone but the engineer who asked: four eyes (with an agent token, no engineer asked).
+    /// Anyone but the engineer who asked: four eyes (requests with an agent token are refused).
     NotRequester,
 }
 

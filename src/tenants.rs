@@ -246,9 +246,18 @@ pub fn validate_idp(idp: &IdpSettings) -> Result<(), TenantError> {
 }
 
 /// Stores the tenant's identity provider settings (validated, not contacted: the admin command
-/// checks the provider with `Oidc::check` first).
-pub async fn set_idp(db: &Db, id: &TenantId, idp: &IdpSettings) -> Result<(), TenantError> {
+/// checks the provider with `Oidc::check` first). In the same transaction, every OAuth sign-in of
+/// the tenant is revoked and every one in progress dropped: they were made at the previous IdP
+/// (perhaps compromised, or where the engineer is no longer checked). Returns how many sign-ins
+/// were revoked.
+pub async fn set_idp(
+    db: &Db,
+    id: &TenantId,
+    idp: &IdpSettings,
+    now: UnixSeconds,
+) -> Result<u64, TenantError> {
     validate_idp(idp)?;
+    let mut tx = db.pool().begin().await.map_err(StoreError::from)?;
     let done = sqlx::query(
         "UPDATE tenants SET idp_issuer = $1, idp_client_id = $2, idp_client_secret_ref = $3, \
          idp_scopes = $4, idp_approver_claim = $5, idp_groups_claim = $6 WHERE id = $7",
@@ -260,11 +269,27 @@ pub async fn set_idp(db: &Db, id: &TenantId, idp: &IdpSettings) -> Result<(), Te
     .bind(&idp.approver_claim)
     .bind(&idp.groups_claim)
     .bind(id.as_str())
-    .execute(db.pool())
+    .execute(&mut *tx)
     .await
     .map_err(StoreError::from)?;
     if done.rows_affected() == 0 {
         return Err(TenantError::NotFound(id.clone()));
     }
-    Ok(())
+    let revoked = sqlx::query(
+        "UPDATE oauth_families SET revoked_at = $1, revoke_reason = 'the tenant identity provider changed' \
+         WHERE tenant_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(id.as_str())
+    .execute(&mut *tx)
+    .await
+    .map_err(StoreError::from)?
+    .rows_affected();
+    sqlx::query("DELETE FROM oauth_signins WHERE tenant_id = $1")
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+    tx.commit().await.map_err(StoreError::from)?;
+    Ok(revoked)
 }

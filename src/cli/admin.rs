@@ -376,8 +376,13 @@ async fn dispatch(app: &App, command: AdminCommand, now: clock::UnixSeconds) -> 
                 return Err(tenants::TenantError::NotFound(tenant).into());
             }
             let checked = app.oidc.check(&idp).await?;
-            tenants::set_idp(db, &tenant, &idp).await?;
+            let revoked = tenants::set_idp(db, &tenant, &idp, now).await?;
             println!("tenant {tenant} now approves grants at {}", idp.issuer);
+            if revoked > 0 {
+                println!(
+                    "revoked {revoked} sign-in(s) made at the previous identity provider: engineers run `codex mcp login` again"
+                );
+            }
             for note in checked.notes {
                 println!("note: {note}");
             }

@@ -176,6 +176,7 @@ async fn seed(app: &App, issuer: &str, runner_url: &str) -> anyhow::Result<secre
             approver_claim: "email".to_owned(),
             groups_claim: "groups".to_owned(),
         },
+        now,
     )
     .await?;
     if environments::get(&app.db, &tenant, DEV_ENVIRONMENT)

@@ -470,11 +470,19 @@ pub async fn request(
             args.environment.chars().take(64).collect(),
         ));
     };
-    if env.policy.approver_vs_requester == RequesterRule::Requester && requester.is_none() {
+    // Own approval and four eyes both compare with the engineer who asked; an agent token names
+    // none (anyone holding it could otherwise request and approve their own grant).
+    let rule = env.policy.approver_vs_requester;
+    if rule != RequesterRule::Any && requester.is_none() {
+        let who = if rule == RequesterRule::Requester {
+            "by the engineer who asks"
+        } else {
+            "by someone other than the engineer who asks (four eyes)"
+        };
         return Err(GrantError::InvalidArgument {
             field: "environment",
             message: format!(
-                "`{}` must be approved by the engineer who asks, and an agent token names no engineer: sign in with `codex mcp login` to request it",
+                "`{}` must be approved {who}, and an agent token names no engineer: sign in with `codex mcp login` to request it",
                 env.name
             ),
         });

@@ -45,14 +45,16 @@ pub fn check_approver(
 }
 
 /// Whether `approver` may approve a grant that `requester` (the IdP subject of the engineer who
-/// asked; `None` for an agent token) asked for, under the environment's requester rule.
+/// asked; `None` for an agent token) asked for, under the environment's requester rule. A grant
+/// without a requester cannot be approved under `requester` or `not_requester` (such requests are
+/// refused up front; this holds for rows stored before that).
 pub fn check_requester(
     rule: RequesterRule,
     requester: Option<&str>,
     approver: &Approver,
 ) -> Result<(), String> {
     match (rule, requester) {
-        (RequesterRule::Any, _) | (RequesterRule::NotRequester, None) => Ok(()),
+        (RequesterRule::Any, _) => Ok(()),
         (RequesterRule::Requester, Some(r)) if r == approver.subject => Ok(()),
         (RequesterRule::Requester, _) => Err(
             "this environment requires the engineer who asked to approve their own grant, and the approver is someone else"
@@ -63,6 +65,10 @@ pub fn check_requester(
                 .to_owned(),
         ),
         (RequesterRule::NotRequester, Some(_)) => Ok(()),
+        (RequesterRule::NotRequester, None) => Err(
+            "this environment requires someone other than the engineer who asked to approve (four eyes), and an agent token names no engineer"
+                .to_owned(),
+        ),
     }
 }
 
@@ -136,7 +142,7 @@ mod tests {
                 .contains("four eyes")
         );
         assert_eq!(check_requester(other, Some("alice"), &bob), Ok(()));
-        assert_eq!(check_requester(other, None, &alice), Ok(()));
+        assert!(check_requester(other, None, &alice).is_err());
     }
     use crate::environments::Approvers;
 

@@ -32,13 +32,18 @@ pub async fn page(State(app): State<Arc<App>>, Path(id): Path<String>) -> Respon
     }
 }
 
-fn with_safe_headers(mut response: Response) -> Response {
+fn with_safe_headers(response: Response) -> Response {
+    with_page_headers(
+        response,
+        "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; form-action 'none'; base-uri 'none'",
+    )
+}
+
+/// The headers of a server-rendered page: `csp`, not frameable, never cached, no referrer.
+pub(crate) fn with_page_headers(mut response: Response, csp: &'static str) -> Response {
     let headers = response.headers_mut();
     for (name, value) in [
-        (
-            header::CONTENT_SECURITY_POLICY,
-            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; form-action 'none'; base-uri 'none'",
-        ),
+        (header::CONTENT_SECURITY_POLICY, csp),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::CACHE_CONTROL, "no-store"),
         (header::REFERRER_POLICY, "no-referrer"),

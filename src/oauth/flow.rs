@@ -23,8 +23,17 @@ use crate::store::Db;
 use crate::tenants::{IdpSettings, TenantId};
 
 /// Registrations of a tenant that may exist at once without a completed sign-in (registration is
-/// open to anyone who can reach the endpoint).
+/// open to anyone who can reach the endpoint): beyond, the oldest of them are dropped.
 const MAX_PENDING_CLIENTS: i64 = 200;
+/// A registration without a completed sign-in is dropped after this long.
+const PENDING_CLIENT_SECONDS: i64 = 3600;
+/// Sign-ins one client may have in progress at once (beyond, its oldest is dropped).
+const MAX_SIGN_INS_PER_CLIENT: i64 = 10;
+/// Sign-ins a tenant may have in progress at once (beyond, new ones are refused until some
+/// complete or expire).
+const MAX_SIGN_INS_PER_TENANT: i64 = 1000;
+/// Longest client `state` accepted (it is stored while the engineer signs in).
+const MAX_STATE_BYTES: usize = 512;
 /// Redirect URIs one client may register.
 const MAX_REDIRECT_URIS: usize = 5;
 
@@ -146,21 +155,22 @@ pub async fn register(
         )));
     }
     let client_name = request.client_name.map(|n| printable(&n, 100));
-    let pending = store::prune_clients(server.db, tenant, now - 3600).await?;
-    if pending >= MAX_PENDING_CLIENTS {
-        return Err(OAuthError::TemporarilyUnavailable(
-            "too many client registrations without a completed sign-in in the last hour; try again later"
-                .to_owned(),
-        ));
-    }
     let client = Client {
         id: format!("ocl_{}", hex::encode(random::<16>())),
         client_name: client_name.clone(),
         redirect_uris: serde_json::to_string(&request.redirect_uris)
             .map_err(|e| invalid(&e.to_string()))?,
     };
-    store::insert_client(server.db, tenant, &client, now).await?;
-    tracing::info!(tenant.id = %tenant, oauth.client = %client.id, "OAuth client registered");
+    let dropped = store::insert_client(
+        server.db,
+        tenant,
+        &client,
+        now,
+        now - PENDING_CLIENT_SECONDS,
+        MAX_PENDING_CLIENTS,
+    )
+    .await?;
+    tracing::info!(tenant.id = %tenant, oauth.client = %client.id, oauth.dropped_pending = dropped, "OAuth client registered");
     Ok(Registration {
         client_id: client.id,
         client_id_issued_at: now,
@@ -188,10 +198,29 @@ pub struct AuthorizationRequest {
 /// Where the engineer's browser goes next.
 #[derive(Debug)]
 pub enum Next {
-    /// To the tenant's IdP to sign in.
-    SignIn(url::Url),
+    /// The consent page: which client asks, for which tenant, and where the result goes.
+    Consent(Consent),
+    /// To the tenant's IdP to sign in, binding this browser to the sign-in with a cookie holding
+    /// `browser` (its return is accepted only from the same browser).
+    SignIn {
+        url: url::Url,
+        browser: SecretString,
+    },
     /// Back to the client, with a code or an OAuth error.
     Client(url::Url),
+}
+
+/// What the consent page shows, and the token its form and a cookie both carry (double submit:
+/// a page of another site can make the browser post a form, not set this site's cookie).
+#[derive(Debug)]
+pub struct Consent {
+    pub token: SecretString,
+    /// The tenant's display name and id.
+    pub tenant_name: String,
+    /// The name the client registered with (not verified).
+    pub client_name: Option<String>,
+    /// Where the client receives the result: the redirect URI's `host:port`.
+    pub redirect_to: String,
 }
 
 /// The client's redirect URI with `params`, the client's `state` and this server's `iss`.
@@ -288,9 +317,10 @@ impl Drop for Upstream {
     }
 }
 
-/// Validates an authorization request and sends the engineer to the tenant's IdP. Errors that
-/// cannot go back to the client (unknown client, unregistered redirect URI) are returned as
-/// `Err` and shown on a page; the rest go back to the client.
+/// Validates an authorization request, stores it (bounded per client and per tenant) and asks the
+/// engineer to consent. Errors that cannot go back to the client (unknown client, unregistered
+/// redirect URI, an oversized `state`) are returned as `Err` and shown on a page; the rest go back
+/// to the client.
 pub async fn authorize(
     server: &Server<'_>,
     tenant: &TenantId,
@@ -317,6 +347,16 @@ pub async fn authorize(
             "redirect_uri is missing or differs from every registered one (exact match)".to_owned(),
         ));
     };
+    if request
+        .state
+        .as_ref()
+        .is_some_and(|s| s.len() > MAX_STATE_BYTES)
+    {
+        // Shown on the page, never echoed or stored.
+        return Err(OAuthError::InvalidRequest(format!(
+            "state is longer than {MAX_STATE_BYTES} bytes"
+        )));
+    }
     let issuer = server.issuer(tenant);
     let state = request.state.as_deref();
     let fail = |e: OAuthError| error_to_client(redirect_uri, &e, state, &issuer);
@@ -346,10 +386,94 @@ pub async fn authorize(
         Ok(scope) => scope,
         Err(e) => return fail(e),
     };
-    let idp = match server.idp(tenant).await {
-        Ok(idp) => idp,
-        Err(e) => return fail(e),
+    if let Err(e) = server.idp(tenant).await {
+        return fail(e);
+    }
+    let token = secret_text();
+    let stored = store::insert_sign_in(
+        server.db,
+        tenant,
+        &hash_secret(token.expose_secret().as_bytes()),
+        &SignIn {
+            client_id: client.id,
+            redirect_uri: redirect_uri.to_owned(),
+            code_challenge: challenge.to_owned(),
+            client_state: request.state.clone(),
+            scope,
+            upstream_sealed: String::new(),
+            browser_hash: None,
+            expires_at: now + SIGN_IN_TTL_SECONDS,
+        },
+        now,
+        (MAX_SIGN_INS_PER_CLIENT, MAX_SIGN_INS_PER_TENANT),
+    )
+    .await?;
+    if !stored {
+        tracing::warn!(tenant.id = %tenant, "sign-in refused: too many in progress at this tenant");
+        return fail(OAuthError::TemporarilyUnavailable(
+            "too many sign-ins are in progress at this tenant; try again in a few minutes"
+                .to_owned(),
+        ));
+    }
+    let tenant_name = crate::tenants::get(server.db, tenant.as_str())
+        .await?
+        .map_or_else(
+            || tenant.to_string(),
+            |t| format!("{} ({tenant})", t.display_name),
+        );
+    let redirect_to = url::Url::parse(redirect_uri)
+        .ok()
+        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port()?)))
+        .unwrap_or_default();
+    Ok(Next::Consent(Consent {
+        token,
+        tenant_name,
+        client_name: client.client_name,
+        redirect_to,
+    }))
+}
+
+fn unknown_sign_in() -> OAuthError {
+    OAuthError::InvalidRequest(
+        "this sign-in is unknown, was already answered or completed, or expired; start again from your client"
+            .to_owned(),
+    )
+}
+
+/// The engineer's answer on the consent page. `form` and `cookie` are the consent token the page's
+/// form and this browser's cookie carry: both must be present and equal, else nothing changes.
+/// Allowed: the engineer goes to the tenant's IdP, and the browser is bound to the sign-in.
+/// Denied: back to the client with `access_denied`.
+pub async fn answer_consent(
+    server: &Server<'_>,
+    tenant: &TenantId,
+    (form, cookie): (Option<&str>, Option<&str>),
+    allow: bool,
+    now: UnixSeconds,
+) -> Result<Next, OAuthError> {
+    let (Some(form), Some(cookie)) = (form, cookie) else {
+        return Err(not_this_browser());
     };
+    let same: bool = form.as_bytes().ct_eq(cookie.as_bytes()).into();
+    if !same || form.is_empty() {
+        return Err(not_this_browser());
+    }
+    let consent_hash = hash_secret(form.as_bytes());
+    let issuer = server.issuer(tenant);
+    if !allow {
+        let Some(sign_in) = store::deny_sign_in(server.db, tenant, &consent_hash, now).await?
+        else {
+            return Err(unknown_sign_in());
+        };
+        tracing::info!(tenant.id = %tenant, oauth.client = %sign_in.client_id, "sign-in denied on the consent page");
+        return error_to_client(
+            &sign_in.redirect_uri,
+            &OAuthError::AccessDenied("the engineer denied the sign-in".to_owned()),
+            sign_in.client_state.as_deref(),
+            &issuer,
+        );
+    }
+    let idp = server.idp(tenant).await?;
     let upstream_state = secret_text();
     let state_hash = hash_secret(upstream_state.expose_secret().as_bytes());
     let upstream = Upstream {
@@ -361,11 +485,25 @@ pub async fn authorize(
         &sign_in_aad(tenant, &state_hash),
         &Zeroizing::new(serde_json::to_vec(&upstream).unwrap_or_default()),
     );
+    let browser = secret_text();
+    let browser_hash = hash_secret(browser.expose_secret().as_bytes());
+    let Some(sign_in) = store::allow_sign_in(
+        server.db,
+        tenant,
+        &consent_hash,
+        (&state_hash, &sealed, &browser_hash),
+        now,
+    )
+    .await?
+    else {
+        return Err(unknown_sign_in());
+    };
     let callback = server.callback(tenant);
     let (verifier, nonce) = (
         SecretString::from(upstream.verifier.clone()),
         SecretString::from(upstream.nonce.clone()),
     );
+    drop(upstream);
     let url = server
         .oidc
         .authorization_url(
@@ -378,30 +516,26 @@ pub async fn authorize(
             },
         )
         .await;
-    let url = match url {
-        Ok(url) => url,
+    match url {
+        Ok(url) => Ok(Next::SignIn { url, browser }),
         Err(e) => {
             tracing::warn!(tenant.id = %tenant, error = %e, "sign-in cannot start: the IdP is not usable");
-            return fail(OAuthError::TemporarilyUnavailable(e.to_string()));
+            store::take_sign_in(server.db, tenant, &state_hash).await?;
+            error_to_client(
+                &sign_in.redirect_uri,
+                &OAuthError::TemporarilyUnavailable(e.to_string()),
+                sign_in.client_state.as_deref(),
+                &issuer,
+            )
         }
-    };
-    store::insert_sign_in(
-        server.db,
-        tenant,
-        &state_hash,
-        &SignIn {
-            client_id: client.id,
-            redirect_uri: redirect_uri.to_owned(),
-            code_challenge: challenge.to_owned(),
-            client_state: request.state.clone(),
-            scope,
-            upstream_sealed: sealed,
-            expires_at: now + SIGN_IN_TTL_SECONDS,
-        },
-        now,
+    }
+}
+
+fn not_this_browser() -> OAuthError {
+    OAuthError::AccessDenied(
+        "this answer did not come from the consent page shown in this browser; start the sign-in again from your client"
+            .to_owned(),
     )
-    .await?;
-    Ok(Next::SignIn(url))
 }
 
 fn sign_in_aad(tenant: &TenantId, state_hash: &str) -> String {
@@ -417,20 +551,18 @@ pub struct CallbackQuery {
     pub error: Option<String>,
 }
 
-/// Completes a sign-in that the IdP sent back: redeems the IdP's code, records who signed in,
-/// and sends the browser back to the client with a Custodian authorization code.
+/// Completes a sign-in that the IdP sent back to the browser holding the binding cookie
+/// `browser`: redeems the IdP's code, records who signed in, and sends the browser back to the
+/// client with a Custodian authorization code. From another browser (one that did not allow this
+/// sign-in) the sign-in ends with nothing issued.
 pub async fn finish_sign_in(
     server: &Server<'_>,
     tenant: &TenantId,
     query: CallbackQuery,
+    browser: Option<&str>,
     now: UnixSeconds,
 ) -> Result<Next, OAuthError> {
-    let unknown = || {
-        OAuthError::InvalidRequest(
-            "this sign-in is unknown, was already completed, or expired; start again from your client"
-                .to_owned(),
-        )
-    };
+    let unknown = unknown_sign_in;
     let state = SecretString::from(query.state.unwrap_or_default());
     let state_hash = hash_secret(state.expose_secret().as_bytes());
     let Some(sign_in) = store::take_sign_in(server.db, tenant, &state_hash).await? else {
@@ -438,6 +570,16 @@ pub async fn finish_sign_in(
     };
     if sign_in.expires_at < now {
         return Err(unknown());
+    }
+    let presented = hash_secret(browser.unwrap_or_default().as_bytes());
+    let bound = sign_in.browser_hash.as_deref().unwrap_or_default();
+    let same_browser: bool = presented.as_bytes().ct_eq(bound.as_bytes()).into();
+    if !same_browser || browser.is_none_or(str::is_empty) {
+        tracing::warn!(tenant.id = %tenant, oauth.client = %sign_in.client_id, "sign-in returned to a browser that did not allow it; nothing issued");
+        return Err(OAuthError::AccessDenied(
+            "this sign-in was allowed in another browser; nothing was issued. Start again from your client"
+                .to_owned(),
+        ));
     }
     let issuer = server.issuer(tenant);
     let client_state = sign_in.client_state.as_deref();

@@ -9,6 +9,11 @@
 //!
 //! Guarantees:
 //! - Only public clients with `http` loopback redirect URIs register; redirect URIs match exactly.
+//!   At most 200 registrations without a completed sign-in per tenant: a new one drops the oldest.
+//! - The engineer consents on a page naming the tenant, the client and its redirect; the answer
+//!   must carry the page's token in both the form and a cookie (double submit), and the IdP's
+//!   return is accepted only from the browser that allowed the sign-in (a second cookie).
+//! - Sign-ins in progress are bounded: `state` at most 512 bytes, 10 per client, 1000 per tenant.
 //! - Only PKCE with S256; authorization codes are single-use and live [`CODE_TTL_SECONDS`]; a code
 //!   presented twice revokes everything issued from it.
 //! - `resource` must be the tenant's MCP URL in the authorization and every token request; access
@@ -45,8 +50,10 @@ pub const REFRESH_PREFIX: &str = "csr_";
 pub const ACCESS_TTL_SECONDS: i64 = 600;
 /// A refresh token is usable this long after it was issued (each refresh issues a new one).
 pub const REFRESH_TTL_SECONDS: i64 = 7 * 24 * 3600;
-/// No refresh beyond this long after the sign-in: then the engineer signs in again.
-pub const SIGN_IN_LIFETIME_SECONDS: i64 = 30 * 24 * 3600;
+/// No refresh beyond this long after the sign-in: then the engineer signs in again. A day, so
+/// that an engineer disabled at the IdP keeps access for at most that long (Custodian does not ask
+/// the IdP on refresh), while `codex mcp login` once a working day is enough.
+pub const SIGN_IN_LIFETIME_SECONDS: i64 = 24 * 3600;
 /// Authorization codes live this long.
 pub const CODE_TTL_SECONDS: i64 = 60;
 /// A sign-in at the IdP must come back within this long.

@@ -15,7 +15,7 @@ pub(super) struct Client {
     pub redirect_uris: String,
 }
 
-/// A sign-in in progress at the IdP.
+/// A sign-in in progress: awaiting the engineer's consent, then at the IdP.
 #[derive(Debug, sqlx::FromRow)]
 pub(super) struct SignIn {
     pub client_id: String,
@@ -24,6 +24,8 @@ pub(super) struct SignIn {
     pub client_state: Option<String>,
     pub scope: String,
     pub upstream_sealed: String,
+    /// SHA-256 of the cookie binding the browser that allowed it; `None` while awaiting consent.
+    pub browser_hash: Option<String>,
     pub expires_at: i64,
 }
 
@@ -79,37 +81,41 @@ pub(super) async fn client(
     .await?)
 }
 
-/// Removes registrations older than `stale_before` that never completed a sign-in, then counts
-/// the tenant's recent ones.
-pub(super) async fn prune_clients(
-    db: &Db,
-    tenant: &TenantId,
-    stale_before: UnixSeconds,
-) -> Result<i64, StoreError> {
-    sqlx::query(
-        "DELETE FROM oauth_clients WHERE tenant_id = $1 AND created_at < $2 AND NOT EXISTS \
-         (SELECT 1 FROM oauth_families f WHERE f.tenant_id = oauth_clients.tenant_id AND f.client_id = oauth_clients.id)",
-    )
-    .bind(tenant.as_str())
-    .bind(stale_before)
-    .execute(db.pool())
-    .await?;
-    let (count,): (i64,) = sqlx::query_as(
-        "SELECT COUNT(*) FROM oauth_clients WHERE tenant_id = $1 AND created_at >= $2",
-    )
-    .bind(tenant.as_str())
-    .bind(stale_before)
-    .fetch_one(db.pool())
-    .await?;
-    Ok(count)
-}
-
+/// Registers `client`, first dropping the tenant's pending clients (those without a completed
+/// sign-in) registered before `stale_before`, and, beyond `max_pending - 1`, the oldest pending
+/// ones, with their sign-ins in progress: open registration can push out only other pending
+/// registrations, never a client someone signed in with. Returns how many were dropped.
 pub(super) async fn insert_client(
     db: &Db,
     tenant: &TenantId,
     client: &Client,
     now: UnixSeconds,
-) -> Result<(), StoreError> {
+    stale_before: UnixSeconds,
+    max_pending: i64,
+) -> Result<u64, StoreError> {
+    let mut tx = db.pool().begin().await?;
+    let dropped = sqlx::query(concat!(
+        "DELETE FROM oauth_clients WHERE tenant_id = $1 AND NOT EXISTS ",
+        "(SELECT 1 FROM oauth_families f WHERE f.tenant_id = oauth_clients.tenant_id AND f.client_id = oauth_clients.id) ",
+        "AND (created_at < $2 OR id NOT IN (SELECT c.id FROM oauth_clients c WHERE c.tenant_id = $1 AND NOT EXISTS ",
+        "(SELECT 1 FROM oauth_families f WHERE f.tenant_id = c.tenant_id AND f.client_id = c.id) ",
+        "ORDER BY c.created_at DESC, c.id DESC LIMIT $3))"
+    ))
+    .bind(tenant.as_str())
+    .bind(stale_before)
+    .bind(max_pending - 1)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if dropped > 0 {
+        sqlx::query(
+            "DELETE FROM oauth_signins WHERE tenant_id = $1 AND NOT EXISTS (SELECT 1 FROM oauth_clients c \
+             WHERE c.tenant_id = oauth_signins.tenant_id AND c.id = oauth_signins.client_id)",
+        )
+        .bind(tenant.as_str())
+        .execute(&mut *tx)
+        .await?;
+    }
     sqlx::query(
         "INSERT INTO oauth_clients (tenant_id, id, client_name, redirect_uris, created_at) \
          VALUES ($1, $2, $3, $4, $5)",
@@ -119,28 +125,45 @@ pub(super) async fn insert_client(
     .bind(&client.client_name)
     .bind(&client.redirect_uris)
     .bind(now)
-    .execute(db.pool())
+    .execute(&mut *tx)
     .await?;
-    Ok(())
+    tx.commit().await?;
+    Ok(dropped)
 }
 
+/// Stores a sign-in awaiting the engineer's consent under `consent_hash`. First drops the tenant's
+/// expired sign-ins and, beyond `per_client - 1`, the client's oldest; stores nothing (false) when
+/// the tenant already has `per_tenant` in progress.
 pub(super) async fn insert_sign_in(
     db: &Db,
     tenant: &TenantId,
-    state_hash: &str,
+    consent_hash: &str,
     sign_in: &SignIn,
     now: UnixSeconds,
-) -> Result<(), StoreError> {
-    // Sign-ins that never came back are dropped as new ones start.
-    sqlx::query("DELETE FROM oauth_signins WHERE expires_at < $1")
+    (per_client, per_tenant): (i64, i64),
+) -> Result<bool, StoreError> {
+    let mut tx = db.pool().begin().await?;
+    sqlx::query("DELETE FROM oauth_signins WHERE tenant_id = $1 AND expires_at < $2")
+        .bind(tenant.as_str())
         .bind(now)
-        .execute(db.pool())
+        .execute(&mut *tx)
         .await?;
     sqlx::query(
-        "INSERT INTO oauth_signins (state_hash, tenant_id, client_id, redirect_uri, code_challenge, \
-         client_state, scope, upstream_sealed, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        "DELETE FROM oauth_signins WHERE tenant_id = $1 AND client_id = $2 AND state_hash NOT IN \
+         (SELECT s.state_hash FROM oauth_signins s WHERE s.tenant_id = $1 AND s.client_id = $2 \
+         ORDER BY s.expires_at DESC, s.state_hash LIMIT $3)",
     )
-    .bind(state_hash)
+    .bind(tenant.as_str())
+    .bind(&sign_in.client_id)
+    .bind(per_client - 1)
+    .execute(&mut *tx)
+    .await?;
+    let stored = sqlx::query(
+        "INSERT INTO oauth_signins (state_hash, tenant_id, client_id, redirect_uri, code_challenge, \
+         client_state, scope, upstream_sealed, expires_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
+         WHERE (SELECT COUNT(*) FROM oauth_signins WHERE tenant_id = $2) < $10",
+    )
+    .bind(consent_hash)
     .bind(tenant.as_str())
     .bind(&sign_in.client_id)
     .bind(&sign_in.redirect_uri)
@@ -149,21 +172,77 @@ pub(super) async fn insert_sign_in(
     .bind(&sign_in.scope)
     .bind(&sign_in.upstream_sealed)
     .bind(sign_in.expires_at)
-    .execute(db.pool())
-    .await?;
-    Ok(())
+    .bind(per_tenant)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    tx.commit().await?;
+    Ok(stored)
 }
 
-/// Claims (deletes and returns) the sign-in with this state: a state works once.
+/// The columns of [`SignIn`].
+macro_rules! sign_in_columns {
+    () => {
+        "client_id, redirect_uri, code_challenge, client_state, scope, upstream_sealed, browser_hash, expires_at"
+    };
+}
+
+/// The engineer allowed the sign-in awaiting consent under `consent_hash` (once, while it has not
+/// expired): it is re-keyed by the hash of the state sent to the IdP, with the sealed PKCE
+/// verifier and nonce and the hash of the cookie binding the browser.
+pub(super) async fn allow_sign_in(
+    db: &Db,
+    tenant: &TenantId,
+    consent_hash: &str,
+    (state_hash, upstream_sealed, browser_hash): (&str, &str, &str),
+    now: UnixSeconds,
+) -> Result<Option<SignIn>, StoreError> {
+    Ok(sqlx::query_as(concat!(
+        "UPDATE oauth_signins SET state_hash = $1, upstream_sealed = $2, browser_hash = $3 ",
+        "WHERE state_hash = $4 AND tenant_id = $5 AND browser_hash IS NULL AND expires_at >= $6 RETURNING ",
+        sign_in_columns!()
+    ))
+    .bind(state_hash)
+    .bind(upstream_sealed)
+    .bind(browser_hash)
+    .bind(consent_hash)
+    .bind(tenant.as_str())
+    .bind(now)
+    .fetch_optional(db.pool())
+    .await?)
+}
+
+/// The engineer denied the sign-in awaiting consent under `consent_hash`: it is dropped.
+pub(super) async fn deny_sign_in(
+    db: &Db,
+    tenant: &TenantId,
+    consent_hash: &str,
+    now: UnixSeconds,
+) -> Result<Option<SignIn>, StoreError> {
+    Ok(sqlx::query_as(concat!(
+        "DELETE FROM oauth_signins WHERE state_hash = $1 AND tenant_id = $2 AND browser_hash IS NULL ",
+        "AND expires_at >= $3 RETURNING ",
+        sign_in_columns!()
+    ))
+    .bind(consent_hash)
+    .bind(tenant.as_str())
+    .bind(now)
+    .fetch_optional(db.pool())
+    .await?)
+}
+
+/// Claims (deletes and returns) the allowed sign-in with this state: a state works once.
 pub(super) async fn take_sign_in(
     db: &Db,
     tenant: &TenantId,
     state_hash: &str,
 ) -> Result<Option<SignIn>, StoreError> {
-    Ok(sqlx::query_as(
-        "DELETE FROM oauth_signins WHERE state_hash = $1 AND tenant_id = $2 \
-         RETURNING client_id, redirect_uri, code_challenge, client_state, scope, upstream_sealed, expires_at",
-    )
+    Ok(sqlx::query_as(concat!(
+        "DELETE FROM oauth_signins WHERE state_hash = $1 AND tenant_id = $2 AND browser_hash IS NOT NULL ",
+        "RETURNING ",
+        sign_in_columns!()
+    ))
     .bind(state_hash)
     .bind(tenant.as_str())
     .fetch_optional(db.pool())

@@ -339,12 +339,18 @@ async fn codex_signs_in_to_custodian_dev_with_its_dev_idp() {
     let (mut login, authorization_url) = codex.start_login(&base);
 
     // The browser: Custodian sends it to the dev IdP, whose page has one button.
+    // First Custodian's consent page (its form and cookie go together), then the dev IdP.
     let browser = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .cookie_store(true)
         .build()
         .unwrap();
     let location = |r: &reqwest::Response| r.headers()["location"].to_str().unwrap().to_owned();
-    let to_idp = browser.get(&authorization_url).send().await.unwrap();
+    let consent_page = browser.get(&authorization_url).send().await.unwrap();
+    assert_eq!(consent_page.status(), 200);
+    let consent_page = consent_page.text().await.unwrap();
+    assert!(consent_page.contains("Codex"), "{consent_page}");
+    let to_idp = crate::idp::consent(&browser, &consent_page, "allow").await;
     assert_eq!(to_idp.status(), 303);
     let idp_page_url = location(&to_idp);
     let page = browser

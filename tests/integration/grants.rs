@@ -973,6 +973,7 @@ async fn a_misconfigured_client_is_reported_as_such_not_as_temporary(backend: Ba
             approver_claim: "email".to_owned(),
             groups_claim: "groups".to_owned(),
         },
+        s.t.clock.now(),
     )
     .await
     .unwrap();

@@ -153,6 +153,7 @@ impl TestApp {
                 approver_claim: "email".to_owned(),
                 groups_claim: "groups".to_owned(),
             },
+            self.clock.now(),
         )
         .await
         .expect("set idp");

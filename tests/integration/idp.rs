@@ -212,12 +212,39 @@ impl TestIdp {
         assert_eq!(next["done"], true, "approval did not complete: {next}");
     }
 
-    /// Signs in as `login` at an authorization URL (Custodian's, which redirects to the provider),
-    /// like a person's browser: login, consent, then the redirects back through Custodian. Stops
-    /// at the client's redirect (a path starting with `/callback`) and returns its URL, for the
-    /// caller to deliver to the client.
+    /// Signs in as `login` at an authorization URL (Custodian's), like a person's browser: allow
+    /// on Custodian's consent page, login and consent at the provider, then the redirects back
+    /// through Custodian. Stops at the client's redirect (a path starting with `/callback`) and
+    /// returns its URL, for the caller to deliver to the client.
     pub async fn sign_in(&self, authorization_url: &str, login: Login) -> String {
-        let browser = reqwest::Client::builder()
+        let browser = Self::sign_in_browser();
+        let first = browser
+            .get(authorization_url)
+            .send()
+            .await
+            .expect("authorization request");
+        if let Some(to) = first.headers().get(reqwest::header::LOCATION) {
+            // Custodian sent the browser straight back (an error for the client).
+            return to.to_str().expect("location").to_owned();
+        }
+        let page = first.text().await.expect("consent page");
+        let allowed = consent(&browser, &page, "allow").await;
+        match self.continue_sign_in(&browser, allowed, login).await {
+            Landed::Client(to) => to,
+            Landed::Page(status, text) => panic!("sign-in stuck at {status}: {text}"),
+        }
+    }
+
+    /// A browser of its own (no cookies of anyone else) follows `idp_url`, the provider's
+    /// authorization URL of a sign-in someone allowed elsewhere, and signs in as `login`.
+    pub async fn sign_in_at_idp(&self, idp_url: &str, login: Login) -> Landed {
+        let browser = Self::sign_in_browser();
+        let first = browser.get(idp_url).send().await.expect("provider");
+        self.continue_sign_in(&browser, first, login).await
+    }
+
+    fn sign_in_browser() -> reqwest::Client {
+        reqwest::Client::builder()
             .cookie_store(true)
             .redirect(reqwest::redirect::Policy::custom(|attempt| {
                 if attempt.url().path().starts_with("/callback") {
@@ -227,15 +254,18 @@ impl TestIdp {
                 }
             }))
             .build()
-            .expect("client");
-        let first = browser
-            .get(authorization_url)
-            .send()
-            .await
-            .expect("authorization request");
+            .expect("client")
+    }
+
+    /// From the provider's login interaction on: login, consent, and the way back.
+    async fn continue_sign_in(
+        &self,
+        browser: &reqwest::Client,
+        first: reqwest::Response,
+        login: Login,
+    ) -> Landed {
         if let Some(to) = first.headers().get(reqwest::header::LOCATION) {
-            // Custodian sent the browser straight back (an error for the client).
-            return to.to_str().expect("location").to_owned();
+            return Landed::Client(to.to_str().expect("location").to_owned());
         }
         let details: serde_json::Value = first.json().await.expect("interaction details");
         assert_eq!(details["prompt"], "login", "{details}");
@@ -262,11 +292,13 @@ impl TestIdp {
                 .unwrap_or_else(|| panic!("{answer}"));
             let followed = browser.get(redirect).send().await.expect("follow");
             if let Some(to) = followed.headers().get(reqwest::header::LOCATION) {
-                return to.to_str().expect("location").to_owned();
+                return Landed::Client(to.to_str().expect("location").to_owned());
             }
+            let status = followed.status().as_u16();
             let text = followed.text().await.expect("body");
-            let next: serde_json::Value =
-                serde_json::from_str(&text).unwrap_or_else(|_| panic!("sign-in stuck at: {text}"));
+            let Ok(next) = serde_json::from_str::<serde_json::Value>(&text) else {
+                return Landed::Page(status, text);
+            };
             assert_eq!(next["prompt"], "consent", "{next}");
             step = (next, "consent", serde_json::json!({}));
         }
@@ -306,6 +338,36 @@ impl TestIdp {
         }
         serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({ "page": text }))
     }
+}
+
+/// Where a browser's sign-in ended: redirected to the client, or on a page (status, body).
+#[derive(Debug)]
+pub enum Landed {
+    Client(String),
+    Page(u16, String),
+}
+
+/// The form of Custodian's consent page: where it posts, and its hidden fields.
+pub fn consent_form(page: &str) -> (String, Vec<(String, String)>) {
+    let action = page
+        .split("action=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no consent form: {page}"))
+        .to_owned();
+    (action, hidden_inputs(page))
+}
+
+/// Answers the consent page `page` with `decision` (`allow` or `deny`) from `browser`.
+pub async fn consent(browser: &reqwest::Client, page: &str, decision: &str) -> reqwest::Response {
+    let (action, mut fields) = consent_form(page);
+    fields.push(("decision".to_owned(), decision.to_owned()));
+    browser
+        .post(action)
+        .form(&fields)
+        .send()
+        .await
+        .expect("consent")
 }
 
 /// The hidden inputs of the forms in an HTML page, in order.

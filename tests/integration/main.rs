@@ -23,6 +23,7 @@ mod idp;
 mod isolation;
 mod mcp_clients;
 mod oauth;
+mod oauth_consent;
 mod oauth_tokens;
 mod processes;
 mod purpose;

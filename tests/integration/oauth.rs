@@ -40,7 +40,7 @@ async fn get_json(http: &reqwest::Client, url: &str) -> Value {
     http.get(url).send().await.unwrap().json().await.unwrap()
 }
 
-fn no_redirects() -> reqwest::Client {
+pub fn no_redirects() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -211,11 +211,11 @@ pub async fn list_environments(mcp_url: &str, token: &str) -> (u16, Option<Value
     (status, result)
 }
 
-fn error_of(answer: &(u16, Value)) -> (u16, &str) {
+pub fn error_of(answer: &(u16, Value)) -> (u16, &str) {
     (answer.0, answer.1["error"].as_str().unwrap_or(""))
 }
 
-async fn gateway_and_idp(backend: Backend) -> Option<(TestApp, TestIdp)> {
+pub async fn gateway_and_idp(backend: Backend) -> Option<(TestApp, TestIdp)> {
     let t = TestApp::builder(backend).start().await?;
     let idp = TestIdp::start_with_sign_in(&[
         format!("{}/t/acme/oauth/callback", t.base_url),
@@ -547,6 +547,7 @@ async fn grants_know_the_engineer_and_enforce_own_or_four_eyes_approval(backend:
     .await
     .unwrap_err();
     assert!(refused.contains("codex mcp login"), "{refused}");
+    assert_eq!(grant_count(&t).await, 0);
 
     // Four eyes: alice cannot approve her own production grant; bob can.
     let own = request_in(&alice, "production").await;
@@ -572,12 +573,27 @@ async fn grants_know_the_engineer_and_enforce_own_or_four_eyes_approval(backend:
     idp.approve(user_code(&grant), Login::as_("alice")).await;
     wait_until(&alice, &grant, "active").await;
 
-    // Agent-token grants name no requester; four eyes lets any approver through for them.
-    let grant = request_in(&bot, "production").await;
-    assert_eq!(row(&t, &grant).await.requester_sub, None);
-    idp.approve(user_code(&grant), Login::as_("alice")).await;
-    wait_until(&bot, &grant, "active").await;
+    // An agent token names no engineer, so four eyes refuses it too (whoever holds a `cst_`
+    // token could otherwise request with it and approve their own grant): nothing is created.
+    let before = grant_count(&t).await;
+    let refused = call(
+        &bot,
+        "request_grant",
+        json!({"environment": "production", "purpose": "deploy the release"}),
+    )
+    .await
+    .unwrap_err();
+    assert!(refused.contains("codex mcp login"), "{refused}");
+    assert_eq!(grant_count(&t).await, before);
     t.stop().await;
+}
+
+async fn grant_count(t: &TestApp) -> i64 {
+    let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM grants")
+        .fetch_one(t.db().pool())
+        .await
+        .unwrap();
+    count
 }
 
 on_both_backends!(grants_know_the_engineer_and_enforce_own_or_four_eyes_approval);
