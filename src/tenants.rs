@@ -246,10 +246,10 @@ pub fn validate_idp(idp: &IdpSettings) -> Result<(), TenantError> {
 }
 
 /// Stores the tenant's identity provider settings (validated, not contacted: the admin command
-/// checks the provider with `Oidc::check` first). In the same transaction, every OAuth sign-in of
-/// the tenant is revoked and every one in progress dropped: they were made at the previous IdP
-/// (perhaps compromised, or where the engineer is no longer checked). Returns how many sign-ins
-/// were revoked.
+/// checks the provider with `Oidc::check` first). When the issuer or the client changes, in the
+/// same transaction every OAuth sign-in of the tenant is revoked and every one in progress dropped:
+/// they were made at the previous IdP (perhaps compromised, or where the engineer is no longer
+/// checked). Returns how many sign-ins were revoked.
 pub async fn set_idp(
     db: &Db,
     id: &TenantId,
@@ -258,6 +258,19 @@ pub async fn set_idp(
 ) -> Result<u64, TenantError> {
     validate_idp(idp)?;
     let mut tx = db.pool().begin().await.map_err(StoreError::from)?;
+    // Subjects are scoped to the issuer (and, with pairwise identifiers, to the client): sign-ins
+    // made through another issuer or client no longer name anyone. Re-setting the same pair (new
+    // scopes, a rotated client secret) keeps them.
+    let before: Option<(Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT idp_issuer, idp_client_id FROM tenants WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+    let same_idp = before.is_some_and(|(issuer, client)| {
+        issuer.as_deref() == Some(idp.issuer.as_str())
+            && client.as_deref() == Some(idp.client_id.as_str())
+    });
     let done = sqlx::query(
         "UPDATE tenants SET idp_issuer = $1, idp_client_id = $2, idp_client_secret_ref = $3, \
          idp_scopes = $4, idp_approver_claim = $5, idp_groups_claim = $6 WHERE id = $7",
@@ -274,6 +287,10 @@ pub async fn set_idp(
     .map_err(StoreError::from)?;
     if done.rows_affected() == 0 {
         return Err(TenantError::NotFound(id.clone()));
+    }
+    if same_idp {
+        tx.commit().await.map_err(StoreError::from)?;
+        return Ok(0);
     }
     let revoked = sqlx::query(
         "UPDATE oauth_families SET revoked_at = $1, revoke_reason = 'the tenant identity provider changed' \

@@ -288,16 +288,21 @@ async fn sign_ins_end_with_an_idp_change_and_after_a_day(backend: Backend) {
     assert_eq!(list_environments(&mcp, &access).await.0, 200);
     // Another tenant's change leaves acme's sign-ins alone.
     let other = custodian::tenants::TenantId::parse("other").unwrap();
-    assert_eq!(set_idp(&t, &other, &idp.issuer).await, 0);
+    assert_eq!(set_idp(&t, &other, &idp.issuer, "other-client").await, 0);
     assert_eq!(list_environments(&mcp, &access).await.0, 200);
+    // Re-setting the same issuer and client (new scopes, a rotated secret) keeps them.
     let acme = custodian::tenants::TenantId::parse("acme").unwrap();
-    let revoked = set_idp(&t, &acme, &idp.issuer).await;
+    assert_eq!(set_idp(&t, &acme, &idp.issuer, "custodian").await, 0);
+    assert_eq!(list_environments(&mcp, &access).await.0, 200);
+    // Another client at the IdP (pairwise subjects may differ) ends them.
+    let revoked = set_idp(&t, &acme, &idp.issuer, "custodian-elsewhere").await;
     assert_eq!(revoked, 1);
     assert_eq!(list_environments(&mcp, &access).await.0, 401);
     assert_eq!(
         error_of(&client.refresh(&refresh, &mcp).await),
         (400, "invalid_grant")
     );
+    set_idp(&t, &acme, &idp.issuer, "custodian").await;
 
     // A day later a refresh token no longer refreshes: the engineer signs in again.
     let (_, tokens) = client.redeem(&client.sign_in(&idp, "alice").await).await;
@@ -316,13 +321,18 @@ async fn sign_ins_end_with_an_idp_change_and_after_a_day(backend: Backend) {
     t.stop().await;
 }
 
-async fn set_idp(t: &TestApp, tenant: &custodian::tenants::TenantId, issuer: &str) -> u64 {
+async fn set_idp(
+    t: &TestApp,
+    tenant: &custodian::tenants::TenantId,
+    issuer: &str,
+    client_id: &str,
+) -> u64 {
     custodian::tenants::set_idp(
         t.db(),
         tenant,
         &custodian::tenants::IdpSettings {
             issuer: issuer.to_owned(),
-            client_id: "custodian".to_owned(),
+            client_id: client_id.to_owned(),
             client_secret: None,
             scopes: "openid email groups".to_owned(),
             approver_claim: "email".to_owned(),
