@@ -196,7 +196,7 @@ pub async fn set_credential(
         return Err(SecretError::UnknownEnvironment(env.to_owned()));
     };
     let (key_version, key) = data_key(db, master, tenant, now).await?;
-    let mut tx = db.pool().begin().await?;
+    let mut tx = db.begin_write().await?;
     let (latest,): (Option<i64>,) = sqlx::query_as(
         "SELECT MAX(version) FROM secrets WHERE tenant_id = $1 AND environment = $2 AND name = $3",
     )
@@ -259,7 +259,7 @@ pub async fn delete(db: &Db, tenant: &TenantId, env: &str, name: &str) -> Result
     let Some(environment) = environments::get(db, tenant, env).await? else {
         return Err(SecretError::UnknownEnvironment(env.to_owned()));
     };
-    let mut tx = db.pool().begin().await?;
+    let mut tx = db.begin_write().await?;
     let done =
         sqlx::query("DELETE FROM secrets WHERE tenant_id = $1 AND environment = $2 AND name = $3")
             .bind(tenant.as_str())
@@ -347,7 +347,7 @@ pub async fn rotate_master_key(
     )
     .fetch_all(db.pool())
     .await?;
-    let mut tx = db.pool().begin().await?;
+    let mut tx = db.begin_write().await?;
     let count = rows.len();
     for (tenant, version, wrapped) in rows {
         let tenant =

@@ -333,7 +333,7 @@ async fn create(
         .await;
     let tenant = TenantId::parse(&grant.tenant_id).map_err(|e| e.to_string())?;
     let result = async {
-        let mut tx = app.db.pool().begin().await?;
+        let mut tx = app.db.begin_write().await?;
         let (state, error) = match &created {
             Ok(()) => ("live", None),
             Err(e) => ("creating", Some(e.as_str())),
@@ -511,7 +511,7 @@ async fn drop_one(
     let now_ms = app.clock.now_ms();
     match outcome {
         Ok(()) => {
-            let mut tx = app.db.pool().begin().await?;
+            let mut tx = app.db.begin_write().await?;
             let done = sqlx::query(
                 "UPDATE credential_leases SET state = 'dropped', secret_sealed = NULL, \
                  key_version = NULL, dropped_at = $1, last_error = NULL, lease_owner = NULL, \

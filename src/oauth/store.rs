@@ -93,7 +93,7 @@ pub(super) async fn insert_client(
     stale_before: UnixSeconds,
     max_pending: i64,
 ) -> Result<u64, StoreError> {
-    let mut tx = db.pool().begin().await?;
+    let mut tx = db.begin_write().await?;
     let dropped = sqlx::query(concat!(
         "DELETE FROM oauth_clients WHERE tenant_id = $1 AND NOT EXISTS ",
         "(SELECT 1 FROM oauth_families f WHERE f.tenant_id = oauth_clients.tenant_id AND f.client_id = oauth_clients.id) ",
@@ -142,7 +142,7 @@ pub(super) async fn insert_sign_in(
     now: UnixSeconds,
     (per_client, per_tenant): (i64, i64),
 ) -> Result<bool, StoreError> {
-    let mut tx = db.pool().begin().await?;
+    let mut tx = db.begin_write().await?;
     sqlx::query("DELETE FROM oauth_signins WHERE tenant_id = $1 AND expires_at < $2")
         .bind(tenant.as_str())
         .bind(now)
@@ -257,7 +257,7 @@ pub(super) async fn insert_family_and_code(
     code_hash: &str,
     code: &Code,
 ) -> Result<(), StoreError> {
-    let mut tx = db.pool().begin().await?;
+    let mut tx = db.begin_write().await?;
     // Spent and expired codes are kept a day (a replay within it still revokes its sign-in).
     sqlx::query("DELETE FROM oauth_codes WHERE expires_at < $1")
         .bind(family.created_at - 24 * 3600)
@@ -359,7 +359,7 @@ pub(super) async fn insert_tokens(
     tokens: [(&str, &str, &str, UnixSeconds); 2],
     now: UnixSeconds,
 ) -> Result<bool, StoreError> {
-    let mut tx = db.pool().begin().await?;
+    let mut tx = db.begin_write().await?;
     let live = sqlx::query(
         "UPDATE oauth_families SET last_used_at = $1 WHERE tenant_id = $2 AND id = $3 AND revoked_at IS NULL",
     )

@@ -140,6 +140,18 @@ impl Db {
         self.backend
     }
 
+    /// Begins a transaction that reads before it writes. SQLite's default (deferred) transaction
+    /// takes the write lock only at its first write, and fails at once with `SQLITE_BUSY`, without
+    /// waiting, when another connection wrote since its first read; `BEGIN IMMEDIATE` takes the
+    /// write lock at the start, waiting for it under the busy timeout. PostgreSQL: a plain `BEGIN`.
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        Ok(tx)
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
