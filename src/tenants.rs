@@ -257,7 +257,7 @@ pub async fn set_idp(
     now: UnixSeconds,
 ) -> Result<u64, TenantError> {
     validate_idp(idp)?;
-    let mut tx = db.begin_write().await.map_err(StoreError::from)?;
+    let mut tx = db.begin_write().await?;
     // Subjects are scoped to the issuer (and, with pairwise identifiers, to the client): sign-ins
     // made through another issuer or client no longer name anyone. Re-setting the same pair (new
     // scopes, a rotated client secret) keeps them.
