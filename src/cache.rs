@@ -61,7 +61,7 @@ pub async fn execute_changing(
     db: &Db,
     statement: sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>,
 ) -> Result<sqlx::any::AnyQueryResult, StoreError> {
-    let mut tx = db.begin_write().await?;
+    let mut tx = db.pool().begin().await?;
     let done = statement.execute(&mut *tx).await?;
     changed(&mut tx).await?;
     tx.commit().await?;

@@ -57,7 +57,7 @@ pub async fn insert(
     new: &NewGrant<'_>,
     now_ms: UnixMillis,
 ) -> Result<(), StoreError> {
-    let mut tx = db.begin_write().await?;
+    let mut tx = db.pool().begin().await?;
     sqlx::query(
         "INSERT INTO grants (tenant_id, id, environment, agent_token_id, agent_name, purpose, \
          ttl_seconds, max_uses, uses, state, created_at, expires_at, user_code, verification_uri, \
@@ -167,7 +167,7 @@ pub async fn approve(
     now_ms: UnixMillis,
 ) -> Result<bool, StoreError> {
     let now = now_ms.div_euclid(1000);
-    let mut tx = db.begin_write().await?;
+    let mut tx = db.pool().begin().await?;
     let done = sqlx::query(
         "UPDATE grants SET state = 'active', approved_at = $1, expires_at = $1 + ttl_seconds, \
          approver_sub = $2, approver_name = $3, approver_email = $4, approver_groups = $5, \
@@ -231,7 +231,7 @@ pub async fn end(
         [one, two] => (*one, *two),
         _ => unreachable!("end() takes one or two source states"),
     };
-    let mut tx = db.begin_write().await?;
+    let mut tx = db.pool().begin().await?;
     let done = sqlx::query(
         "UPDATE grants SET state = $1, end_reason = $2, ended_at = $3, device_code_sealed = NULL, \
          lease_owner = NULL, lease_until_ms = NULL \
@@ -371,7 +371,7 @@ pub async fn consume_use(
     now_ms: UnixMillis,
 ) -> Result<Option<Grant>, StoreError> {
     let now = now_ms.div_euclid(1000);
-    let mut tx = db.begin_write().await?;
+    let mut tx = db.pool().begin().await?;
     let row = sqlx::query_as::<_, super::Row>(concat!(
         "UPDATE grants SET uses = uses + 1, \
          state = CASE WHEN uses + 1 >= max_uses THEN 'exhausted' ELSE state END, \
@@ -420,7 +420,7 @@ pub async fn record(
     detail: &Value,
     now_ms: UnixMillis,
 ) -> Result<(), StoreError> {
-    let mut tx = db.begin_write().await?;
+    let mut tx = db.pool().begin().await?;
     crate::audit::append(&mut tx, audit, tenant.as_str(), id, kind, detail, now_ms).await?;
     tx.commit().await?;
     Ok(())
@@ -439,7 +439,7 @@ pub async fn exec_failed(
     nothing_ran: bool,
     now_ms: UnixMillis,
 ) -> Result<bool, StoreError> {
-    let mut tx = db.begin_write().await?;
+    let mut tx = db.pool().begin().await?;
     let given_back = nothing_ran
         && sqlx::query(
             "UPDATE grants SET uses = uses - 1 \

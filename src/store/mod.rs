@@ -144,6 +144,7 @@ impl Db {
     /// takes the write lock only at its first write, and fails at once with `SQLITE_BUSY`, without
     /// waiting, when another connection wrote since its first read; `BEGIN IMMEDIATE` takes the
     /// write lock at the start, waiting for it under the busy timeout. PostgreSQL: a plain `BEGIN`.
+    /// Transactions whose first statement writes need none of this (and are faster without it).
     pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
         let tx = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,

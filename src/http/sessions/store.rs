@@ -37,7 +37,7 @@ pub async fn insert_within_caps(
     session: &NewSession<'_>,
 ) -> Result<Result<(), SessionLimit>, StoreError> {
     let tenant = session.owner.tenant.as_str();
-    let mut tx = db.begin_write().await?;
+    let mut tx = db.pool().begin().await?;
     if db.backend() == Backend::Postgres {
         sqlx::query("SELECT id FROM tenants WHERE id = $1 FOR NO KEY UPDATE")
             .bind(tenant)
