@@ -422,9 +422,17 @@ async fn codes_are_single_use_bound_to_pkce_and_tokens_to_their_resource(backend
     let stored = dump_all_text(t.db()).await;
     // Tokens are `csa_<hex id>_<secret>`; the secret is base64url, so it may itself hold `_`.
     let secret_of = |token: &str| token[4..].split_once('_').unwrap().1.to_owned();
-    for value in [secret_of(&access), code, secret_of(&refresh), signed_in.verifier] {
+    for value in [
+        secret_of(&access),
+        code,
+        secret_of(&refresh),
+        signed_in.verifier,
+    ] {
         let secret_part = value.as_str();
-        assert!(secret_part.len() >= 43, "a random part too short to search for");
+        assert!(
+            secret_part.len() >= 43,
+            "a random part too short to search for"
+        );
         assert!(!stored.contains(secret_part), "stored in plaintext");
     }
     for issued in idp.issued().await {
