@@ -1,5 +1,6 @@
 //! Per-replica caches of what every MCP call would otherwise read from the database: verified
-//! agent tokens and each tenant's `list_environments` answer.
+//! agent tokens, each tenant's `list_environments` answer, what a `run` needs of its environment
+//! (the environment, its runner pool, its egress rules) and which environment a grant is for.
 //!
 //! Guarantees:
 //! - Nothing secret is cached. A token entry holds what the database holds (the SHA-256 of the
@@ -7,7 +8,7 @@
 //!   compares in constant time. Only valid tokens are cached: malformed, unknown, revoked and
 //!   other-tenant tokens and unknown tenants go to the database every time.
 //! - Every change a cache depends on (agent token revocation, environments and their declared
-//!   secret names, egress rules) increments the `cache_generation` row in the change's own
+//!   secret names and credential kinds, egress rules, runners) increments the `cache_generation` row in the change's own
 //!   transaction ([`changed`]). Before answering from a cache, a replica re-reads that row if its
 //!   last reading is older than [`REFRESH`] and drops every entry when the row moved: a revocation
 //!   on any replica is honoured by all of them within [`REFRESH`] plus one query. A change made by
@@ -15,6 +16,9 @@
 //! - An entry is kept only if no change was seen while it was read: it carries the generation read
 //!   before the database was (a [`Ticket`]), and an entry from an older generation is dropped.
 //! - A failure to read the row fails the request (no answer from a cache that cannot be checked).
+//! - A grant's environment never changes, so that mapping is right whatever the generation; it is
+//!   kept only for grants this replica has used, and only spares the read naming the environment
+//!   (every use is still checked and counted by the database, see `grants::consume`).
 //!
 //! A change made outside Custodian (SQL by hand) must increment `cache_generation` too, or it is
 //! seen only after [`MAX_AGE`].
@@ -24,8 +28,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use rmcp::model::CallToolResult;
 
+use crate::environments::Environment;
+use crate::runners::Runner;
 use crate::store::{Db, StoreError};
 use crate::tenants::TenantId;
 
@@ -94,6 +102,17 @@ struct State {
     local_seen: u64,
     tokens: HashMap<(TenantId, String), Entry<CachedToken>>,
     environments: HashMap<TenantId, Entry<CallToolResult>>,
+    run_targets: HashMap<(TenantId, String), Entry<Arc<RunTarget>>>,
+    grant_environments: HashMap<(TenantId, String), Entry<String>>,
+}
+
+/// What a run needs to know of its environment, as the database said under one generation.
+#[derive(Debug)]
+pub struct RunTarget {
+    pub environment: Environment,
+    /// The runners of the environment's pool, by name.
+    pub runners: Vec<Runner>,
+    pub egress: Vec<crate::egress::Rule>,
 }
 
 impl State {
@@ -142,6 +161,8 @@ impl Caches {
         if state.generation != Some(generation) {
             state.tokens = HashMap::new();
             state.environments = HashMap::new();
+            state.run_targets = HashMap::new();
+            state.grant_environments = HashMap::new();
             state.generation = Some(generation);
         }
         state.checked_at = Some(started);
@@ -177,6 +198,42 @@ impl Caches {
         if state.generation == Some(ticket.0) {
             keep(&mut state.environments, tenant.clone(), answer);
         }
+    }
+}
+
+impl Caches {
+    /// What a run in `environment` of `tenant` needs; call [`Caches::fresh`] first.
+    pub fn run_target(&self, tenant: &TenantId, environment: &str) -> Option<Arc<RunTarget>> {
+        let state = self.state();
+        let entry = state
+            .run_targets
+            .get(&(tenant.clone(), environment.to_owned()))?;
+        (entry.at.elapsed() < MAX_AGE).then(|| Arc::clone(&entry.value))
+    }
+
+    /// Keeps what a run needs, read from the database under `ticket`.
+    pub fn keep_run_target(&self, ticket: Ticket, tenant: &TenantId, target: Arc<RunTarget>) {
+        let mut state = self.state();
+        if state.generation == Some(ticket.0) {
+            let key = (tenant.clone(), target.environment.name.clone());
+            keep(&mut state.run_targets, key, target);
+        }
+    }
+
+    /// The environment of grant `id` of `tenant`, if this replica used the grant before.
+    pub fn grant_environment(&self, tenant: &TenantId, id: &str) -> Option<String> {
+        let state = self.state();
+        let entry = state
+            .grant_environments
+            .get(&(tenant.clone(), id.to_owned()))?;
+        (entry.at.elapsed() < MAX_AGE).then(|| entry.value.clone())
+    }
+
+    /// Remembers the environment of a grant just used.
+    pub fn keep_grant_environment(&self, tenant: &TenantId, id: &str, environment: &str) {
+        let mut state = self.state();
+        let key = (tenant.clone(), id.to_owned());
+        keep(&mut state.grant_environments, key, environment.to_owned());
     }
 }
 

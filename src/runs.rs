@@ -1,7 +1,8 @@
 //! `run`: one command under a grant, on a runner of the environment's pool.
 //!
-//! Order, each step refusing before the next: arguments → the caller's grant is active → a runner
-//! of the pool → one use of the grant (atomic, with its audit record) → secrets opened into
+//! Order, each step refusing before the next: arguments → the caller's grant is active (a grant
+//! this replica already ran skips this read: the use below checks it again) → a runner of the pool
+//! (the environment, pool and egress rules come from `crate::cache` while unchanged) → one use of the grant (atomic, with its audit record) → secrets opened into
 //! zeroizing memory → one exec over mTLS → the output redacted again here (defence in depth) → the
 //! outcome on the grant's timeline.
 //!
@@ -30,11 +31,15 @@ use zeroize::Zeroize;
 
 use crate::agent_tokens::AgentIdentity;
 use crate::app::App;
+use crate::cache::RunTarget;
 use crate::credentials;
 use crate::environments;
 use crate::grants::{self, GrantError};
 use crate::runners::{self, DispatchError};
 use crate::secrets::{self, SecretError};
+
+/// Turns of the runners of a pool, in this process (runs are spread over the pool in turn).
+static NEXT_RUNNER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Default and bounds of `timeout_seconds`.
 pub const DEFAULT_TIMEOUT_SECONDS: u64 = 60;
@@ -141,23 +146,26 @@ pub async fn run(
             format!("must be between 1 and {max}, got {timeout}"),
         ));
     }
-    // A grant that cannot run is refused for what it is, before any runner is looked up.
-    let seen = grants::usable(app, caller, &args.grant_id).await?;
-    let env = environments::get(&app.db, &caller.tenant, &seen.environment)
-        .await
-        .map_err(GrantError::from)?
-        .ok_or_else(|| GrantError::UnknownEnvironment(seen.environment.clone()))?;
-    let pool = runners::in_pool(&app.db, &caller.tenant, &env.policy.runner_pool)
-        .await
-        .map_err(GrantError::from)?;
-    if pool.is_empty() {
-        return Err(RunError::NoRunner(env.policy.runner_pool));
+    // A grant that cannot run is refused for what it is, before any runner is looked up. A grant
+    // this replica used before skips that read: its use below checks it all again.
+    let environment = match app.caches.grant_environment(&caller.tenant, &args.grant_id) {
+        Some(environment) => environment,
+        None => {
+            grants::usable(app, caller, &args.grant_id)
+                .await?
+                .environment
+        }
+    };
+    let target = run_target(app, &caller.tenant, &environment).await?;
+    let (env, egress) = (&target.environment, &target.egress);
+    if target.runners.is_empty() {
+        // Still the grant's own state first, if that is what stops it.
+        grants::usable(app, caller, &args.grant_id).await?;
+        return Err(RunError::NoRunner(env.policy.runner_pool.clone()));
     }
-    let egress = crate::egress::list(&app.db, &caller.tenant, &env.name)
-        .await
-        .map_err(GrantError::from)?;
     // Written with the use, in one transaction, before anything is decrypted or sent.
-    let runner = pool[usize::try_from(seen.uses).unwrap_or(0) % pool.len()].clone();
+    let turn = NEXT_RUNNER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let runner = target.runners[turn % target.runners.len()].clone();
     let exec_id = uuid::Uuid::new_v4().to_string();
     let shown: String = argv.join(" ").chars().take(2000).collect();
     let audited = serde_json::json!({
@@ -169,6 +177,8 @@ pub async fn run(
         "egress": egress.iter().map(|r| r.destination.to_string()).collect::<Vec<_>>(),
     });
     let grant = grants::consume(app, caller, &args.grant_id, &audited).await?;
+    app.caches
+        .keep_grant_environment(&caller.tenant, &grant.id, &grant.environment);
     // Never past the grant's end.
     let left_ms = grant.expires_at * 1000 - app.clock.now_ms();
     let timeout_ms = (timeout * 1000).min(u64::try_from(left_ms).unwrap_or(0).max(1));
@@ -193,7 +203,7 @@ pub async fn run(
         .iter()
         .filter_map(|r| r.inject.as_ref().map(|i| i.secret.as_str()))
         .collect();
-    let rules = crate::egress::for_runner(&egress, |name| {
+    let rules = crate::egress::for_runner(egress, |name| {
         opened
             .iter()
             .find(|s| s.name == name)
@@ -361,6 +371,32 @@ pub async fn run(
         duration_ms: response.duration_ms,
         uses_left: (grant.max_uses - grant.uses).max(0),
     })
+}
+
+/// What a run in `environment` needs to know: from this replica's cache while no change was made
+/// (see `crate::cache`), otherwise from the database.
+async fn run_target(
+    app: &App,
+    tenant: &TenantId,
+    environment: &str,
+) -> Result<Arc<RunTarget>, GrantError> {
+    let ticket = app.caches.fresh(&app.db).await?;
+    if let Some(target) = app.caches.run_target(tenant, environment) {
+        return Ok(target);
+    }
+    let environment = environments::get(&app.db, tenant, environment)
+        .await?
+        .ok_or_else(|| GrantError::UnknownEnvironment(environment.to_owned()))?;
+    let runners = runners::in_pool(&app.db, tenant, &environment.policy.runner_pool).await?;
+    let egress = crate::egress::list(&app.db, tenant, &environment.name).await?;
+    let target = Arc::new(RunTarget {
+        environment,
+        runners,
+        egress,
+    });
+    app.caches
+        .keep_run_target(ticket, tenant, Arc::clone(&target));
+    Ok(target)
 }
 
 /// Resolves when the grant is revoked or expires (the reason), as seen from the database, so a

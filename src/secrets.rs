@@ -303,10 +303,13 @@ pub async fn load_for_run(
     tenant: &TenantId,
     env: &str,
 ) -> Result<Vec<OpenedSecret>, SecretError> {
-    let rows: Vec<(String, i64, i64, String)> = sqlx::query_as(
-        "SELECT s.name, s.version, s.key_version, s.ciphertext FROM secrets s WHERE s.tenant_id = $1 \
-         AND s.environment = $2 AND s.version = (SELECT MAX(version) FROM secrets m WHERE \
-         m.tenant_id = s.tenant_id AND m.environment = s.environment AND m.name = s.name) ORDER BY s.name",
+    // One query: each secret's newest version with the wrapped data key that sealed it.
+    let rows: Vec<(String, i64, i64, String, Option<String>)> = sqlx::query_as(
+        "SELECT s.name, s.version, s.key_version, s.ciphertext, k.wrapped_key FROM secrets s \
+         LEFT JOIN tenant_keys k ON k.tenant_id = s.tenant_id AND k.version = s.key_version \
+         WHERE s.tenant_id = $1 AND s.environment = $2 AND s.version = (SELECT MAX(version) \
+         FROM secrets m WHERE m.tenant_id = s.tenant_id AND m.environment = s.environment \
+         AND m.name = s.name) ORDER BY s.name",
     )
     .bind(tenant.as_str())
     .bind(env)
@@ -314,12 +317,14 @@ pub async fn load_for_run(
     .await?;
     let mut opened = Vec::with_capacity(rows.len());
     let mut keys: Vec<(i64, DataKey)> = Vec::new();
-    for (name, version, key_version, ciphertext) in rows {
+    for (name, version, key_version, ciphertext, wrapped) in rows {
         if !keys.iter().any(|(v, _)| *v == key_version) {
-            keys.push((
-                key_version,
-                data_key_version(db, master, tenant, key_version).await?,
-            ));
+            // A secret whose key is gone fails the run rather than going missing from it.
+            let wrapped = wrapped.ok_or_else(|| {
+                StoreError::Corrupt(format!("data key version {key_version} is missing"))
+            })?;
+            let key = DataKey::unwrap_with(master, &key_aad(tenant, key_version), &wrapped)?;
+            keys.push((key_version, key));
         }
         let key = &keys
             .iter()

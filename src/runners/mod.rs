@@ -74,17 +74,16 @@ pub async fn add(
         url: url.trim_end_matches('/').to_owned(),
         created_at: now,
     };
-    let inserted = sqlx::query(
+    let insert = sqlx::query(
         "INSERT INTO runners (tenant_id, name, pool, url, created_at) VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(&runner.tenant_id)
     .bind(&runner.name)
     .bind(&runner.pool)
     .bind(&runner.url)
-    .bind(now)
-    .execute(db.pool())
-    .await
-    .map_err(StoreError::from);
+    .bind(now);
+    // Runs read their pool from `crate::cache`.
+    let inserted = crate::cache::execute_changing(db, insert).await;
     match inserted {
         Ok(_) => Ok(runner),
         Err(e) if e.is_unique_violation() => Err(RunnerError::AlreadyExists(name.to_owned())),
@@ -101,12 +100,10 @@ pub async fn list(db: &Db, tenant: &TenantId) -> Result<Vec<Runner>, StoreError>
 }
 
 pub async fn remove(db: &Db, tenant: &TenantId, name: &str) -> Result<(), RunnerError> {
-    let done = sqlx::query("DELETE FROM runners WHERE tenant_id = $1 AND name = $2")
+    let delete = sqlx::query("DELETE FROM runners WHERE tenant_id = $1 AND name = $2")
         .bind(tenant.as_str())
-        .bind(name)
-        .execute(db.pool())
-        .await
-        .map_err(StoreError::from)?;
+        .bind(name);
+    let done = crate::cache::execute_changing(db, delete).await?;
     if done.rows_affected() == 0 {
         return Err(RunnerError::NotFound(name.chars().take(64).collect()));
     }

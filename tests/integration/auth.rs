@@ -258,26 +258,8 @@ async fn another_replicas_changes_are_honoured_within_a_second(backend: Backend)
     let acme = a.tenant("acme").await;
     a.environment(&acme, "first", &["API_KEY"]).await;
     let token = a.token(&acme, "codex").await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("custodian.toml");
-    std::fs::write(
-        &config,
-        format!("[database]\nurl = \"{}\"\n", a.database().url),
-    )
-    .unwrap();
-    let admin = |args: &[&str]| {
-        let mut all = vec!["admin", "--config", config.to_str().unwrap()];
-        all.extend_from_slice(args);
-        let done = crate::processes::custodian(
-            &all,
-            &[("CUSTODIAN_MASTER_KEY", a.database().master_key.as_str())],
-        );
-        assert!(
-            done.status.success(),
-            "{}",
-            String::from_utf8_lossy(&done.stderr)
-        );
-    };
+    let database = a.database();
+    let admin = |args: &[&str]| database.admin(args);
     let mut on_b = RawMcp::new(b.mcp_url("acme"), Some(&token));
     on_b.initialize().await;
     let list = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"list_environments","arguments":{}}}"#;

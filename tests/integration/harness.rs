@@ -36,6 +36,21 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// Runs `custodian admin ARGS` on this database as another process would (another replica's
+    /// admin), and fails the test if it fails.
+    pub fn admin(&self, args: &[&str]) {
+        let config = self._dir.path().join("admin.toml");
+        std::fs::write(&config, format!("[database]\nurl = \"{}\"\n", self.url)).expect("config");
+        let mut all = vec!["admin", "--config", config.to_str().expect("utf-8 path")];
+        all.extend_from_slice(args);
+        let done = crate::processes::custodian(&all, &[("CUSTODIAN_MASTER_KEY", &self.master_key)]);
+        assert!(
+            done.status.success(),
+            "custodian admin {args:?}: {}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+    }
+
     /// Creates a fresh database, or `None` when PostgreSQL is unreachable outside CI (in CI, where
     /// `CI=true`, a missing PostgreSQL fails the test).
     pub async fn new(backend: Backend) -> Option<Self> {

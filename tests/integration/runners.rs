@@ -18,6 +18,7 @@ use custodian_protocol::Identity;
 on_both_backends!(
     exfiltration_attempts_never_return_the_canary,
     grants_that_cannot_run_are_refused_before_any_secret_leaves,
+    changes_made_elsewhere_reach_runs_within_a_second,
     runners_and_gateways_must_prove_their_identities,
     timeouts_kill_the_whole_tree_and_leave_nothing_behind,
 );
@@ -485,6 +486,62 @@ async fn grants_that_cannot_run_are_refused_before_any_secret_leaves(backend: Ba
         .unwrap()
         .unwrap();
     assert_eq!(status.uses, 0);
+    s.t.stop().await;
+}
+
+/// What a replica keeps between runs (a grant's environment, the environment's runners and
+/// egress rules) never outlives a change: a grant revoked after it ran is refused at once, and a
+/// runner removed by another process's admin gets no run a second later.
+async fn changes_made_elsewhere_reach_runs_within_a_second(backend: Backend) {
+    let Some(s) = setup(backend).await else {
+        return;
+    };
+    let grant =
+        s.t.active_grant(&s.acme, &s.token_id, "staging", 100, 600)
+            .await;
+    let echo = json!({"grant_id": grant, "command": "echo ran"});
+    for _ in 0..3 {
+        assert_eq!(
+            run(&s.client, echo.clone()).await.unwrap()["stdout"],
+            "ran\n"
+        );
+    }
+    let database = s.t.database();
+    database.admin(&["grants", "revoke", "acme", &grant]);
+    let sent = s.runner.execs();
+    let refused = run(&s.client, echo.clone()).await.unwrap_err();
+    assert!(refused.contains("is revoked"), "{refused}");
+    assert_eq!(
+        s.runner.execs(),
+        sent,
+        "a revoked grant's run reached the runner"
+    );
+
+    let grant =
+        s.t.active_grant(&s.acme, &s.token_id, "staging", 100, 600)
+            .await;
+    let echo = json!({"grant_id": grant, "command": "echo ran"});
+    assert_eq!(
+        run(&s.client, echo.clone()).await.unwrap()["stdout"],
+        "ran\n"
+    );
+    database.admin(&["runner", "remove", "acme", "r1"]);
+    let removed = std::time::Instant::now();
+    let refused = loop {
+        match run(&s.client, echo.clone()).await {
+            Err(refused) => break refused,
+            Ok(_) => assert!(
+                removed.elapsed() < Duration::from_secs(1),
+                "a removed runner still gets runs a second after its removal"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(refused.contains("no runner is registered"), "{refused}");
+    let sent = s.runner.execs();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(run(&s.client, echo).await.is_err());
+    assert_eq!(s.runner.execs(), sent, "a removed runner got a run");
     s.t.stop().await;
 }
 
