@@ -199,6 +199,15 @@ fn main() {
             custodian_runner::exec::run(&sandbox, &upstream, request, Default::default()).await.expect("exec");
         })
         .await;
+        // The MCP round trip alone, through the same client and server: a cheap tool call.
+        let listing = time(calls, || async {
+            let result = client
+                .call_tool(CallToolRequestParams::new("list_environments"))
+                .await
+                .expect("list_environments");
+            assert_eq!(result.is_error, Some(false));
+        })
+        .await;
         let args = serde_json::json!({"grant_id": grant.as_str(), "argv": ["true"]});
         let full = time(calls, || async {
             run_true(&client, &args).await;
@@ -257,6 +266,7 @@ fn main() {
         for (name, (p50, p99)) in [
             ("spawn `true` directly", baseline),
             ("runner sandbox exec", sandbox),
+            ("tools/call list_environments", listing),
             ("gateway tools/call run", full),
             ("  … with OTLP trace export", traced),
             ("grant use + audit record", with_audit),
