@@ -2,9 +2,10 @@
 //!
 //! Order, each step refusing before the next: arguments → the caller's grant is active (a grant
 //! this replica already ran skips this read: the use below checks it again) → a runner of the pool
-//! (the environment, pool and egress rules come from `crate::cache` while unchanged) → one use of the grant (atomic, with its audit record) → secrets opened into
-//! zeroizing memory → one exec over mTLS → the output redacted again here (defence in depth) → the
-//! outcome on the grant's timeline.
+//! (the environment, pool and egress rules come from `crate::cache` while unchanged) → one use of
+//! the grant (atomic, with its audit record) → secrets opened into zeroizing memory → one exec
+//! over mTLS → the output redacted again here (defence in depth) → the outcome on the grant's
+//! timeline.
 //!
 //! Guarantees:
 //! - A run never outlives its grant: its timeout is at most the grant's remaining time, and while
@@ -177,6 +178,13 @@ pub async fn run(
         "egress": egress.iter().map(|r| r.destination.to_string()).collect::<Vec<_>>(),
     });
     let grant = grants::consume(app, caller, &args.grant_id, &audited).await?;
+    if grant.environment != env.name {
+        // Cannot happen (a grant's environment never changes); never run with another's settings.
+        return Err(GrantError::from(crate::store::StoreError::Corrupt(
+            "a grant's environment differs from the one it was run for".to_owned(),
+        ))
+        .into());
+    }
     app.caches
         .keep_grant_environment(&caller.tenant, &grant.id, &grant.environment);
     // Never past the grant's end.
