@@ -8,11 +8,12 @@
 //!   compares in constant time. Only valid tokens are cached: malformed, unknown, revoked and
 //!   other-tenant tokens and unknown tenants go to the database every time.
 //! - Every change a cache depends on (agent token revocation, environments and their declared
-//!   secret names and credential kinds, egress rules, runners) increments the `cache_generation` row in the change's own
-//!   transaction ([`changed`]). Before answering from a cache, a replica re-reads that row if its
-//!   last reading is older than [`REFRESH`] and drops every entry when the row moved: a revocation
-//!   on any replica is honoured by all of them within [`REFRESH`] plus one query. A change made by
-//!   this process makes its next request re-read the row. Entries also expire after [`MAX_AGE`].
+//!   secret names and credential kinds, egress rules, runners) increments the `cache_generation`
+//!   row in the change's own transaction ([`changed`]). Before answering from a cache, a replica
+//!   re-reads that row if its last reading is older than [`REFRESH`] and drops every entry when the
+//!   row moved: a revocation on any replica is honoured by all of them within [`REFRESH`] plus one
+//!   query. A change made by this process makes its next request re-read the row. Entries also
+//!   expire after [`MAX_AGE`].
 //! - An entry is kept only if no change was seen while it was read: it carries the generation read
 //!   before the database was (a [`Ticket`]), and an entry from an older generation is dropped.
 //! - A failure to read the row fails the request (no answer from a cache that cannot be checked).
@@ -24,11 +25,9 @@
 //! seen only after [`MAX_AGE`].
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use std::sync::Arc;
 
 use rmcp::model::CallToolResult;
 
