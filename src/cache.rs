@@ -100,9 +100,16 @@ struct State {
     checked_at: Option<Instant>,
     local_seen: u64,
     tokens: HashMap<(TenantId, String), Entry<CachedToken>>,
-    environments: HashMap<TenantId, Entry<CallToolResult>>,
+    environments: HashMap<TenantId, Entry<Arc<EnvironmentsAnswer>>>,
     run_targets: HashMap<(TenantId, String), Entry<Arc<RunTarget>>>,
     grant_environments: HashMap<(TenantId, String), Entry<String>>,
+}
+
+/// A tenant's `list_environments` answer, and the same serialized as a JSON-RPC `result`.
+#[derive(Debug)]
+pub struct EnvironmentsAnswer {
+    pub result: CallToolResult,
+    pub json: String,
 }
 
 /// What a run needs to know of its environment, as the database said under one generation.
@@ -185,14 +192,19 @@ impl Caches {
     }
 
     /// The cached `list_environments` answer of `tenant`; call [`Caches::fresh`] first.
-    pub fn environments(&self, tenant: &TenantId) -> Option<CallToolResult> {
+    pub fn environments(&self, tenant: &TenantId) -> Option<Arc<EnvironmentsAnswer>> {
         let state = self.state();
         let entry = state.environments.get(tenant)?;
-        (entry.at.elapsed() < MAX_AGE).then(|| entry.value.clone())
+        (entry.at.elapsed() < MAX_AGE).then(|| Arc::clone(&entry.value))
     }
 
     /// Keeps a `list_environments` answer read from the database under `ticket`.
-    pub fn keep_environments(&self, ticket: Ticket, tenant: &TenantId, answer: CallToolResult) {
+    pub fn keep_environments(
+        &self,
+        ticket: Ticket,
+        tenant: &TenantId,
+        answer: Arc<EnvironmentsAnswer>,
+    ) {
         let mut state = self.state();
         if state.generation == Some(ticket.0) {
             keep(&mut state.environments, tenant.clone(), answer);

@@ -17,7 +17,7 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::error::HttpError;
 use crate::app::App;
@@ -91,8 +91,12 @@ pub async fn validate(State(app): State<Arc<App>>, request: Request, next: Next)
             ));
         }
     };
-    if let Err(error) = check(&bytes) {
-        return error.into_response();
+    let message = match check(&bytes) {
+        Ok(message) => message,
+        Err(error) => return error.into_response(),
+    };
+    if let Some(answer) = super::direct::answer(&app, &parts, &message).await {
+        return answer;
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
@@ -110,7 +114,8 @@ fn unread_body(error: HttpError) -> Response {
     response
 }
 
-fn check(bytes: &[u8]) -> Result<(), RpcError> {
+/// The message, if its shape is right.
+fn check(bytes: &[u8]) -> Result<Map<String, Value>, RpcError> {
     let invalid = |id: Value, message: &str| RpcError {
         status: StatusCode::BAD_REQUEST,
         id,
@@ -155,10 +160,10 @@ fn check(bytes: &[u8]) -> Result<(), RpcError> {
             if method == "tools/call" {
                 check_tool_call(id, message.get("params"))?;
             }
-            Ok(())
+            Ok(message)
         }
         Some(_) => Err(invalid(id, "`method` must be a string")),
-        None if message.contains_key("result") || message.contains_key("error") => Ok(()),
+        None if message.contains_key("result") || message.contains_key("error") => Ok(message),
         None => Err(invalid(
             id,
             "a message needs a `method` (request or notification) or a `result`/`error` (response)",

@@ -3,6 +3,7 @@
 
 pub mod approve;
 pub mod auth;
+pub mod direct;
 pub mod error;
 pub mod guard;
 pub mod jsonrpc;
@@ -24,6 +25,7 @@ use crate::app::App;
 use crate::mcp::CustodianMcp;
 use error::HttpError;
 use guard::OriginPolicy;
+use sessions::manager::ReplicaSessionManager;
 
 /// The longest pause between SSE keep-alives on an open MCP stream.
 const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
@@ -48,11 +50,11 @@ pub fn router(app: Arc<App>, shutdown: CancellationToken) -> Router {
     let mut mcp_config = mcp_config;
     mcp_config.session_store = Some(app.sessions.clone());
     let handler_app = app.clone();
-    let mcp = StreamableHttpService::new(
+    let mcp = SharedMcp(Arc::new(StreamableHttpService::new(
         move || Ok(CustodianMcp::new(handler_app.clone())),
         app.sessions.manager(),
         mcp_config,
-    );
+    )));
 
     let tenant_routes = Router::new()
         .route_service("/t/{tenant}/mcp", mcp)
@@ -82,6 +84,29 @@ pub fn router(app: Arc<App>, shutdown: CancellationToken) -> Router {
         .merge(tenant_routes)
         .merge(sign_in)
         .with_state(app)
+}
+
+/// rmcp's service behind an `Arc`: the router clones its service for every request, and rmcp's
+/// clones its whole configuration (host and origin lists included).
+#[derive(Clone)]
+struct SharedMcp(Arc<StreamableHttpService<CustodianMcp, ReplicaSessionManager>>);
+
+impl tower::Service<axum::extract::Request> for SharedMcp {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: axum::extract::Request) -> Self::Future {
+        let service = Arc::clone(&self.0);
+        Box::pin(async move { Ok(service.handle(request).await.map(axum::body::Body::new)) })
+    }
 }
 
 /// Ready when the database answers.

@@ -29,6 +29,7 @@ use rmcp::model::{CallToolResult, ContentBlock, ProgressNotificationParam};
 
 use crate::agent_tokens::AgentIdentity;
 use crate::app::App;
+use crate::cache::EnvironmentsAnswer;
 use crate::environments::{self, EnvironmentSummary};
 use crate::grants::{self, GrantError, GrantStatus, RequestArgs, RequestedGrant};
 use crate::http::error::correlation_id;
@@ -223,36 +224,45 @@ credential the runner adds to requests there for you. Secret values are never re
         &self,
         Extension(parts): Extension<http::request::Parts>,
     ) -> Result<CallToolResult, ToolError> {
-        let caller = identity(&parts)?;
-        let failed = |e: &dyn std::fmt::Display| {
-            ToolError::Internal(internal("listing environments failed", e))
-        };
-        let (db, caches) = (&self.app.db, &self.app.caches);
-        // The same answer until an environment or egress rule of any tenant changes (see `cache`).
-        let ticket = caches.fresh(db).await.map_err(|e| failed(&e))?;
-        if let Some(answer) = caches.environments(&caller.tenant) {
-            return Ok(answer);
-        }
-        let envs = environments::list(db, &caller.tenant)
-            .await
-            .map_err(|e| failed(&e))?;
-        let egress = crate::egress::by_environment(db, &caller.tenant)
-            .await
-            .map_err(|e| failed(&e))?;
-        let list = EnvironmentList {
-            environments: envs
-                .into_iter()
-                .map(|env| {
-                    let rules = egress.get(&env.name).map(Vec::as_slice).unwrap_or_default();
-                    EnvironmentSummary::new(env, rules)
-                })
-                .collect(),
-        };
-        let answer =
-            CallToolResult::structured(serde_json::to_value(list).map_err(|e| failed(&e))?);
-        caches.keep_environments(ticket, &caller.tenant, answer.clone());
-        Ok(answer)
+        let answer = list_environments(&self.app, identity(&parts)?).await?;
+        Ok(answer.result.clone())
     }
+}
+
+/// `list_environments` for `caller`: the same answer until an environment or egress rule of any
+/// tenant changes (see `crate::cache`). Also answered without rmcp (see [`crate::http::direct`]).
+pub async fn list_environments(
+    app: &App,
+    caller: &AgentIdentity,
+) -> Result<Arc<EnvironmentsAnswer>, ToolError> {
+    let failed =
+        |e: &dyn std::fmt::Display| ToolError::Internal(internal("listing environments failed", e));
+    let (db, caches) = (&app.db, &app.caches);
+    let ticket = caches.fresh(db).await.map_err(|e| failed(&e))?;
+    if let Some(answer) = caches.environments(&caller.tenant) {
+        return Ok(answer);
+    }
+    let envs = environments::list(db, &caller.tenant)
+        .await
+        .map_err(|e| failed(&e))?;
+    let egress = crate::egress::by_environment(db, &caller.tenant)
+        .await
+        .map_err(|e| failed(&e))?;
+    let list = EnvironmentList {
+        environments: envs
+            .into_iter()
+            .map(|env| {
+                let rules = egress.get(&env.name).map(Vec::as_slice).unwrap_or_default();
+                EnvironmentSummary::new(env, rules)
+            })
+            .collect(),
+    };
+    let result = CallToolResult::structured(serde_json::to_value(list).map_err(|e| failed(&e))?);
+    let json = serde_json::to_string(&crate::http::direct::legacy_result(result.clone().into()))
+        .map_err(|e| failed(&e))?;
+    let answer = Arc::new(EnvironmentsAnswer { result, json });
+    caches.keep_environments(ticket, &caller.tenant, Arc::clone(&answer));
+    Ok(answer)
 }
 
 #[tool_handler(router = self.tool_router)]

@@ -297,3 +297,111 @@ async fn loopback_spellings_are_accepted_and_foreign_hosts_refused() {
     }
     t.stop().await;
 }
+
+/// The gateway answers a plain `list_environments` call itself, as JSON (see `http::direct`); the
+/// same call with anything unusual in it goes through rmcp, as SSE. Both answers must be the same
+/// JSON-RPC message, and the direct path must not skip any check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_answered_without_rmcp_is_the_answer_rmcp_gives() {
+    let Some(t) = TestApp::builder(Backend::Sqlite).start().await else {
+        return;
+    };
+    let acme = t.tenant("acme").await;
+    t.environment(&acme, "staging", &["DB_PASSWORD", "API_KEY"])
+        .await;
+    t.environment(&acme, "analytics", &[]).await;
+    let (token_id, token) = t.token_with_id(&acme, "codex").await;
+    let mut mcp = RawMcp::new(t.mcp_url("acme"), Some(&token));
+    mcp.initialize().await;
+
+    let call = |id: &str, params: &str| {
+        format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{params}}}"#)
+    };
+    let send = |body: String| {
+        let request = mcp.post().body(body);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let kind = response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let text = response.text().await.unwrap();
+            (
+                status,
+                kind,
+                parse_mcp_body(&text).expect("a JSON-RPC answer"),
+            )
+        }
+    };
+    let plain = r#"{"name":"list_environments","arguments":{}}"#;
+    for id in ["7", r#""call-7""#] {
+        let (status, kind, direct) = send(call(id, plain)).await;
+        assert_eq!(
+            (status, kind.as_str()),
+            (200, "application/json"),
+            "{direct}"
+        );
+        // `_meta` sends the same call through rmcp.
+        let with_meta =
+            r#"{"name":"list_environments","arguments":{},"_meta":{"progressToken":"p"}}"#;
+        let (status, kind, through_rmcp) = send(call(id, with_meta)).await;
+        assert_eq!(
+            (status, kind.as_str()),
+            (200, "text/event-stream"),
+            "{through_rmcp}"
+        );
+        assert_eq!(direct, through_rmcp);
+        assert_eq!(
+            direct["id"],
+            serde_json::from_str::<serde_json::Value>(id).unwrap()
+        );
+        let names: Vec<_> = direct["result"]["structuredContent"]["environments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{direct}");
+    }
+    // Without `arguments` too.
+    let (_, kind, _) = send(call("8", r#"{"name":"list_environments"}"#)).await;
+    assert_eq!(kind, "application/json");
+
+    // The checks before it still hold: a session id this token did not open, another token, no
+    // token, and an Accept that rmcp refuses.
+    let other = t.token(&acme, "other").await;
+    let mut foreign = RawMcp::new(t.mcp_url("acme"), Some(&other));
+    foreign.session = mcp.session.clone();
+    let (status, answer) = foreign.send(&call("9", plain)).await;
+    assert_eq!(status, 404);
+    assert!(answer.is_none_or(|a| a.get("result").is_none()));
+    let mut anonymous = RawMcp::new(t.mcp_url("acme"), None);
+    anonymous.session = mcp.session.clone();
+    let (status, answer) = anonymous.send(&call("9", plain)).await;
+    assert_eq!(status, 401);
+    assert!(answer.is_none_or(|a| a.get("result").is_none()));
+    let refused = mcp
+        .http
+        .post(&mcp.url)
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .header("mcp-session-id", mcp.session.as_deref().unwrap())
+        .header("mcp-protocol-version", &mcp.protocol)
+        .body(call("10", plain))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 406, "rmcp's answer, unchanged");
+    assert!(!refused.text().await.unwrap().contains("staging"));
+    // A revoked token is refused on this path too.
+    let now = custodian::clock::Clock::now(&*t.clock);
+    custodian::agent_tokens::revoke(t.db(), &acme, &token_id, now)
+        .await
+        .unwrap();
+    let (status, answer) = mcp.send(&call("11", plain)).await;
+    assert_eq!(status, 401);
+    assert!(answer.is_none_or(|a| a.get("result").is_none()));
+    t.stop().await;
+}

@@ -294,7 +294,8 @@ fn exec_streaming(runner: Arc<Runner>, exec: ExecRequest) -> Response<Body> {
         let _registered = registered;
         let reply = run_one(&runner, exec, cancel.clone());
         tokio::pin!(reply);
-        let mut beat = tokio::time::interval(HEARTBEAT);
+        // The first beat after one period: a run that ends sooner sends only its reply.
+        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
         let reply = loop {
             tokio::select! {
                 reply = &mut reply => break reply,
