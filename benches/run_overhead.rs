@@ -16,7 +16,9 @@
 //! small `custodian-sandbox` helper the runner uses; without it the bench falls back to
 //! re-executing the `custodian` binary and says so). Budgets: sandbox spawn ≤ 5 ms p50 over
 //! fork/exec; the gateway's share (full run minus the runner's sandbox exec) ≤ 1 ms p50 and ≤ 5 ms
-//! p99. Differences are between percentiles of runs measured one after the other in this process.
+//! p99. Differences are between percentiles of runs measured in this process; the runner's exec and
+//! the full run are measured in turn, call by call, so that load that changes during the bench
+//! moves both alike.
 
 mod common;
 use common::arg;
@@ -64,6 +66,31 @@ where
         samples.push(start.elapsed());
     }
     percentiles(samples)
+}
+
+/// Times `a` and `b` in turn, call by call, so that a change in the machine's load moves both
+/// alike: the difference of their percentiles is then what `b` costs beyond `a`.
+async fn time_in_turn<A, FA, B, FB>(calls: usize, mut a: A, mut b: B) -> ((f64, f64), (f64, f64))
+where
+    A: FnMut() -> FA,
+    FA: std::future::Future<Output = ()>,
+    B: FnMut() -> FB,
+    FB: std::future::Future<Output = ()>,
+{
+    for _ in 0..20 {
+        a().await;
+        b().await;
+    }
+    let (mut first, mut second) = (Vec::with_capacity(calls), Vec::with_capacity(calls));
+    for _ in 0..calls {
+        let start = Instant::now();
+        a().await;
+        first.push(start.elapsed());
+        let start = Instant::now();
+        b().await;
+        second.push(start.elapsed());
+    }
+    (percentiles(first), percentiles(second))
 }
 
 fn main() {
@@ -181,7 +208,17 @@ fn main() {
             tokio::process::Command::new("true").status().await.expect("true");
         })
         .await;
-        let sandbox = time(calls, || async {
+        // A cheap tool call through the same client and server (answered without rmcp's session
+        // worker, see `http::direct`; `run` goes through it).
+        let listing = time(calls, || async {
+            let result = client
+                .call_tool(CallToolRequestParams::new("list_environments"))
+                .await
+                .expect("list_environments");
+            assert_eq!(result.is_error, Some(false));
+        })
+        .await;
+        let sandbox_exec = || async {
             let request = ExecRequest {
                 exec_id: "bench".into(),
                 grant_id: "bench".into(),
@@ -197,22 +234,11 @@ fn main() {
                 env: Vec::new(),
             };
             custodian_runner::exec::run(&sandbox, &upstream, request, Default::default()).await.expect("exec");
-        })
-        .await;
-        // The MCP round trip alone, through the same client and server: a cheap tool call.
-        let listing = time(calls, || async {
-            let result = client
-                .call_tool(CallToolRequestParams::new("list_environments"))
-                .await
-                .expect("list_environments");
-            assert_eq!(result.is_error, Some(false));
-        })
-        .await;
+        };
         let args = serde_json::json!({"grant_id": grant.as_str(), "argv": ["true"]});
-        let full = time(calls, || async {
-            run_true(&client, &args).await;
-        })
-        .await;
+        // The gateway's share: the runner's exec alone and the whole run through the gateway, in
+        // turn.
+        let (sandbox, full) = time_in_turn(calls, sandbox_exec, || run_true(&client, &args)).await;
 
         // The audit record's share: the grant-use transaction with its audit record, against the
         // same UPDATE in a transaction of its own.
