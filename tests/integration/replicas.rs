@@ -32,6 +32,8 @@ struct Forwarded {
     /// The JSON-RPC method, and the tool for `tools/call`.
     rpc: Option<String>,
     session: Option<String>,
+    /// The replica's status, or why the proxy got none (it then answers 502).
+    answer: String,
 }
 
 /// A round-robin reverse proxy: each request goes to the next replica in turn (skipping one that
@@ -97,11 +99,10 @@ async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response 
                 upstream = upstream.header(name, value);
             }
         }
-        let answer = match upstream.send().await {
-            Ok(answer) => answer,
-            Err(e) if e.is_connect() => continue,
-            Err(_) => break,
-        };
+        let sent = upstream.send().await;
+        if matches!(&sent, Err(e) if e.is_connect()) {
+            continue;
+        }
         proxy.seen.lock().unwrap().push(Forwarded {
             n: first,
             replica,
@@ -111,7 +112,12 @@ async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response 
                 .headers
                 .get("mcp-session-id")
                 .map(|v| v.to_str().unwrap().to_owned()),
+            answer: match &sent {
+                Ok(answer) => answer.status().to_string(),
+                Err(e) => format!("no answer: {e:?}"),
+            },
         });
+        let Ok(answer) = sent else { break };
         let mut response = Response::builder().status(answer.status());
         for (name, value) in answer.headers() {
             if !matches!(
@@ -201,6 +207,16 @@ impl Session {
         assert_eq!(self.read(Duration::from_secs(30)).await["closed"], true);
         assert!(self.child.wait().unwrap().success());
     }
+}
+
+/// What the proxy forwarded and what the replicas logged, for a failure's message.
+fn explain(proxy: &Proxy, dir: &Path) -> String {
+    let mut text = format!("forwarded: {:#?}", proxy.seen());
+    for n in 0..2 {
+        let log = std::fs::read_to_string(dir.join(format!("replica{n}.log"))).unwrap_or_default();
+        text.push_str(&format!("\nreplica {n} log:\n{log}"));
+    }
+    text
 }
 
 /// A `custodian serve` replica on `database`, public at `public_url` (the proxy).
@@ -314,7 +330,13 @@ async fn a_session_alternates_replicas_and_survives_one_being_killed() {
         "2025-11-25"
     );
     for _ in 0..2 {
-        let listed = session.call("list_environments", json!({})).await;
+        session.send("list_environments", json!({}), 60);
+        let listed = session.read(Duration::from_secs(90)).await;
+        assert!(
+            listed["is_error"] == false,
+            "list_environments: {listed}\n{}",
+            explain(&proxy, dir.path())
+        );
         assert_eq!(listed["structured"]["environments"][0]["name"], CANARY);
     }
     let requested = session
