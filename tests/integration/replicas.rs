@@ -211,7 +211,15 @@ impl Session {
 
 /// What the proxy forwarded and what the replicas logged, for a failure's message.
 fn explain(proxy: &Proxy, dir: &Path) -> String {
-    let mut text = format!("forwarded: {:#?}", proxy.seen());
+    let mut text = String::from("forwarded:");
+    for f in proxy.seen() {
+        let rpc = f.rpc.as_deref().unwrap_or("-");
+        let line = format!(
+            "\n  #{} to replica {}: {} {rpc} → {}",
+            f.n, f.replica, f.method, f.answer
+        );
+        text.push_str(&line);
+    }
     for n in 0..2 {
         let log = std::fs::read_to_string(dir.join(format!("replica{n}.log"))).unwrap_or_default();
         text.push_str(&format!("\nreplica {n} log:\n{log}"));
