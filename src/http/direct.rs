@@ -4,7 +4,7 @@
 //! handed to the worker, which starts the handler on a task of its own, and the answer travels back
 //! through the worker to an SSE stream made for that one request. A call whose answer needs
 //! nothing from the session (no progress notification, no request to the client, no cancellation
-//! while it runs, no protocol-version-dependent form) does not need any of that. For those calls
+//! while it runs, one form for all the protocol versions answered here) does not need any of that. For those calls
 //! this module builds the same JSON-RPC answer from the same tool function and sends it as
 //! `application/json`, which the streamable HTTP transport allows for any request and every client
 //! must accept. The profile of the load benchmark put most of a cheap call's time in that trip.
@@ -12,7 +12,7 @@
 //! Guarantees:
 //! - It runs after every check of the MCP endpoint (Host/Origin, the token, the session's binding
 //!   to the token, the protocol header, the JSON-RPC shape): a call answered here passed all of
-//!   them, and the body is parsed once.
+//!   them; on this path the body is parsed once.
 //! - It answers only `tools/call` of a tool in [`DIRECT_TOOLS`] with no arguments, no `_meta` and
 //!   no other fields, inside a session (`Mcp-Session-Id`) of a protocol version that has sessions
 //!   (2025-03-26 to 2025-11-25), with the `Accept` and `Content-Type` rmcp requires. Anything else,
@@ -42,9 +42,13 @@ pub async fn answer(app: &App, parts: &Parts, message: &Map<String, Value>) -> O
     if !plain_session_request(&parts.headers) {
         return None;
     }
-    let id = direct_call(message)?;
+    let (id, tool) = direct_call(message)?;
     let caller = parts.extensions.get::<AgentIdentity>()?;
-    let body = match crate::mcp::list_environments(app, caller).await {
+    let answered = match tool {
+        "list_environments" => crate::mcp::list_environments(app, caller).await,
+        _ => return None,
+    };
+    let body = match answered {
         // The answer was serialized once, when it was cached.
         Ok(answer) => {
             let id = serde_json::to_string(&id).ok()?;
@@ -111,8 +115,8 @@ fn plain_session_request(headers: &HeaderMap) -> bool {
         && !headers.contains_key("mcp-name")
 }
 
-/// The request id of a `tools/call` of a [`DIRECT_TOOLS`] tool with nothing else in it.
-fn direct_call(message: &Map<String, Value>) -> Option<RequestId> {
+/// The request id and tool of a `tools/call` of a [`DIRECT_TOOLS`] tool with nothing else in it.
+fn direct_call(message: &Map<String, Value>) -> Option<(RequestId, &str)> {
     let only = |map: &Map<String, Value>, keys: &[&str]| map.keys().all(|k| keys.contains(&&**k));
     if !only(message, &["jsonrpc", "id", "method", "params"])
         || message.get("method")? != "tools/call"
@@ -131,5 +135,5 @@ fn direct_call(message: &Map<String, Value>) -> Option<RequestId> {
         Some(_) => false,
     };
     (only(params, &["name", "arguments"]) && no_arguments && DIRECT_TOOLS.contains(&name))
-        .then_some(id)
+        .then_some((id, name))
 }
