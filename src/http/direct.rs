@@ -25,7 +25,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use rmcp::handler::server::tool::IntoCallToolResult;
-use rmcp::model::{CallToolResponse, RequestId, ServerJsonRpcMessage, ServerResult};
+use rmcp::model::{RequestId, ServerJsonRpcMessage};
 use serde_json::{Map, Value};
 
 use crate::agent_tokens::AgentIdentity;
@@ -56,7 +56,9 @@ pub async fn answer(app: &App, parts: &Parts, message: &Map<String, Value>) -> O
         }
         Err(error) => {
             let reply = match error.into_call_tool_result() {
-                Ok(response) => ServerJsonRpcMessage::response(legacy_result(response), id),
+                Ok(response) => {
+                    ServerJsonRpcMessage::response(crate::mcp::legacy_result(response), id)
+                }
                 Err(error) => ServerJsonRpcMessage::error(error, Some(id)),
             };
             serde_json::to_vec(&reply).ok()?
@@ -70,15 +72,6 @@ pub async fn answer(app: &App, parts: &Parts, message: &Map<String, Value>) -> O
         )
             .into_response(),
     )
-}
-
-/// A tool call's result in the shape rmcp gives peers of the versions answered here (before
-/// 2026-07-28: no `resultType`, object-only structured output).
-pub fn legacy_result(response: CallToolResponse) -> ServerResult {
-    let mut result = ServerResult::from(response);
-    result.strip_result_type_for_legacy_peer();
-    result.strip_non_object_output_for_legacy_peer();
-    result
 }
 
 /// A session request with the headers rmcp's session path takes without comment.

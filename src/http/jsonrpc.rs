@@ -7,6 +7,9 @@
 //! - `tools/call` whose `params` are not `{name: string, arguments?: object}` → `-32602` naming
 //!   the field.
 //!
+//! A well-formed call that [`super::direct`] answers goes no further; every other message goes on
+//! to rmcp with the body as it came.
+//!
 //! Bodies over the configured limit are refused with `413` while being read, and bodies that take
 //! longer than `server.body_read_timeout_seconds` to arrive with `408`.
 

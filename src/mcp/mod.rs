@@ -258,11 +258,20 @@ pub async fn list_environments(
             .collect(),
     };
     let result = CallToolResult::structured(serde_json::to_value(list).map_err(|e| failed(&e))?);
-    let json = serde_json::to_string(&crate::http::direct::legacy_result(result.clone().into()))
-        .map_err(|e| failed(&e))?;
+    let json =
+        serde_json::to_string(&legacy_result(result.clone().into())).map_err(|e| failed(&e))?;
     let answer = Arc::new(EnvironmentsAnswer { result, json });
     caches.keep_environments(ticket, &caller.tenant, Arc::clone(&answer));
     Ok(answer)
+}
+
+/// A tool call's result in the shape rmcp gives peers of protocol versions before 2026-07-28 (no
+/// `resultType`, object-only structured output), as the direct answers of `http::direct` need it.
+pub fn legacy_result(response: CallToolResponse) -> rmcp::model::ServerResult {
+    let mut result = rmcp::model::ServerResult::from(response);
+    result.strip_result_type_for_legacy_peer();
+    result.strip_non_object_output_for_legacy_peer();
+    result
 }
 
 #[tool_handler(router = self.tool_router)]
