@@ -3,9 +3,9 @@
 //! Order, each step refusing before the next: arguments → the caller's grant is active (a grant
 //! this replica already ran skips this read: the use below checks it again) → a runner of the pool
 //! (the environment, pool and egress rules come from `crate::cache` while unchanged) → one use of
-//! the grant (atomic, with its audit record) → secrets opened into zeroizing memory → one exec
-//! over mTLS → the output redacted again here (defence in depth) → the outcome on the grant's
-//! timeline.
+//! the grant (atomic, with its audit record; the secrets are read meanwhile, still sealed) →
+//! secrets opened into zeroizing memory → one exec over mTLS → the output redacted again here
+//! (defence in depth) → the outcome on the grant's timeline.
 //!
 //! Guarantees:
 //! - A run never outlives its grant: its timeout is at most the grant's remaining time, and while
@@ -177,7 +177,13 @@ pub async fn run(
         "timeout_seconds": timeout,
         "egress": egress.iter().map(|r| r.destination.to_string()).collect::<Vec<_>>(),
     });
-    let grant = grants::consume(app, caller, &args.grant_id, &audited).await?;
+    // The secrets are read while the use is written, still sealed: nothing is opened before the
+    // use (and its audit record) has committed.
+    let (used, sealed) = tokio::join!(
+        grants::consume(app, caller, &args.grant_id, &audited),
+        secrets::sealed_for_run(&app.db, &caller.tenant, &env.name)
+    );
+    let grant = used?;
     if grant.environment != env.name {
         // Cannot happen (a grant's environment never changes); never run with another's settings.
         return Err(GrantError::from(crate::store::StoreError::Corrupt(
@@ -191,8 +197,10 @@ pub async fn run(
     let left_ms = grant.expires_at * 1000 - app.clock.now_ms();
     let timeout_ms = (timeout * 1000).min(u64::try_from(left_ms).unwrap_or(0).max(1));
     let bounded_by_grant = timeout_ms < timeout * 1000;
-    let opened = secrets::load_for_run(&app.db, &app.master_key, &caller.tenant, &env.name)
-        .await
+    let opened = sealed
+        .and_then(|sealed| {
+            secrets::open_for_run(&app.master_key, &caller.tenant, &env.name, sealed)
+        })
         .map_err(RunError::Secrets)?;
     let span = crate::grants::grant_span!(
         "grant.exec",

@@ -6,7 +6,8 @@
 //!   stored only wrapped by the master key (bound to `tenant/version`).
 //! - Values shorter than 8 bytes are refused (they cannot be redacted safely).
 //! - Nothing here returns a value to a client: [`list`] gives names, versions and times; only
-//!   [`load_for_run`] opens values, into zeroizing memory, for dispatch to a runner.
+//!   [`open_for_run`] (which [`load_for_run`] calls) opens values, into zeroizing memory, for
+//!   dispatch to a runner. [`sealed_for_run`] reads them still encrypted.
 //! - Rotating the master key re-wraps every data key; values are not touched.
 
 use serde::Serialize;
@@ -303,6 +304,17 @@ pub async fn load_for_run(
     tenant: &TenantId,
     env: &str,
 ) -> Result<Vec<OpenedSecret>, SecretError> {
+    let sealed = sealed_for_run(db, tenant, env).await?;
+    open_for_run(master, tenant, env, sealed)
+}
+
+/// The newest version of every secret of `env` as stored: encrypted, with the wrapped data key
+/// that sealed it. Nothing in it can be read without the master key; see [`open_for_run`].
+pub async fn sealed_for_run(
+    db: &Db,
+    tenant: &TenantId,
+    env: &str,
+) -> Result<SealedSecrets, SecretError> {
     // One query: each secret's newest version with the wrapped data key that sealed it.
     let rows: Vec<(String, i64, i64, String, Option<String>)> = sqlx::query_as(
         "SELECT s.name, s.version, s.key_version, s.ciphertext, k.wrapped_key FROM secrets s \
@@ -315,6 +327,20 @@ pub async fn load_for_run(
     .bind(env)
     .fetch_all(db.pool())
     .await?;
+    Ok(SealedSecrets(rows))
+}
+
+/// Secrets of one environment as [`sealed_for_run`] read them: ciphertext and wrapped keys only.
+pub struct SealedSecrets(Vec<(String, i64, i64, String, Option<String>)>);
+
+/// Opens what [`sealed_for_run`] read for `tenant` and `env`, into zeroizing memory.
+pub fn open_for_run(
+    master: &MasterKey,
+    tenant: &TenantId,
+    env: &str,
+    sealed: SealedSecrets,
+) -> Result<Vec<OpenedSecret>, SecretError> {
+    let rows = sealed.0;
     let mut opened = Vec::with_capacity(rows.len());
     let mut keys: Vec<(i64, DataKey)> = Vec::new();
     for (name, version, key_version, ciphertext, wrapped) in rows {
