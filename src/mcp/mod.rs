@@ -61,7 +61,7 @@ impl CustodianMcp {
     pub fn new(app: Arc<App>) -> Self {
         Self {
             app,
-            tool_router: Self::tool_router(),
+            tool_router: TOOLS.clone(),
         }
     }
 
@@ -316,6 +316,73 @@ impl ServerHandler for CustodianMcp {
             ProtocolVersion::V_2026_07_28,
         ])
     }
+}
+
+/// The tools with their schemas as clients get them: built once, with [`standard_formats`].
+static TOOLS: std::sync::LazyLock<ToolRouter<CustodianMcp>> = std::sync::LazyLock::new(|| {
+    let mut router = CustodianMcp::tool_router();
+    for route in router.map.values_mut() {
+        let tool = &mut route.attr;
+        tool.input_schema = Arc::new(standard_formats(&tool.input_schema));
+        if let Some(output) = &tool.output_schema {
+            tool.output_schema = Some(Arc::new(standard_formats(output)));
+        }
+    }
+    router
+});
+
+/// `format` values a standard JSON Schema validator knows: those of draft 2020-12 and OpenAPI's
+/// numeric ones.
+const KNOWN_FORMATS: &[&str] = &[
+    "date-time",
+    "date",
+    "time",
+    "duration",
+    "email",
+    "idn-email",
+    "hostname",
+    "idn-hostname",
+    "ipv4",
+    "ipv6",
+    "uri",
+    "uri-reference",
+    "iri",
+    "iri-reference",
+    "uuid",
+    "uri-template",
+    "json-pointer",
+    "relative-json-pointer",
+    "regex",
+    "int32",
+    "int64",
+    "float",
+    "double",
+];
+
+/// `schema` without the `format` values schemars makes up for Rust's unsigned integers (`uint64`
+/// and the like), which stock validators warn about on every result they check (the TypeScript
+/// SDK's Ajv prints `unknown format "uint64" ignored`). Their range stays as `minimum: 0`.
+fn standard_formats(schema: &rmcp::model::JsonObject) -> rmcp::model::JsonObject {
+    fn strip(map: &mut rmcp::model::JsonObject) {
+        let unknown = map
+            .get("format")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|format| !KNOWN_FORMATS.contains(&format));
+        if unknown {
+            map.remove("format");
+        }
+        map.values_mut().for_each(walk);
+    }
+    fn walk(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => strip(map),
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut schema = schema.clone();
+    strip(&mut schema);
+    schema
 }
 
 /// The authenticated caller of this request.
