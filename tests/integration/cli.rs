@@ -1,12 +1,13 @@
-//! The binary as users run it: `serve` + a real Python MCP client, `dev`, `migrate`, `admin`.
+//! The binary as users run it: `serve` + a real Python MCP client, `dev` with the Python and
+//! TypeScript SDKs, `migrate`, `admin`.
 
 use std::time::Duration;
 
 use crate::harness::{Backend, TestDb};
 use crate::on_both_backends;
 use crate::processes::{
-    CUSTODIAN, custodian, free_port, python, python_client, python_client_approving, read_until,
-    spawn, wait_healthy,
+    CUSTODIAN, banner_field, custodian, free_port, python, python_client, python_client_approving,
+    read_until, spawn, typescript_client, typescript_client_approving, wait_healthy,
 };
 
 on_both_backends!(
@@ -90,21 +91,7 @@ async fn serve_answers_a_python_mcp_client_and_stops_on_sigterm(backend: Backend
 
     let seen = python_client(&python, &format!("{base}/t/acme/mcp"), &token);
     let tools = seen["tools"].as_array().unwrap();
-    let names: Vec<&str> = tools.iter().map(|t| t["name"].as_str().unwrap()).collect();
-    assert_eq!(
-        names,
-        [
-            "grant_status",
-            "list_environments",
-            "request_grant",
-            "revoke_grant",
-            "run"
-        ]
-    );
-    assert!(
-        tools.iter().all(|t| t["has_output_schema"] == true),
-        "{seen}"
-    );
+    assert_the_five_tools(tools);
     let list = tools
         .iter()
         .find(|t| t["name"] == "list_environments")
@@ -331,6 +318,36 @@ async fn admin_and_migrate_manage_the_database(backend: Backend) {
     assert!(String::from_utf8_lossy(&again.stderr).contains("no active token `ci-bot`"));
 }
 
+/// A client's report of `tools/list` names Custodian's five tools, each with an output schema.
+fn assert_the_five_tools(tools: &[serde_json::Value]) {
+    let mut names: Vec<&str> = tools.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "grant_status",
+            "list_environments",
+            "request_grant",
+            "revoke_grant",
+            "run"
+        ]
+    );
+    let missing: Vec<_> = tools
+        .iter()
+        .filter(|t| t["has_output_schema"] != true)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "tools without an output schema: {missing:?}"
+    );
+}
+
+/// The command a human runs (with the user code appended) to approve a grant on `custodian dev`.
+fn dev_approve(data: &std::path::Path) -> [&str; 5] {
+    let data = data.to_str().unwrap();
+    [CUSTODIAN, "dev", "approve", "--data-dir", data]
+}
+
 /// Starts `custodian dev` on a free loopback port with `data` and returns it with its banner.
 fn start_dev(data: &std::path::Path) -> (crate::processes::Proc, String) {
     let mut dev = spawn(&[
@@ -344,20 +361,52 @@ fn start_dev(data: &std::path::Path) -> (crate::processes::Proc, String) {
     (dev, banner)
 }
 
+/// The TypeScript SDK as a stock client: default transport and client options, so it negotiates
+/// its newest protocol version, checks every structured result against its tool's output schema
+/// (with Ajv) and ends its session with DELETE.
+#[tokio::test]
+async fn dev_serves_the_typescript_sdk_through_the_whole_loop_without_a_warning() {
+    let Some(client) = typescript_client() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (dev, banner) = start_dev(&data);
+    let field = |label: &str| banner_field(&banner, label);
+    let (url, token) = (field("MCP URL:"), field("Agent token:"));
+    let approve = dev_approve(&data);
+    let (seen, stderr) = typescript_client_approving(&client, &url, &token, &approve);
+    // Nothing from the SDK: no schema it cannot read (`unknown format "uint64"`), no failed DELETE.
+    assert_eq!(stderr, "", "{seen}");
+    assert_eq!(seen["protocol"], "2025-11-25", "{seen}");
+    assert_eq!(seen["session"], true, "{seen}");
+    assert_the_five_tools(seen["tools"].as_array().unwrap());
+    assert_eq!(seen["listing"]["is_error"], false, "{seen}");
+    let env = &seen["listing"]["structured"]["environments"][0];
+    assert_eq!(env["name"], "demo", "{seen}");
+    assert_eq!(env["secret_names"], serde_json::json!(["DEMO_API_KEY"]));
+    assert_eq!(seen["status"]["state"], "active", "{seen}");
+    assert_eq!(
+        seen["run"]["stdout"], "key=[REDACTED:DEMO_API_KEY]\n",
+        "{seen}"
+    );
+    assert_eq!(seen["run"]["redactions"]["DEMO_API_KEY"], 1);
+    assert_eq!(seen["run"]["exit_code"], 0);
+    assert_eq!(seen["revoked"]["state"], "revoked", "{seen}");
+    // After revoke_grant, the same run is refused as a tool error the agent can read.
+    assert_eq!(seen["after_revoke"]["is_error"], true, "{seen}");
+    let refusal = seen["after_revoke"]["text"][0].as_str().unwrap();
+    assert!(refusal.contains("revoked"), "{refusal}");
+    assert!(dev.terminate(Duration::from_secs(10)).success());
+}
+
 #[tokio::test]
 async fn dev_prints_url_token_and_codex_snippet_that_a_real_client_can_use() {
     let Some(python) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (dev, banner) = start_dev(&data);
-    let field = |label: &str| {
-        banner
-            .lines()
-            .find_map(|l| l.strip_prefix(label))
-            .unwrap_or_else(|| panic!("no {label} in:\n{banner}"))
-            .trim()
-            .to_owned()
-    };
+    let field = |label: &str| banner_field(&banner, label);
     let url = field("MCP URL:");
     let token = field("Agent token:");
     assert!(
@@ -383,13 +432,7 @@ async fn dev_prints_url_token_and_codex_snippet_that_a_real_client_can_use() {
     );
 
     // request_grant → `custodian dev approve CODE` → grant_status, all through the Python SDK.
-    let approve = [
-        CUSTODIAN,
-        "dev",
-        "approve",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ];
+    let approve = dev_approve(&data);
     let seen = python_client_approving(&python, &url, &token, &approve);
     assert_eq!(
         seen["structured"]["environments"][0]["name"], "demo",

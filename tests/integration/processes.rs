@@ -169,6 +169,57 @@ pub fn python_client_args(python: &Path, token: &str, args: &[&str]) -> serde_js
     serde_json::from_slice(&output.stdout).expect("client prints JSON")
 }
 
+/// The value after `label` on its line of a startup banner (`MCP URL:`, `Agent token:`).
+pub fn banner_field(banner: &str, label: &str) -> String {
+    banner
+        .lines()
+        .find_map(|l| l.strip_prefix(label))
+        .unwrap_or_else(|| panic!("no {label} in:\n{banner}"))
+        .trim()
+        .to_owned()
+}
+
+/// The TypeScript MCP SDK client script (`tests/clients/ts`, installed by `.ci/run`), or `None`
+/// outside CI when its npm packages are missing.
+pub fn typescript_client() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/ts");
+    if dir.join("node_modules/@modelcontextprotocol/sdk").exists() {
+        return Some(dir.join("client.mjs"));
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "the TypeScript MCP client is required in CI; run .ci/run (npm ci in tests/clients/ts)"
+    );
+    eprintln!(
+        "skipping: tests/clients/ts has no node_modules (run `npm ci --prefix tests/clients/ts`)"
+    );
+    None
+}
+
+/// Runs the TypeScript SDK client `script` against `url` with `token` (approving its grant with
+/// `approve` + user code) and returns its JSON report and what it wrote to stderr.
+pub fn typescript_client_approving(
+    script: &Path,
+    url: &str,
+    token: &str,
+    approve: &[&str],
+) -> (serde_json::Value, String) {
+    let output = Command::new("node")
+        .arg(script)
+        .arg(url)
+        .args(approve)
+        .env("CUSTODIAN_TOKEN", token)
+        .output()
+        .expect("run node");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        output.status.success(),
+        "TypeScript client failed: {stderr}"
+    );
+    let seen = serde_json::from_slice(&output.stdout).expect("client prints JSON");
+    (seen, stderr)
+}
+
 /// The user a spawned server (runner, `custodian dev`) runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunAs {

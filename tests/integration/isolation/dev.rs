@@ -43,14 +43,7 @@ async fn the_dev_data_directory_is_out_of_reach(user: RunAs) {
         user,
     );
     let banner = read_until(&mut dev.0, "Press Ctrl-C");
-    let field = |label: &str| {
-        banner
-            .lines()
-            .find_map(|l| l.strip_prefix(label))
-            .unwrap_or_else(|| panic!("no {label} in:\n{banner}"))
-            .trim()
-            .to_owned()
-    };
+    let field = |label: &str| crate::processes::banner_field(&banner, label);
     let client = connect(&field("MCP URL:"), &field("Agent token:")).await;
     let call = |name: &str, args: Value| {
         client.call_tool(
