@@ -74,6 +74,11 @@ impl Db {
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
+            // sqlx pings a connection each time it leaves the pool. A SQLite connection is a file
+            // this process holds open and cannot go stale; the ping was a round trip to its
+            // worker thread before every transaction. PostgreSQL connections can die with the
+            // server, so they are still tested.
+            .test_before_acquire(backend == Backend::Postgres)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
