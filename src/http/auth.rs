@@ -65,7 +65,6 @@ pub async fn authenticate(
     let Ok(tenant_id) = TenantId::parse(&tenant) else {
         return not_found();
     };
-    let metadata = metadata_url(&app, tenant_id.as_str());
     let token = bearer(request.headers());
     let presented = token
         .clone()
@@ -84,7 +83,7 @@ pub async fn authenticate(
         Ok((Verified::Valid(identity), engineer)) => (identity, engineer),
         Ok((Verified::Invalid | Verified::UnknownTenant, _)) if token.is_none() => {
             return HttpError::unauthorized(
-                &metadata,
+                &metadata_url(&app, tenant_id.as_str()),
                 "an agent token is required: send Authorization: Bearer cst_…",
                 false,
             )
@@ -92,7 +91,7 @@ pub async fn authenticate(
         }
         Ok((Verified::Invalid | Verified::UnknownTenant, _)) => {
             return HttpError::unauthorized(
-                &metadata,
+                &metadata_url(&app, tenant_id.as_str()),
                 "the agent token is not valid for this tenant",
                 true,
             )
