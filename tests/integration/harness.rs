@@ -446,11 +446,16 @@ impl RawMcp {
 
     /// A POST with the usual MCP headers (and the session, once there is one).
     pub fn post(&self) -> reqwest::RequestBuilder {
+        self.post_accepting("application/json, text/event-stream")
+    }
+
+    /// Like [`RawMcp::post`], with `accept` as the only `Accept` header.
+    pub fn post_accepting(&self, accept: &str) -> reqwest::RequestBuilder {
         let mut request = self
             .http
             .post(&self.url)
             .header("content-type", "application/json")
-            .header("accept", "application/json, text/event-stream");
+            .header("accept", accept);
         if let Some(token) = &self.token {
             request = request.header("authorization", bearer(token));
         }

@@ -382,13 +382,7 @@ async fn a_call_answered_without_rmcp_is_the_answer_rmcp_gives() {
     assert_eq!(status, 401);
     assert!(answer.is_none_or(|a| a.get("result").is_none()));
     let refused = mcp
-        .http
-        .post(&mcp.url)
-        .header("authorization", format!("Bearer {token}"))
-        .header("content-type", "application/json")
-        .header("accept", "application/json")
-        .header("mcp-session-id", mcp.session.as_deref().unwrap())
-        .header("mcp-protocol-version", &mcp.protocol)
+        .post_accepting("application/json")
         .body(call("10", plain))
         .send()
         .await
