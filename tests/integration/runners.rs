@@ -21,6 +21,7 @@ on_both_backends!(
     changes_made_elsewhere_reach_runs_within_a_second,
     runners_and_gateways_must_prove_their_identities,
     timeouts_kill_the_whole_tree_and_leave_nothing_behind,
+    spare_sandboxes_serve_one_run_each_with_only_its_own_input,
 );
 
 pub(crate) const TD: &str = "custodian.local";
@@ -249,6 +250,23 @@ impl TestRunner {
     }
 
     /// Exec requests the runner accepted.
+    /// The spare sandboxes this runner holds: the bubblewrap processes it started with the
+    /// helper's `--spare` argument, waiting for a run.
+    fn spares(&self) -> Vec<u32> {
+        let runner = self.process.0.id();
+        crate::processes::host_processes_with("cmdline", "--spare")
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{}/status", p.pid)).is_ok_and(|status| {
+                    status.lines().any(|l| {
+                        l.strip_prefix("PPid:").map(str::trim) == Some(&runner.to_string())
+                    })
+                })
+            })
+            .map(|p| p.pid)
+            .collect()
+    }
+
     fn execs(&self) -> usize {
         self.log()
             .lines()
@@ -759,5 +777,88 @@ async fn timeouts_kill_the_whole_tree_and_leave_nothing_behind(backend: Backend)
     assert_eq!(big["stdout"].as_str().unwrap().len(), 4096);
     assert!(!big.to_string().contains(CANARY));
     assert_eq!(s.runner.leftover_files(), Vec::<String>::new());
+    s.t.stop().await;
+}
+
+/// A run takes the sandbox the runner set up ahead of it: that sandbox serves exactly that run,
+/// a new one replaces it, and the command sees only its own standard input, the same environment
+/// as in a sandbox started for it alone, and none of the previous run's files.
+async fn spare_sandboxes_serve_one_run_each_with_only_its_own_input(backend: Backend) {
+    let Some(s) = setup(backend).await else {
+        return;
+    };
+    let grant =
+        s.t.active_grant(&s.acme, &s.token_id, "staging", 100, 600)
+            .await;
+    let script = |n: u32| {
+        format!(
+            "cat; echo; echo ---; env | cut -d= -f1 | sort; echo ---; ls -A /tmp /work; touch /tmp/left-{n} /work/left-{n}"
+        )
+    };
+    let sections = |result: &Value| -> Vec<String> {
+        result["stdout"]
+            .as_str()
+            .unwrap()
+            .split("---\n")
+            .map(str::to_owned)
+            .collect()
+    };
+    let wait_for_spare = |except: Option<u32>| {
+        let runner = &s.runner;
+        async move {
+            for _ in 0..100 {
+                if let Some(pid) = runner.spares().into_iter().find(|p| Some(*p) != except) {
+                    return pid;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("the runner set up no spare sandbox");
+        }
+    };
+    // A fresh runner has no spare yet: the first run starts a sandbox of its own.
+    assert_eq!(s.runner.spares(), Vec::<u32>::new());
+    let first = run(
+        &s.client,
+        json!({"grant_id": grant, "command": script(1), "stdin": "input-1"}),
+    )
+    .await
+    .unwrap();
+    let spare = wait_for_spare(None).await;
+    let second = run(
+        &s.client,
+        json!({"grant_id": grant, "command": script(2), "stdin": "input-2"}),
+    )
+    .await
+    .unwrap();
+    assert!(
+        !Path::new(&format!("/proc/{spare}")).exists(),
+        "the spare sandbox did not serve the run that came after it"
+    );
+    let next = wait_for_spare(Some(spare)).await;
+    let (first, second) = (sections(&first), sections(&second));
+    assert_eq!(first[0], "input-1\n", "{first:?}");
+    assert_eq!(second[0], "input-2\n", "{second:?}");
+    assert_eq!(
+        first[1], second[1],
+        "a spare sandbox gives the command another environment than a sandbox of its own"
+    );
+    for name in ["CANARY", "LANG", "PATH"] {
+        assert!(
+            first[1].lines().any(|l| l == name),
+            "{name} missing: {first:?}"
+        );
+    }
+    assert_eq!(first[2], "/tmp:\n\n/work:\n", "{first:?}");
+    assert_eq!(second[2], "/tmp:\n\n/work:\n", "{second:?}");
+    // Without input, the command reads an empty one: what the helper was sent stays with it.
+    let empty = run(
+        &s.client,
+        json!({"grant_id": grant, "command": "cat; echo end"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(empty["stdout"], "end\n", "{empty}");
+    assert_eq!(empty["redactions"], json!({}), "{empty}");
+    assert!(!Path::new(&format!("/proc/{next}")).exists());
     s.t.stop().await;
 }

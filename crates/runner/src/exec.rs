@@ -4,7 +4,6 @@
 //! (the gateway went away or the runner is shutting down).
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -113,30 +112,25 @@ pub async fn run(
         .chain(secrets.iter().map(|(n, v)| (n.as_str(), v.as_str())))
         .chain(proxy_env.iter().map(|(n, v)| (*n, v.as_str())))
         .collect();
-    let (mut command, lease, socket) = sandbox
-        .command(
+    let started = Instant::now();
+    let crate::sandbox::Started {
+        mut child,
+        lease,
+        socket,
+    } = sandbox
+        .start(
             &request.argv,
             &env,
             &files,
             timeout.as_secs() + 1,
             plan.as_ref().map(crate::egress::Plan::net),
+            request.stdin.is_some(),
         )
+        .await
         .map_err(NotStarted::Sandbox)?;
-    command
-        .stdin(if request.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let started = Instant::now();
-    let spawned = command.spawn();
-    drop(command);
     drop(env);
     drop(fragments);
     drop(files);
-    let mut child = spawned.map_err(|e| NotStarted::Sandbox(e.to_string()))?;
     let group = child.id().map(|pid| pid as i32);
     // The group is bubblewrap's: killing it ends the run's namespace init, and the kernel then
     // kills every process of the run. It is killed however this future ends (dropped included).

@@ -272,11 +272,56 @@ fn probe(layers: &Layers, applied: Applied) -> Inside {
     }
 }
 
-/// The helper's main: `HELPER_ARG LAYERS_JSON -- PROGRAM ARGS…`, or `HELPER_ARG --probe
-/// LAYERS_JSON` to print an [`Inside`] report as JSON.
+/// What a sandbox started ahead of its run (see `super::Sandbox::start`) reads first on its
+/// standard input: the run's layers, command line and environment (secrets included), as a 4-byte
+/// big-endian length and that many bytes of JSON. It is read unbuffered, so what follows in the
+/// pipe is the command's own input.
+#[derive(Deserialize)]
+struct Spec {
+    layers: Layers,
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+/// The runner's side of [`Spec`], borrowed from the request.
+#[derive(Serialize)]
+pub struct SpecRef<'a> {
+    pub layers: &'a Layers,
+    pub argv: &'a [String],
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+/// Largest [`Spec`] a helper reads: well above any request body a runner accepts.
+pub const MAX_SPEC_BYTES: u32 = 64 << 20;
+
+/// Reads one [`Spec`] from standard input, unbuffered. `None` when the runner closed the pipe
+/// without one (it dropped the sandbox) or sent something malformed.
+fn read_spec() -> Option<zeroize::Zeroizing<Vec<u8>>> {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    // SAFETY: descriptor 0 is this process's standard input, open for its whole life; the
+    // ManuallyDrop keeps this File from closing it, so nothing else's ownership is disturbed.
+    let mut input = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(0) });
+    let mut length = [0u8; 4];
+    input.read_exact(&mut length).ok()?;
+    let length = u32::from_be_bytes(length);
+    if length > MAX_SPEC_BYTES {
+        return None;
+    }
+    let mut spec = zeroize::Zeroizing::new(vec![0u8; length as usize]);
+    input.read_exact(&mut spec).ok()?;
+    Some(spec)
+}
+
+/// The helper's main: `HELPER_ARG LAYERS_JSON -- PROGRAM ARGS…`, `HELPER_ARG --spare FD` (the
+/// run arrives on standard input as a [`Spec`]; `FD` is the runner's egress socket, closed unless
+/// the run has egress), or `HELPER_ARG --probe LAYERS_JSON` to print an [`Inside`] report as JSON.
 pub fn helper_main(args: Vec<OsString>) -> ExitCode {
     let mut args = args.into_iter();
     let mut first = args.next().unwrap_or_default();
+    if first == super::SPARE_ARG {
+        return spare(args.next());
+    }
     let probing = first == "--probe";
     if probing {
         first = args.next().unwrap_or_default();
@@ -301,6 +346,49 @@ pub fn helper_main(args: Vec<OsString>) -> ExitCode {
         return ExitCode::from(126);
     }
     let argv: Vec<OsString> = args.collect();
+    exec(&layers, &argv, Vec::new())
+}
+
+/// A sandbox started ahead of its run: waits for the run's [`Spec`], then runs it as
+/// [`helper_main`] would have.
+fn spare(socket: Option<OsString>) -> ExitCode {
+    let Some(socket) = socket
+        .and_then(|fd| fd.to_str().and_then(|fd| fd.parse::<i32>().ok()))
+        .filter(|fd| *fd > 2)
+    else {
+        eprintln!("sandbox: malformed helper invocation");
+        return ExitCode::from(126);
+    };
+    let Some(spec) = read_spec() else {
+        // The runner dropped this sandbox unused (it is shutting down): nothing to run.
+        return ExitCode::from(126);
+    };
+    let Ok(Spec { layers, argv, env }) = serde_json::from_slice::<Spec>(&spec) else {
+        eprintln!("sandbox: malformed run specification");
+        return ExitCode::from(126);
+    };
+    drop(spec);
+    let argv: Vec<OsString> = argv.into_iter().map(OsString::from).collect();
+    match &layers.egress {
+        Some(net) if net.fd == socket => {}
+        Some(_) => {
+            eprintln!("sandbox: the run's egress socket is not the one this sandbox holds");
+            return ExitCode::from(126);
+        }
+        None => {
+            // SAFETY: the runner left exactly this descriptor open for the helper and nothing here
+            // uses it: closed now, the command never holds a line to the runner.
+            unsafe {
+                libc::close(socket);
+            }
+        }
+    }
+    exec(&layers, &argv, env)
+}
+
+/// Opens the run's egress, restricts this process, then execs `argv` with `env` added to the
+/// environment bubblewrap gave the helper.
+fn exec(layers: &Layers, argv: &[OsString], env: Vec<(String, String)>) -> ExitCode {
     let Some((program, rest)) = argv.split_first() else {
         eprintln!("sandbox: no program to run");
         return ExitCode::from(126);
@@ -309,12 +397,15 @@ pub fn helper_main(args: Vec<OsString>) -> ExitCode {
         eprintln!("sandbox: {e}; refusing to run");
         return ExitCode::from(126);
     }
-    let applied = restrict(&layers);
+    let applied = restrict(layers);
     if !(applied.rlimits && applied.no_new_privs && applied.seccomp) {
         eprintln!("sandbox: could not apply the required restrictions; refusing to run");
         return ExitCode::from(126);
     }
-    let error = std::process::Command::new(program).args(rest).exec();
+    let error = std::process::Command::new(program)
+        .args(rest)
+        .envs(env)
+        .exec();
     eprintln!(
         "sandbox: cannot execute {}: {error}",
         Path::new(program).display()

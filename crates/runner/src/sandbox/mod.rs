@@ -44,6 +44,8 @@ use inner::{Inside, Layers, NetSetup};
 
 /// First argument of the helper invocation.
 pub const HELPER_ARG: &str = "__custodian-sandbox-exec";
+/// The helper's argument for a sandbox started ahead of its run (see [`Sandbox::start`]).
+const SPARE_ARG: &str = "--spare";
 /// Where the helper binary appears inside a run.
 const HELPER_INSIDE: &str = "/run/custodian/sandbox-helper";
 /// The run's working directory and HOME.
@@ -103,8 +105,19 @@ pub enum Isolation {
     DangerouslyNone,
 }
 
-/// Starts commands in their sandbox.
-pub struct Sandbox {
+/// Starts commands in their sandbox. Cheap to clone: clones share one spare sandbox.
+#[derive(Clone)]
+pub struct Sandbox(std::sync::Arc<Parts>);
+
+impl std::ops::Deref for Sandbox {
+    type Target = Parts;
+    fn deref(&self) -> &Parts {
+        &self.0
+    }
+}
+
+/// What a [`Sandbox`] is made of.
+pub struct Parts {
     helper: PathBuf,
     config: SandboxConfig,
     isolation: Isolation,
@@ -115,8 +128,29 @@ pub struct Sandbox {
     uid_locks: Option<PathBuf>,
     next_slot: std::sync::atomic::AtomicU32,
     bwrap_args: Vec<OsString>,
+    /// The sandbox the next run takes, already set up (see [`Sandbox::start`]).
+    spare: std::sync::Mutex<Option<Spare>>,
     /// The copy of `/etc` runs see, removed with the sandbox.
     _etc: Option<tempfile::TempDir>,
+}
+
+/// A fresh sandbox started before its run is known: bubblewrap has built its namespaces and
+/// mounts, and the helper inside waits on its standard input for the run ([`inner::SpecRef`]).
+/// It holds no secret and no part of any request until then, and serves exactly one run.
+struct Spare {
+    child: tokio::process::Child,
+    lease: Lease,
+    /// The runner's end of the egress socket, and the descriptor of the helper's end.
+    socket: std::os::fd::OwnedFd,
+    their_fd: i32,
+}
+
+/// A run's sandbox, started: bubblewrap's process (its process group is the run's), what must
+/// live until the run is over, and with egress the socket its listeners arrive on.
+pub struct Started {
+    pub child: tokio::process::Child,
+    pub lease: Lease,
+    pub socket: Option<std::os::fd::OwnedFd>,
 }
 
 /// A per-run host uid, held (through its lock) until the run is over.
@@ -164,7 +198,7 @@ impl Sandbox {
             }
         };
         let bwrap_args = bwrap_args(&helper, &config, etc.as_ref().map(tempfile::TempDir::path));
-        Self {
+        Self(std::sync::Arc::new(Parts {
             helper,
             config,
             isolation,
@@ -172,8 +206,184 @@ impl Sandbox {
             uid_locks: root.then(uid_lock_dir).flatten(),
             next_slot: std::sync::atomic::AtomicU32::new(0),
             bwrap_args,
+            spare: std::sync::Mutex::new(None),
             _etc: etc,
+        }))
+    }
+
+    /// Starts `argv` in a fresh sandbox with `env` (and nothing else of the runner's environment)
+    /// and `credentials` ([`files`]); its standard input is a pipe when `stdin`, else empty, and
+    /// its output is piped.
+    ///
+    /// Isolated runs without credential files take the spare sandbox when one is ready: its
+    /// namespaces and mounts were set up before the request came, so only the helper's own
+    /// restrictions and the exec remain. The run's command line and environment reach the helper
+    /// through its standard input, not bubblewrap's command line or environment. A new spare is
+    /// started for the next run at once. Each sandbox serves one run, spare or not.
+    pub async fn start(
+        &self,
+        argv: &[String],
+        env: &[(&str, &str)],
+        credentials: &[files::CredentialFile],
+        cpu_seconds: u64,
+        net: Option<NetPlan>,
+        stdin: bool,
+    ) -> Result<Started, String> {
+        use std::process::Stdio;
+        if credentials.is_empty()
+            && let Some(started) = self
+                .start_spare(argv, env, cpu_seconds, net.clone(), stdin)
+                .await
+        {
+            return Ok(started);
         }
+        let (mut command, lease, socket) =
+            self.command(argv, env, credentials, cpu_seconds, net)?;
+        let child = command
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        drop(command);
+        self.refill();
+        Ok(Started {
+            child,
+            lease,
+            socket,
+        })
+    }
+
+    /// Runs `argv` in the spare sandbox, if one is ready and still alive; `None` leaves the run
+    /// to a sandbox of its own (nothing of it ran).
+    async fn start_spare(
+        &self,
+        argv: &[String],
+        env: &[(&str, &str)],
+        cpu_seconds: u64,
+        net: Option<NetPlan>,
+        stdin: bool,
+    ) -> Option<Started> {
+        use tokio::io::AsyncWriteExt;
+        let taken = self
+            .spare
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(mut spare) = taken else {
+            self.refill();
+            return None;
+        };
+        // A spare that ended while it waited (it is dropped, and killed with its group).
+        if !matches!(spare.child.try_wait(), Ok(None)) {
+            return None;
+        }
+        let mut layers = self.layers(cpu_seconds, None, None);
+        let socket = net.map(|plan| {
+            layers.egress = Some(NetSetup {
+                fd: spare.their_fd,
+                ports: plan.ports,
+                ca_pem: plan.ca_pem,
+                ca_file: EGRESS_CA_FILE.into(),
+                bundle_file: EGRESS_BUNDLE_FILE.into(),
+            });
+            spare.socket
+        });
+        let spec = inner::SpecRef {
+            layers: &layers,
+            argv,
+            env,
+        };
+        let spec = zeroize::Zeroizing::new(serde_json::to_vec(&spec).ok()?);
+        let length = u32::try_from(spec.len())
+            .ok()
+            .filter(|n| *n <= inner::MAX_SPEC_BYTES)?;
+        let mut framed = zeroize::Zeroizing::new(Vec::with_capacity(4 + spec.len()));
+        framed.extend_from_slice(&length.to_be_bytes());
+        framed.extend_from_slice(&spec);
+        drop(spec);
+        let mut pipe = spare.child.stdin.take()?;
+        // The helper execs only once it has read all of this: a failed write means nothing ran.
+        pipe.write_all(&framed).await.ok()?;
+        drop(framed);
+        if stdin {
+            spare.child.stdin = Some(pipe);
+        } else {
+            // End of input for the command.
+            drop(pipe);
+        }
+        self.refill();
+        Some(Started {
+            child: spare.child,
+            lease: spare.lease,
+            socket,
+        })
+    }
+
+    /// Starts the spare sandbox for the next run unless there is one (isolated runs only), in
+    /// the blocking pool: forking the runner is not the current run's to wait for.
+    fn refill(&self) {
+        if !self.config.spare || self.isolation != Isolation::Full {
+            return;
+        }
+        let sandbox = self.clone();
+        tokio::task::spawn_blocking(move || sandbox.refill_now());
+    }
+
+    fn refill_now(&self) {
+        let empty = |spare: &std::sync::Mutex<Option<Spare>>| {
+            spare
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_none()
+        };
+        if !empty(&self.spare) {
+            return;
+        }
+        match self.spawn_spare() {
+            Ok(spare) => {
+                let mut slot = self
+                    .spare
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                // Another run's refill may have won the race: the extra one is dropped (killed).
+                if slot.is_none() {
+                    *slot = Some(spare);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a spare sandbox; the next run starts its own")
+            }
+        }
+    }
+
+    fn spawn_spare(&self) -> Result<Spare, String> {
+        use std::os::fd::AsRawFd;
+        use std::process::Stdio;
+        let listeners = NetPlan {
+            ports: Vec::new(),
+            ca_pem: None,
+        };
+        let (mut command, lease, socket) =
+            self.prepare(1, None, Some(listeners), &[], |command, _, lease| {
+                let fd = lease._net.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+                command.arg(HELPER_ARG).arg(SPARE_ARG).arg(fd.to_string());
+                lease
+            })?;
+        let their_fd = lease._net.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+        let socket = socket.ok_or("no egress socket for the spare sandbox")?;
+        let child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.config.bwrap.display()))?;
+        Ok(Spare {
+            child,
+            lease,
+            socket,
+            their_fd,
+        })
     }
 
     pub fn isolation(&self) -> Isolation {
