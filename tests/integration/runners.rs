@@ -842,7 +842,7 @@ async fn spare_sandboxes_serve_one_run_each_with_only_its_own_input(backend: Bac
         first[1], second[1],
         "a spare sandbox gives the command another environment than a sandbox of its own"
     );
-    for name in ["CANARY", "LANG", "PATH"] {
+    for name in ["CANARY", "HOME", "LANG", "PATH", "TMPDIR"] {
         assert!(
             first[1].lines().any(|l| l == name),
             "{name} missing: {first:?}"
@@ -853,12 +853,29 @@ async fn spare_sandboxes_serve_one_run_each_with_only_its_own_input(backend: Bac
     // Without input, the command reads an empty one: what the helper was sent stays with it.
     let empty = run(
         &s.client,
-        json!({"grant_id": grant, "command": "cat; echo end"}),
+        json!({"grant_id": grant, "command": "cat; ls /proc/self/fd; echo end"}),
     )
     .await
     .unwrap();
-    assert_eq!(empty["stdout"], "end\n", "{empty}");
+    // Only its standard streams (and the descriptor `ls` opens to list them) are open.
+    assert_eq!(empty["stdout"], "0\n1\n2\n3\nend\n", "{empty}");
     assert_eq!(empty["redactions"], json!({}), "{empty}");
-    assert!(!Path::new(&format!("/proc/{next}")).exists());
+    assert!(!s.runner.spares().contains(&next));
+    // A spare waits as long as it takes: still there, and still the one that serves the next run,
+    // after the runtime's idle threads have ended (their keep-alive is 10 s).
+    let waiting = wait_for_spare(Some(next)).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert!(
+        s.runner.spares().contains(&waiting),
+        "the spare sandbox died while it waited"
+    );
+    let late = run(
+        &s.client,
+        json!({"grant_id": grant, "command": "echo late"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(late["stdout"], "late\n");
+    assert!(!s.runner.spares().contains(&waiting));
     s.t.stop().await;
 }

@@ -134,7 +134,7 @@ pub async fn run(
     let group = child.id().map(|pid| pid as i32);
     // The group is bubblewrap's: killing it ends the run's namespace init, and the kernel then
     // kills every process of the run. It is killed however this future ends (dropped included).
-    let _kill = KillOnDrop(group);
+    let _kill = crate::sandbox::KillGroupOnDrop(group);
     // Taken before anything waits on the child (waiting closes its stdin).
     let stdin_pipe = child.stdin.take();
     // The run's listeners arrive before its command starts; without them it does not start.
@@ -211,17 +211,6 @@ pub async fn run(
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         egress,
     })
-}
-
-/// Kills the run's process group when the exec ends in any way, including being dropped.
-struct KillOnDrop(Option<i32>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(group) = self.0 {
-            crate::sandbox::kill_group(group);
-        }
-    }
 }
 
 type Reader = tokio::task::JoinHandle<(Vec<u8>, Counts, bool)>;

@@ -226,6 +226,21 @@ fn restrict(layers: &Layers) -> Applied {
     }
 }
 
+/// Marks every descriptor above standard error close-on-exec, so the command starts with only
+/// its three standard streams: nothing the runner's own parent left open reaches a run.
+fn close_inherited() -> bool {
+    // SAFETY: close_range takes integers; with CLOSE_RANGE_CLOEXEC it only sets a flag on
+    // descriptors this process holds, and no Rust object here uses one after exec.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) == 0
+    }
+}
+
 fn status_field(status: &str, name: &str) -> Option<String> {
     status
         .lines()
@@ -293,6 +308,31 @@ pub struct SpecRef<'a> {
 
 /// Largest [`Spec`] a helper reads: well above any request body a runner accepts.
 pub const MAX_SPEC_BYTES: u32 = 64 << 20;
+
+/// `spec` as the helper reads it: its length, then its JSON, in one buffer that is wiped when
+/// dropped and sized before it is written (a growing buffer would leave copies of the secrets
+/// behind in freed memory). `None` if it cannot be serialized or is over [`MAX_SPEC_BYTES`].
+pub fn frame(spec: &SpecRef<'_>) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, spec).ok()?;
+    let length = u32::try_from(count.0)
+        .ok()
+        .filter(|n| *n <= MAX_SPEC_BYTES)?;
+    let mut framed = zeroize::Zeroizing::new(Vec::with_capacity(4 + count.0));
+    framed.extend_from_slice(&length.to_be_bytes());
+    serde_json::to_writer(&mut *framed, spec).ok()?;
+    (framed.len() == 4 + count.0).then_some(framed)
+}
 
 /// Reads one [`Spec`] from standard input, unbuffered. `None` when the runner closed the pipe
 /// without one (it dropped the sandbox) or sent something malformed.
@@ -395,6 +435,10 @@ fn exec(layers: &Layers, argv: &[OsString], env: Vec<(String, String)>) -> ExitC
     };
     if let Some(Err(e)) = layers.egress.as_ref().map(open_egress) {
         eprintln!("sandbox: {e}; refusing to run");
+        return ExitCode::from(126);
+    }
+    if !close_inherited() {
+        eprintln!("sandbox: cannot close inherited descriptors; refusing to run");
         return ExitCode::from(126);
     }
     let applied = restrict(layers);

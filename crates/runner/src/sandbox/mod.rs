@@ -21,6 +21,10 @@
 //!   runner over an inherited Unix socket ([`fdpass`]), and the runner serves them from outside
 //!   ([`crate::egress`]).
 //!
+//! The runner keeps one sandbox set up ahead of the next run (see [`Sandbox::start`]): the slow
+//! part, bubblewrap's namespaces and mounts, is then done before the request comes, and the run's
+//! command line and environment reach the helper over its standard input.
+//!
 //! [`check`] runs a probe through the same path and reports what it sees from inside.
 #![expect(
     unsafe_code,
@@ -130,6 +134,8 @@ pub struct Parts {
     bwrap_args: Vec<OsString>,
     /// The sandbox the next run takes, already set up (see [`Sandbox::start`]).
     spare: std::sync::Mutex<Option<Spare>>,
+    /// Asks the thread that sets up spares for one (started with the first).
+    refills: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
     /// The copy of `/etc` runs see, removed with the sandbox.
     _etc: Option<tempfile::TempDir>,
 }
@@ -143,6 +149,26 @@ struct Spare {
     /// The runner's end of the egress socket, and the descriptor of the helper's end.
     socket: std::os::fd::OwnedFd,
     their_fd: i32,
+    born: std::time::Instant,
+    /// Until a run takes it: killing bubblewrap alone could leave its namespace's init behind
+    /// (it gets its death signal only once set up), so the whole group goes.
+    unused: KillGroupOnDrop,
+}
+
+/// How old a spare may get: bind mounts (`/etc/resolv.conf`, `read_only_paths`) show the files
+/// they were made with, so a host's changes reach runs within this time. The thread that sets up
+/// spares replaces one at half this age.
+const SPARE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Kills a process group when dropped, unless it was disarmed (`.0` taken).
+pub struct KillGroupOnDrop(pub Option<i32>);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if let Some(group) = self.0 {
+            kill_group(group);
+        }
+    }
 }
 
 /// A run's sandbox, started: bubblewrap's process (its process group is the run's), what must
@@ -207,6 +233,7 @@ impl Sandbox {
             next_slot: std::sync::atomic::AtomicU32::new(0),
             bwrap_args,
             spare: std::sync::Mutex::new(None),
+            refills: std::sync::Mutex::new(None),
             _etc: etc,
         }))
     }
@@ -265,17 +292,19 @@ impl Sandbox {
         stdin: bool,
     ) -> Option<Started> {
         use tokio::io::AsyncWriteExt;
+        // What cannot be exec'ed is refused by the spawn of a sandbox of its own, before the run.
+        let nul = |s: &str| s.contains('\0');
+        if argv.iter().any(|a| nul(a)) || env.iter().any(|(n, v)| nul(n) || nul(v)) {
+            return None;
+        }
         let taken = self
             .spare
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-        let Some(mut spare) = taken else {
-            self.refill();
-            return None;
-        };
-        // A spare that ended while it waited (it is dropped, and killed with its group).
-        if !matches!(spare.child.try_wait(), Ok(None)) {
+        let mut spare = taken?;
+        // A spare that ended while it waited, or too old (it is dropped, killed with its group).
+        if !matches!(spare.child.try_wait(), Ok(None)) || spare.born.elapsed() > SPARE_MAX_AGE {
             return None;
         }
         let mut layers = self.layers(cpu_seconds, None, None);
@@ -294,14 +323,7 @@ impl Sandbox {
             argv,
             env,
         };
-        let spec = zeroize::Zeroizing::new(serde_json::to_vec(&spec).ok()?);
-        let length = u32::try_from(spec.len())
-            .ok()
-            .filter(|n| *n <= inner::MAX_SPEC_BYTES)?;
-        let mut framed = zeroize::Zeroizing::new(Vec::with_capacity(4 + spec.len()));
-        framed.extend_from_slice(&length.to_be_bytes());
-        framed.extend_from_slice(&spec);
-        drop(spec);
+        let framed = inner::frame(&spec)?;
         let mut pipe = spare.child.stdin.take()?;
         // The helper execs only once it has read all of this: a failed write means nothing ran.
         pipe.write_all(&framed).await.ok()?;
@@ -312,6 +334,7 @@ impl Sandbox {
             // End of input for the command.
             drop(pipe);
         }
+        spare.unused.0 = None;
         self.refill();
         Some(Started {
             child: spare.child,
@@ -320,33 +343,69 @@ impl Sandbox {
         })
     }
 
-    /// Starts the spare sandbox for the next run unless there is one (isolated runs only), in
-    /// the blocking pool: forking the runner is not the current run's to wait for.
+    /// Starts the spare sandbox for the next run unless there is one (isolated runs only), on
+    /// the sandbox's own thread: forking the runner is not the current run's to wait for, and
+    /// bubblewrap's death signal follows the thread that started it, so that thread must live as
+    /// long as the sandbox (a thread of the blocking pool ends after 10 s idle, and would take
+    /// the spare with it).
     fn refill(&self) {
         if !self.config.spare || self.isolation != Isolation::Full {
             return;
         }
-        let sandbox = self.clone();
-        tokio::task::spawn_blocking(move || sandbox.refill_now());
+        let mut refills = self
+            .refills
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if refills.is_none() {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            let (requests, received) = std::sync::mpsc::channel::<()>();
+            let parts = std::sync::Arc::downgrade(&self.0);
+            let started = std::thread::Builder::new()
+                .name("sandbox-spare".to_owned())
+                .spawn(move || {
+                    let _runtime = runtime.enter();
+                    // Ends when the sandbox is dropped (and with it the sender).
+                    use std::sync::mpsc::RecvTimeoutError;
+                    while let Ok(()) | Err(RecvTimeoutError::Timeout) =
+                        received.recv_timeout(SPARE_MAX_AGE / 2)
+                    {
+                        let Some(parts) = parts.upgrade() else { break };
+                        Sandbox(parts).refill_now();
+                    }
+                });
+            if let Err(e) = started {
+                tracing::warn!(error = %e, "cannot start the thread that sets up spare sandboxes; runs start their own");
+                return;
+            }
+            *refills = Some(requests);
+        }
+        if let Some(requests) = refills.as_ref() {
+            let _ = requests.send(());
+        }
     }
 
+    /// Sets up a spare unless one younger than half [`SPARE_MAX_AGE`] is waiting (an older one
+    /// is replaced). Called only from the sandbox's own thread, so spares are set up one at a time.
     fn refill_now(&self) {
-        let empty = |spare: &std::sync::Mutex<Option<Spare>>| {
-            spare
+        let slot = || {
+            self.spare
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .is_none()
         };
-        if !empty(&self.spare) {
-            return;
-        }
+        let stale = {
+            let mut slot = slot();
+            match slot.as_ref() {
+                Some(spare) if spare.born.elapsed() < SPARE_MAX_AGE / 2 => return,
+                Some(_) => slot.take(),
+                None => None,
+            }
+        };
+        drop(stale);
         match self.spawn_spare() {
             Ok(spare) => {
-                let mut slot = self
-                    .spare
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                // Another run's refill may have won the race: the extra one is dropped (killed).
+                let mut slot = slot();
                 if slot.is_none() {
                     *slot = Some(spare);
                 }
@@ -378,11 +437,14 @@ impl Sandbox {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", self.config.bwrap.display()))?;
+        let group = child.id().and_then(|pid| i32::try_from(pid).ok());
         Ok(Spare {
             child,
             lease,
             socket,
             their_fd,
+            born: std::time::Instant::now(),
+            unused: KillGroupOnDrop(group),
         })
     }
 
@@ -545,9 +607,7 @@ impl Sandbox {
                     .args(&self.bwrap_args)
                     .arg("--")
                     .arg(HELPER_INSIDE)
-                    .current_dir("/")
-                    .env("HOME", WORK_DIR)
-                    .env("TMPDIR", TMP_DIR);
+                    .current_dir("/");
                 let layers = self.layers(cpu_seconds, hidden, None);
                 (command, None, layers, placed)
             }
@@ -559,19 +619,23 @@ impl Sandbox {
                     .tempdir()
                     .map_err(|e| format!("cannot create a work directory: {e}"))?;
                 let mut command = tokio::process::Command::new(&self.helper);
-                command
-                    .current_dir(work.path())
-                    .env("HOME", work.path())
-                    .env("TMPDIR", work.path());
+                command.current_dir(work.path());
                 let layers = self.layers(cpu_seconds, hidden, Some(work.path()));
                 let placed = files::in_temp_dir(credentials)?;
                 (command, Some(work), layers, placed)
             }
         };
+        // The run's HOME and TMPDIR: its work dir and /tmp, or without isolation its work dir.
+        let (home, tmp) = match &work {
+            Some(work) => (work.path().as_os_str(), work.path().as_os_str()),
+            None => (WORK_DIR.as_ref(), TMP_DIR.as_ref()),
+        };
         command
             .env_clear()
             .env("PATH", PATH)
             .env("LANG", "C.UTF-8")
+            .env("HOME", home)
+            .env("TMPDIR", tmp)
             .envs(placed.env.iter().map(|(n, v)| (n, v)))
             .process_group(0)
             .kill_on_drop(true);
