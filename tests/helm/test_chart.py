@@ -139,6 +139,7 @@ def isolation_problems(doc, docs, values):
         "tmpfs_bytes": sandbox["tmpfsBytes"],
         "processes": sandbox["processes"],
         "memory_bytes": sandbox["memoryBytes"],
+        "spare": sandbox["spare"],
     }
     if config.get("sandbox") != expected:
         problems.append(f"runner.toml [sandbox] is {config.get('sandbox')}, not {expected}")

@@ -122,4 +122,5 @@ read_only_paths = {{ $sandbox.readOnlyPaths | default list | toJson }}
 tmpfs_bytes = {{ $sandbox.tmpfsBytes | int64 }}
 processes = {{ $sandbox.processes | int64 }}
 memory_bytes = {{ $sandbox.memoryBytes | int64 }}
+spare = {{ $sandbox.spare }}
 {{- end -}}
