@@ -877,5 +877,17 @@ async fn spare_sandboxes_serve_one_run_each_with_only_its_own_input(backend: Bac
     .unwrap();
     assert_eq!(late["stdout"], "late\n");
     assert!(!s.runner.spares().contains(&waiting));
+    // A spare that died while it waited is not used: the run gets a sandbox of its own, and a
+    // new spare follows.
+    let doomed = wait_for_spare(Some(waiting)).await;
+    crate::processes::sigkill(doomed);
+    let after = run(
+        &s.client,
+        json!({"grant_id": grant, "command": "echo after"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(after["stdout"], "after\n", "{after}");
+    wait_for_spare(Some(doomed)).await;
     s.t.stop().await;
 }
