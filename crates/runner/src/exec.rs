@@ -15,6 +15,10 @@ use zeroize::Zeroizing;
 
 use crate::sandbox::{Isolation, Sandbox};
 
+/// How long a run that already ended may take to hand over its listeners (they are in the socket
+/// if it sent them; this only waits for the receiving thread).
+const LISTENERS_AFTER_EXIT: Duration = Duration::from_secs(1);
+
 /// How long output readers may outlive the run (a process holding a pipe past its namespace).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
@@ -140,12 +144,24 @@ pub async fn run(
     // The run's listeners arrive before its command starts; without them it does not start.
     let serving = match (plan, socket) {
         (Some(plan), Some(socket)) => {
-            let received = tokio::task::spawn_blocking(move || {
+            let mut received = tokio::task::spawn_blocking(move || {
                 crate::sandbox::fdpass::recv(std::os::fd::AsRawFd::as_raw_fd(&socket))
             });
+            let flatten = |r: Result<std::io::Result<_>, tokio::task::JoinError>| {
+                r.map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+            };
             let fds = tokio::select! {
-                received = received => received.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())),
-                _ = child.wait() => Err("the sandbox ended before its network was ready".to_owned()),
+                biased;
+                received = &mut received => flatten(received),
+                _ = child.wait() => {
+                    // A quick command can end before the receiving thread reports: the helper sent
+                    // the listeners before it exec'ed, so they are in the socket already.
+                    match tokio::time::timeout(LISTENERS_AFTER_EXIT, &mut received).await {
+                        Ok(received) => flatten(received),
+                        Err(_) => Err("the sandbox ended before its network was ready".to_owned()),
+                    }
+                }
             };
             match fds.and_then(|fds| plan.serve(fds, upstream.clone(), tracing::Span::current())) {
                 Ok(serving) => Some(serving),
