@@ -264,8 +264,23 @@ impl Sandbox {
         {
             return Ok(started);
         }
-        let (mut command, lease, socket) =
-            self.command(argv, env, credentials, cpu_seconds, net)?;
+        // A sandbox of its own: the command line and environment go on bubblewrap's, and the
+        // credential files are mounted.
+        let (mut command, lease, socket) = self.prepare(
+            cpu_seconds,
+            None,
+            net,
+            credentials,
+            |command, layers, lease| {
+                command
+                    .arg(HELPER_ARG)
+                    .arg(layers)
+                    .arg("--")
+                    .args(argv)
+                    .envs(env.iter().copied());
+                lease
+            },
+        )?;
         let child = command
             .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
@@ -558,35 +573,11 @@ impl Sandbox {
         Err("every per-run uid is in use".to_owned())
     }
 
-    /// The command that runs `argv` in a fresh sandbox with `env` (and nothing else of the
-    /// runner's environment) and `credentials` ([`files`]); the [`Lease`] must live until the
+    /// A sandbox's command, with nothing of the runner's environment, and `credentials`
+    /// ([`files`]) in place; `finish` adds what the helper runs. The [`Lease`] must live until the
     /// command is over. With `net` (isolated runs only), the returned socket receives the run's
-    /// listeners once it starts ([`fdpass::recv`]).
-    pub fn command(
-        &self,
-        argv: &[String],
-        env: &[(&str, &str)],
-        credentials: &[files::CredentialFile],
-        cpu_seconds: u64,
-        net: Option<NetPlan>,
-    ) -> Result<(tokio::process::Command, Lease, Option<std::os::fd::OwnedFd>), String> {
-        self.prepare(
-            cpu_seconds,
-            None,
-            net,
-            credentials,
-            |command, layers, lease| {
-                command
-                    .arg(HELPER_ARG)
-                    .arg(layers)
-                    .arg("--")
-                    .args(argv)
-                    .envs(env.iter().copied());
-                lease
-            },
-        )
-    }
-
+    /// listeners once it starts ([`fdpass::recv`]). `hidden` is for the self-check
+    /// ([`Sandbox::check`]): a runner path its probe must not see.
     fn prepare(
         &self,
         cpu_seconds: u64,
