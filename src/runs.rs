@@ -352,7 +352,7 @@ pub async fn run(
         "cancelled": cancelled,
         "duration_ms": response.duration_ms,
         "redactions": redactions,
-        "egress": response.egress,
+        "egress": redacted_egress(&redactor, response.egress),
     });
     // Written while the answer goes out (the exec itself was recorded before it ran); shutdown
     // waits for it, and a failure is logged, not hidden.
@@ -387,6 +387,24 @@ pub async fn run(
         duration_ms: response.duration_ms,
         uses_left: (grant.max_uses - grant.uses).max(0),
     })
+}
+
+/// The runner's egress counts with any secret in a destination replaced (defence in depth: the
+/// runner already replaced them); destinations that become one are counted together.
+fn redacted_egress(
+    redactor: &Redactor,
+    egress: BTreeMap<String, custodian_protocol::EgressCount>,
+) -> BTreeMap<String, custodian_protocol::EgressCount> {
+    let mut shown: BTreeMap<String, custodian_protocol::EgressCount> = BTreeMap::new();
+    for (destination, count) in egress {
+        let (text, _) = redactor.redact(destination.as_bytes());
+        let entry = shown
+            .entry(String::from_utf8_lossy(&text).into_owned())
+            .or_default();
+        entry.allowed += count.allowed;
+        entry.refused += count.refused;
+    }
+    shown
 }
 
 /// What a run in `environment` needs to know: from this replica's cache while no change was made

@@ -15,6 +15,7 @@ mod credential_files;
 mod credentials_postgres;
 mod docs;
 mod egress;
+mod egress_leaks;
 mod grants;
 mod harness;
 mod hostile;

@@ -16,6 +16,14 @@
 //! Anything not listed is refused. Each request or connection, allowed or refused, is a
 //! `runner.egress` span under the run's `runner.exec` span (method, host, port, path without the
 //! query, status, bytes; never headers or bodies) and is counted per destination.
+//!
+//! Guarantees:
+//! - A request is forwarded with the listed destination's own name as `Host`, whatever the command
+//!   wrote: an injected credential goes only to the site its rule names, also behind a front end
+//!   that serves many sites on one address.
+//! - What the command chose (the host it asked for, the path) reaches spans, logs and the counts
+//!   (and so the audit log) only through the run's redactor, as its output does: a run that names
+//!   its secret as a destination does not get it stored.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -27,6 +35,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use custodian_protocol::{EgressCount, EgressRule};
+use custodian_redact::Redactor;
 use http::header::{HOST, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
@@ -311,6 +320,7 @@ impl Plan {
         fds: Vec<OwnedFd>,
         upstream: Arc<rustls::ClientConfig>,
         span: Span,
+        redactor: Arc<Redactor>,
     ) -> Result<Serving, String> {
         let ports = self.net().ports;
         if fds.len() != ports.len() {
@@ -327,6 +337,7 @@ impl Plan {
             upstream,
             counts: Mutex::new(BTreeMap::new()),
             span,
+            redactor,
         });
         let mut tasks = JoinSet::new();
         for (index, (port, fd)) in ports.into_iter().zip(fds).enumerate() {
@@ -378,6 +389,8 @@ struct Shared {
     upstream: Arc<rustls::ClientConfig>,
     counts: Mutex<BTreeMap<String, EgressCount>>,
     span: Span,
+    /// The run's secrets, replaced in whatever of the run's choosing is recorded.
+    redactor: Arc<Redactor>,
 }
 
 #[derive(Clone, Copy)]
@@ -392,8 +405,21 @@ struct Admitted {
     addr: SocketAddr,
 }
 
+impl Admitted {
+    /// The destination's name, as its rule lists it.
+    fn host<'a>(&self, shared: &'a Shared) -> &'a str {
+        &shared.rules[self.rule].host
+    }
+}
+
 impl Shared {
+    /// Text the run chose (a host, a path) as it may be recorded: its secrets replaced.
+    fn shown(&self, text: &str) -> String {
+        String::from_utf8_lossy(&self.redactor.redact(text.as_bytes()).0).into_owned()
+    }
+
     fn span(&self, method: &str, host: &str, port: u16, path: &str) -> Span {
+        let (host, path) = (self.shown(host), self.shown(path));
         tracing::info_span!(
             parent: &self.span,
             "runner.egress",
@@ -409,8 +435,9 @@ impl Shared {
     }
 
     fn count(&self, host: &str, port: u16, allowed: bool) {
+        let key = format!("{}:{port}", self.shown(host));
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = counts.entry(format!("{host}:{port}")).or_default();
+        let entry = counts.entry(key).or_default();
         if allowed {
             entry.allowed += 1;
         } else {
@@ -422,20 +449,23 @@ impl Shared {
         span.record("custodian.egress.allowed", false);
         span.record("custodian.egress.refused", reason);
         self.count(host, port, false);
+        let host = self.shown(host);
         tracing::info!(parent: span, host, port, reason, "egress refused");
     }
 
-    /// Finds the rule for `scheme://host:port`, resolves the name and picks an address the rule
-    /// allows; refusals are counted and recorded on `span`.
+    /// Finds the rule for `scheme://host:port` (`host` as the run wrote it; names match in any
+    /// case), resolves the name and picks an address the rule allows; refusals are counted and
+    /// recorded on `span`. From here on the destination is the rule's: its host is
+    /// [`Admitted::host`].
     async fn admit(&self, span: &Span, scheme: &str, host: &str, port: u16) -> Option<Admitted> {
-        let found = self
-            .rules
-            .iter()
-            .position(|r| r.scheme == scheme && r.host == host && r.port == port);
+        let found = self.rules.iter().position(|r| {
+            r.scheme == scheme && r.host.eq_ignore_ascii_case(host) && r.port == port
+        });
         let Some(rule) = found else {
             self.refuse(span, host, port, "not listed");
             return None;
         };
+        let host = self.rules[rule].host.as_str();
         let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
             Err(_) => {
@@ -585,13 +615,13 @@ async fn proxy_connection(shared: Arc<Shared>, stream: TcpStream) {
     }
 }
 
-fn authority(uri: &Uri, default_port: u16) -> Option<(String, u16)> {
+/// The host (as the run wrote it, without an IPv6 literal's brackets) and port of `uri`.
+fn authority(uri: &Uri, default_port: u16) -> Option<(&str, u16)> {
     let authority = uri.authority()?;
     let host = authority
         .host()
         .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_ascii_lowercase();
+        .trim_end_matches(']');
     Some((host, authority.port_u16().unwrap_or(default_port)))
 }
 
@@ -604,12 +634,13 @@ async fn proxy_request(
         let Some((host, port)) = authority(request.uri(), 443) else {
             return Ok(answer(StatusCode::BAD_REQUEST));
         };
-        let span = shared.span("CONNECT", &host, port, "");
-        let Some(admitted) = shared.admit(&span, "https", &host, port).await else {
+        let span = shared.span("CONNECT", host, port, "");
+        let Some(admitted) = shared.admit(&span, "https", host, port).await else {
             span.record("custodian.egress.status", 403);
             return Ok(answer(StatusCode::FORBIDDEN));
         };
         span.record("custodian.egress.status", 200);
+        let host = admitted.host(&shared).to_owned();
         *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Tunnel {
             upgrade: hyper::upgrade::on(request),
             admitted,
@@ -624,8 +655,8 @@ async fn proxy_request(
     let (Some("http"), Some((host, port))) = (uri.scheme_str(), authority(&uri, 80)) else {
         return Ok(answer(StatusCode::BAD_REQUEST));
     };
-    let span = shared.span(request.method().as_str(), &host, port, uri.path());
-    let Some(admitted) = shared.admit(&span, "http", &host, port).await else {
+    let span = shared.span(request.method().as_str(), host, port, uri.path());
+    let Some(admitted) = shared.admit(&span, "http", host, port).await else {
         span.record("custodian.egress.status", 403);
         return Ok(answer(StatusCode::FORBIDDEN));
     };
@@ -644,7 +675,7 @@ async fn proxy_request(
     Ok(forward(
         &shared,
         admitted.rule,
-        &host,
+        admitted.host(&shared),
         port,
         &mut sender,
         request,
@@ -665,8 +696,9 @@ where
     Ok(sender)
 }
 
-/// Sends one request upstream in origin form, with the rule's credential in place of any header
-/// of that name the command sent; the status and response bytes go on `span`.
+/// Sends one request upstream in origin form to `host` (the rule's), named in `Host` whatever the
+/// command wrote there, with the rule's credential in place of any header of that name the
+/// command sent; the status and response bytes go on `span`.
 async fn forward(
     shared: &Shared,
     rule: usize,
@@ -689,16 +721,23 @@ async fn forward(
     for name in ["proxy-authorization", "proxy-connection"] {
         parts.headers.remove(name);
     }
-    if !parts.headers.contains_key(HOST) {
-        let value = if port == default_port {
-            host.to_owned()
-        } else {
-            format!("{host}:{port}")
-        };
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            parts.headers.insert(HOST, value);
-        }
-    }
+    // Behind a front end that routes by `Host`, another name would reach another site, with the
+    // credential.
+    let name = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    let value = if port == default_port {
+        name
+    } else {
+        format!("{name}:{port}")
+    };
+    let Ok(value) = HeaderValue::from_str(&value) else {
+        span.record("custodian.egress.status", 502);
+        return answer(StatusCode::BAD_GATEWAY);
+    };
+    parts.headers.insert(HOST, value);
     if let Some((name, value)) = &shared.rules[rule].header {
         parts.headers.remove(name);
         if let Ok(mut value) = HeaderValue::from_str(value) {

@@ -163,7 +163,14 @@ pub async fn run(
                     }
                 }
             };
-            match fds.and_then(|fds| plan.serve(fds, upstream.clone(), tracing::Span::current())) {
+            match fds.and_then(|fds| {
+                plan.serve(
+                    fds,
+                    upstream.clone(),
+                    tracing::Span::current(),
+                    redactor.clone(),
+                )
+            }) {
                 Ok(serving) => Some(serving),
                 Err(e) => {
                     if let Some(group) = group {
