@@ -103,16 +103,27 @@ pub fn is_restricted(ip: IpAddr) -> bool {
                 || a >= 240
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            if v6.is_loopback() || v6.is_unspecified() {
+                return true;
+            }
+            // IPv4-mapped (::ffff:a.b.c.d) and the deprecated IPv4-compatible (::a.b.c.d).
+            if let Some(v4) = v6.to_ipv4() {
                 return is_restricted(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-                || first == 0x64
+            let [first, second, third, fourth, ..] = v6.segments();
+            // 6to4 (2002::/16) carries an IPv4 address, which a 6to4 relay would reach.
+            if first == 0x2002 {
+                let v4 = std::net::Ipv4Addr::from((u32::from(second) << 16) | u32::from(third));
+                return is_restricted(IpAddr::V4(v4));
+            }
+            v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00 // unique local
+                || (first & 0xffc0) == 0xfe80 // link-local
+                || (first & 0xffc0) == 0xfec0 // site-local (deprecated)
+                || first == 0x64 // NAT64 (64:ff9b::/96, 64:ff9b:1::/48)
+                || (first == 0x2001 && second == 0) // Teredo: another network's tunnel
+                || (first == 0x2001 && second == 0x0db8) // documentation
+                || (first == 0x100 && second == 0 && third == 0 && fourth == 0) // discard-only
         }
     }
 }
@@ -836,4 +847,55 @@ async fn open_tls(
         .await
         .map_err(|e| e.to_string())?;
     handshake(TokioIo::new(tls)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_restricted;
+
+    #[test]
+    fn addresses_that_reach_private_networks_are_restricted_in_every_spelling() {
+        let restricted = [
+            "10.1.2.3",
+            "127.0.0.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "2002:7f00:1::",
+            "2002:a9fe:a9fe::1",
+            "2002:c0a8:0101::",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "2001:db8::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "fec0::1",
+            "64:ff9b::7f00:1",
+            "100::1",
+            "ff02::1",
+        ];
+        for ip in restricted {
+            assert!(
+                is_restricted(ip.parse().unwrap()),
+                "{ip} must be restricted"
+            );
+        }
+        let public = [
+            "8.8.8.8",
+            "140.82.112.3",
+            "::ffff:8.8.8.8",
+            "2002:808:808::",
+            "2606:4700::6810:84e5",
+            "2a00:1450:4001:80b::200e",
+        ];
+        for ip in public {
+            assert!(!is_restricted(ip.parse().unwrap()), "{ip} is public");
+        }
+    }
 }
