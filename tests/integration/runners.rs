@@ -749,6 +749,56 @@ async fn timeouts_kill_the_whole_tree_and_leave_nothing_behind(backend: Backend)
         escaped.stdout.is_empty(),
         "a setsid daemon outlived the command"
     );
+    // A gateway that goes away while its run is running (the connection closes, no cancel is
+    // sent): the runner stops the run at its next heartbeat, long before its timeout.
+    let (cert, key) = s.pki.gateway();
+    let material = custodian::runners::tls::ClientMaterial::load(&s.pki.ca(), &cert, &key).unwrap();
+    let dispatcher = custodian::runners::Dispatcher::new(TD.into(), Some(material));
+    let registered = custodian::runners::Runner {
+        tenant_id: "acme".into(),
+        name: "r1".into(),
+        pool: "default".into(),
+        url: s.runner.url.clone(),
+        created_at: 0,
+    };
+    let abandoned = format!("51.{}", std::process::id());
+    let request = custodian_protocol::ExecRequest {
+        exec_id: "ex_abandoned".into(),
+        grant_id: grant.clone(),
+        tenant: "acme".into(),
+        argv: vec!["sleep".into(), abandoned.clone()],
+        stdin: None,
+        timeout_ms: 60_000,
+        max_output_bytes: 100,
+        secrets: vec![],
+        traceparent: None,
+        egress: vec![],
+        files: vec![],
+        env: Vec::new(),
+    };
+    let running = || {
+        let found = Command::new("pgrep")
+            .args(["-f", &format!("sleep {abandoned}")])
+            .output()
+            .unwrap();
+        !found.stdout.is_empty()
+    };
+    let mut exec = Box::pin(dispatcher.exec(&registered, &request, Duration::from_secs(70)));
+    tokio::select! {
+        sent = &mut exec => panic!("the run ended by itself: {sent:?}"),
+        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+    }
+    assert!(running(), "the abandoned run never started");
+    drop(exec);
+    let mut left = true;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = running();
+        if !left {
+            break;
+        }
+    }
+    assert!(!left, "a run outlived its gateway's connection by 3 s");
     // Core dumps are off, privileges cannot be regained, system directories are read-only, and
     // the run's /tmp is its own (nothing reaches the host's).
     let limits = run(

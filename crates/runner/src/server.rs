@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -299,12 +300,13 @@ fn exec_streaming(runner: Arc<Runner>, exec: ExecRequest) -> Response<Body> {
         let reply = loop {
             tokio::select! {
                 reply = &mut reply => break reply,
-                _ = beat.tick() => {
-                    if tx.send(Bytes::from_static(b" ")).await.is_err() {
-                        // Nobody is listening any more: stop the run (the reply is dropped).
-                        cancel.cancel();
-                    }
-                }
+                _ = beat.tick() => match tx.try_send(Bytes::from_static(b" ")) {
+                    // Nobody is listening any more: stop the run (the reply is dropped).
+                    Err(TrySendError::Closed(_)) => cancel.cancel(),
+                    // A gateway that stopped reading skips a beat; it never holds up the run,
+                    // whose timeout and cancellation are watched only while `reply` is polled.
+                    Ok(()) | Err(TrySendError::Full(_)) => {}
+                },
             }
         };
         let _ = tx
