@@ -97,6 +97,10 @@ pub enum EgressError {
     InvalidBasicUser,
     #[error("secret `{0}` is not declared in this environment")]
     UnknownSecret(String),
+    #[error(
+        "secret `{secret}` is a `{kind}` credential: only a plain secret (kind `env`) is sent as a header, never what another kind stores"
+    )]
+    InjectKind { secret: String, kind: &'static str },
     #[error("no environment `{0}` in this tenant")]
     UnknownEnvironment(String),
     #[error("{0} is already listed for this environment")]
@@ -107,6 +111,20 @@ pub enum EgressError {
     TooMany(usize),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Refuses to inject `secret` of `env` unless it is a plain value: a credential of another kind
+/// stores what the gateway makes run credentials from (a PostgreSQL admin URL, an OAuth client
+/// secret or refresh token), which must never leave as a header. Checked when a rule is added and
+/// again before each run, since a secret's kind can change after.
+pub fn injectable(env: &crate::environments::Environment, secret: &str) -> Result<(), EgressError> {
+    match env.credentials.get(secret) {
+        Some(spec) if spec.kind != crate::credentials::Kind::Env => Err(EgressError::InjectKind {
+            secret: secret.to_owned(),
+            kind: spec.kind.as_str(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Most rules per environment (the runner's limit per run).
@@ -251,10 +269,11 @@ pub async fn add(
     let env = crate::environments::get(db, tenant, environment)
         .await?
         .ok_or_else(|| EgressError::UnknownEnvironment(environment.to_owned()))?;
-    if let Some(inject) = &rule.inject
-        && !env.secret_names.contains(&inject.secret)
-    {
-        return Err(EgressError::UnknownSecret(inject.secret.clone()));
+    if let Some(inject) = &rule.inject {
+        if !env.secret_names.contains(&inject.secret) {
+            return Err(EgressError::UnknownSecret(inject.secret.clone()));
+        }
+        injectable(&env, &inject.secret)?;
     }
     let existing = list(db, tenant, environment).await?;
     if existing.len() >= MAX_RULES {

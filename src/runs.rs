@@ -159,6 +159,11 @@ pub async fn run(
     };
     let target = run_target(app, &caller.tenant, &environment).await?;
     let (env, egress) = (&target.environment, &target.egress);
+    // Before the use is spent: a rule that would send a non-plain credential runs nothing.
+    for inject in egress.iter().filter_map(|r| r.inject.as_ref()) {
+        crate::egress::injectable(env, &inject.secret)
+            .map_err(|e| RunError::Egress(e.to_string()))?;
+    }
     if target.runners.is_empty() {
         // Still the grant's own state first, if that is what stops it.
         grants::usable(app, caller, &args.grant_id).await?;

@@ -12,6 +12,7 @@ use crate::harness::{Backend, TestApp};
 use crate::https_api;
 use crate::mcp_clients::connect;
 use crate::runners::{Pki, TestRunner, run};
+use custodian::credentials::{Kind, Spec};
 
 /// The test APIs listen here: a loopback address that is not in the run's `NO_PROXY`.
 const API_IP: &str = "127.0.0.2";
@@ -306,4 +307,105 @@ async fn an_injected_credential_is_delivered_only_to_the_listed_host() {
         fronted.is_empty(),
         "the credential was delivered to a host the run chose: {fronted:?}"
     );
+}
+
+/// A rule injects only a plain secret: a credential of another kind (here a file; a PostgreSQL
+/// admin URL or an OAuth client secret alike) is refused when a rule is added, and a run under a
+/// rule whose secret became such a credential afterwards sends nothing and spends no use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_plain_secrets_are_injected_into_requests() {
+    let (otlp, _spans, _) = crate::telemetry::receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (api, seen) = https_api::serve(API_IP, &[API_IP], dir.path()).await;
+    let Some(w) = World::start(
+        &[(format!("https://{api}"), true)],
+        Some(&dir.path().join("ca.pem")),
+        &otlp,
+        true,
+    )
+    .await
+    else {
+        return;
+    };
+    let bearer = format!("Bearer {}", w.secret);
+    let reached = |path: &str| {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|s| s.path == path && s.authorization.as_deref() == Some(bearer.as_str()))
+    };
+    // Positive control: the plain secret is injected.
+    w.run(&format!("curl -sS --max-time 10 https://{api}/plain"))
+        .await;
+    assert!(reached("/plain"), "the plain secret was not injected");
+
+    // The same secret becomes a file credential.
+    let spec = Spec::new(Kind::File, Some(r#"{"filename": "token"}"#)).unwrap();
+    custodian::secrets::set_credential(
+        w.t.db(),
+        &w.t.app.master_key,
+        &w.acme,
+        "api",
+        "API_TOKEN",
+        &spec,
+        w.secret.as_bytes(),
+        2,
+    )
+    .await
+    .unwrap();
+    let uses = || async {
+        custodian::grants::store::get(w.t.db(), &w.acme, &w.grant)
+            .await
+            .unwrap()
+            .unwrap()
+            .uses
+    };
+    let before = uses().await;
+    let refused = run(
+        w.client.peer(),
+        json!({"grant_id": w.grant, "command": format!("curl -sS --max-time 10 https://{api}/as-file")}),
+    )
+    .await
+    .expect_err("a run whose rule injects a file credential");
+    assert!(refused.contains("`file` credential"), "{refused}");
+    assert!(!refused.contains(&w.secret), "{refused}");
+    assert!(
+        !seen.lock().unwrap().iter().any(|s| s.path == "/as-file"),
+        "a request went out"
+    );
+    assert_eq!(
+        uses().await,
+        before,
+        "a use was spent on a run that never started"
+    );
+
+    // Such a rule cannot be added either.
+    let rule = custodian::egress::Rule {
+        destination: custodian::egress::parse_destination("https://api.example").unwrap(),
+        allow_private: false,
+        inject: custodian::egress::injection(
+            Some("API_TOKEN".into()),
+            Some("Authorization: Bearer {value}"),
+            None,
+        )
+        .unwrap(),
+    };
+    let added = custodian::egress::add(w.t.db(), &w.acme, "api", &rule, 3).await;
+    assert!(
+        matches!(
+            added,
+            Err(custodian::egress::EgressError::InjectKind { .. })
+        ),
+        "{added:?}"
+    );
+    let listed = custodian::egress::list(w.t.db(), &w.acme, "api")
+        .await
+        .unwrap();
+    assert!(
+        !listed.iter().any(|r| r.destination.host == "api.example"),
+        "the refused rule was stored"
+    );
+    let runner = w.runner;
+    runner.stop(Duration::from_secs(10));
+    w.t.stop().await;
 }
