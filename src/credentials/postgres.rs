@@ -486,6 +486,21 @@ pub async fn drop_role(settings: &Value, admin_url: &[u8], role: &str) -> Result
             }
             let mut tx = conn.begin().await?;
             if let OnDrop::ReassignTo(to) = &settings.on_drop {
+                // What runs with its owner's privileges would run with the new owner's, which
+                // the grant's role may not have had: its SECURITY DEFINER routines and its views
+                // are made to run with their caller's privileges first (views that cannot be,
+                // before PostgreSQL 15, are dropped).
+                let neutralize: Vec<String> = sqlx::query_scalar(
+                    "SELECT format('ALTER ROUTINE %s SECURITY INVOKER', p.oid::regprocedure)                      FROM pg_proc p JOIN pg_roles o ON o.oid = p.proowner                      WHERE o.rolname = $1 AND p.prosecdef                      UNION ALL                      SELECT format(CASE WHEN current_setting('server_version_num')::int >= 150000                      THEN 'ALTER VIEW %s SET (security_invoker = true)' ELSE 'DROP VIEW %s' END,                      c.oid::regclass)                      FROM pg_class c JOIN pg_roles o ON o.oid = c.relowner                      WHERE o.rolname = $1 AND c.relkind = 'v'",
+                )
+                .bind(role)
+                .fetch_all(&mut *tx)
+                .await?;
+                for statement in neutralize {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 run_formatted(&mut tx, "REASSIGN OWNED BY %I TO %I", &[role, to]).await?;
             }
             run_formatted(&mut tx, "DROP OWNED BY %I", &[role]).await?;

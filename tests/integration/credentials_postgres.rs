@@ -91,6 +91,8 @@ impl Cluster {
             "INSERT INTO items VALUES ('first'), ('second')".to_owned(),
             format!("GRANT SELECT ON items TO {}", cluster.template),
             format!("GRANT CREATE ON SCHEMA public TO {}", cluster.template),
+            // The owner that objects are reassigned to must be able to own them there.
+            format!("GRANT CREATE ON SCHEMA public TO {}", cluster.owner),
         ] {
             sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
                 .execute(&mut db)
@@ -692,9 +694,19 @@ async fn roles_of_expired_and_used_up_grants_go_after_their_last_run(backend: Ba
     let keeping =
         s.t.active_grant(&s.acme, &s.token_id, "keep", 10, 600)
             .await;
-    for (grant, table) in [(&dropping, "scratch"), (&keeping, "kept")] {
+    // The kept role also leaves a SECURITY DEFINER function and a view, which would run with the
+    // new owner's privileges once they are its.
+    let definer_and_view = " && psql -tAc 'create function kept_definer() returns text security definer \
+         language sql as $$select current_user::text$$' && psql -tAc 'create view kept_view as select 1 as one'";
+    for (grant, table, more) in [
+        (&dropping, "scratch", ""),
+        (&keeping, "kept", definer_and_view),
+    ] {
         let made = s
-            .run(grant, &format!("psql -tAc 'create table {table} (x int)'"))
+            .run(
+                grant,
+                &format!("psql -tAc 'create table {table} (x int)'{more}"),
+            )
             .await;
         assert_eq!(made["exit_code"], json!(0), "{made}");
         let role = custodian::credentials::postgres::role_name(grant, "DB");
@@ -711,6 +723,32 @@ async fn roles_of_expired_and_used_up_grants_go_after_their_last_run(backend: Ba
     assert_eq!(
         cluster.table_owner("kept").await,
         Some(cluster.owner.clone())
+    );
+    let mut db = cluster.connect_as("postgres").await;
+    let definer: Option<(bool, String)> = sqlx::query_as(
+        "SELECT prosecdef, pg_get_userbyid(proowner)::text FROM pg_proc WHERE proname = 'kept_definer'",
+    )
+    .fetch_optional(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(
+        definer,
+        Some((false, cluster.owner.clone())),
+        "the kept function runs with its caller's privileges"
+    );
+    let view: Option<(String, Option<Vec<String>>)> = sqlx::query_as(
+        "SELECT pg_get_userbyid(relowner)::text, reloptions::text[] FROM pg_class WHERE relname = 'kept_view'",
+    )
+    .fetch_optional(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(
+        view,
+        Some((
+            cluster.owner.clone(),
+            Some(vec!["security_invoker=true".to_owned()])
+        )),
+        "the kept view runs with its caller's privileges"
     );
     drop(s.client);
     s.t.stop().await;
