@@ -239,6 +239,11 @@ fn main() {
         // The gateway's share: the runner's exec alone and the whole run through the gateway, in
         // turn, each followed by a pause in which the spare sandbox it used is replaced.
         let (spared, full) = time_in_turn(calls, PAUSE, || exec_true(&sandbox, &upstream), || run_true(&client, &args)).await;
+        // The same share with a plain HTTP client (one POST, the answer read whole) in place of
+        // rmcp's client and its tasks: what the gateway itself adds.
+        let plain = PlainSession::open(&format!("http://{addr}/t/bench/mcp"), secret.expose_secret()).await;
+        let (plain_spared, plain_full) =
+            time_in_turn(calls, PAUSE, || exec_true(&sandbox, &upstream), || plain.run_true(&args)).await;
         // Back to back, the spare is still being set up when the next run comes.
         let (_, back_to_back) = time_in_turn(calls / 3, Duration::ZERO, || exec_true(&sandbox, &upstream), || run_true(&client, &args)).await;
 
@@ -297,6 +302,8 @@ fn main() {
             ("  … without a spare sandbox", cold),
             ("tools/call list_environments", listing),
             ("gateway tools/call run", full),
+            ("  … plain HTTP client", plain_full),
+            ("  … its runner exec", plain_spared),
             ("  … back to back", back_to_back),
             ("  … with OTLP trace export", traced),
             ("grant use + audit record", with_audit),
@@ -308,6 +315,11 @@ fn main() {
             "gateway share (gateway run − runner sandbox exec): p50 {:+.2} ms, p99 {:+.2} ms (budget ≤ 1 ms p50, ≤ 5 ms p99)",
             full.0 - spared.0,
             full.1 - spared.1,
+        );
+        println!(
+            "  … with a plain HTTP client in place of rmcp's: p50 {:+.2} ms, p99 {:+.2} ms",
+            plain_full.0 - plain_spared.0,
+            plain_full.1 - plain_spared.1,
         );
         println!(
             "sandbox share (runner sandbox exec − direct spawn): p50 {:+.2} ms, p99 {:+.2} ms (budget ≤ 5 ms p50); without a spare: p50 {:+.2} ms, p99 {:+.2} ms",
@@ -375,4 +387,90 @@ async fn run_true(
         .await
         .expect("run");
     assert_eq!(result.is_error, Some(false));
+}
+
+/// An MCP session driven with plain HTTP requests: `initialize`, `notifications/initialized`, then
+/// one POST per call with the answer read whole (an SSE event or JSON).
+struct PlainSession {
+    http: reqwest::Client,
+    url: String,
+    token: String,
+    session: String,
+}
+
+impl PlainSession {
+    const VERSION: &str = "2025-06-18";
+
+    async fn open(url: &str, token: &str) -> Self {
+        let http = reqwest::Client::new();
+        let initialize = serde_json::json!({
+            "jsonrpc": "2.0", "id": 0, "method": "initialize",
+            "params": {"protocolVersion": Self::VERSION, "capabilities": {}, "clientInfo": {"name": "bench-plain", "version": "1"}}
+        });
+        let answer = http
+            .post(url)
+            .bearer_auth(token)
+            .header("accept", "application/json, text/event-stream")
+            .json(&initialize)
+            .send()
+            .await
+            .expect("initialize");
+        let session = answer
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .expect("a session id")
+            .to_owned();
+        answer.bytes().await.expect("initialize answer");
+        let plain = Self {
+            http,
+            url: url.to_owned(),
+            token: token.to_owned(),
+            session,
+        };
+        let status = plain
+            .post(&serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .send()
+            .await
+            .expect("initialized")
+            .status();
+        assert!(status.is_success(), "notifications/initialized: {status}");
+        plain
+    }
+
+    fn post(&self, body: &serde_json::Value) -> reqwest::RequestBuilder {
+        self.http
+            .post(&self.url)
+            .bearer_auth(&self.token)
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-session-id", &self.session)
+            .header("mcp-protocol-version", Self::VERSION)
+            .json(body)
+    }
+
+    /// One `tools/call run` that must succeed.
+    async fn run_true(&self, args: &serde_json::Value) {
+        let call = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "run", "arguments": args}});
+        let text = self
+            .post(&call)
+            .send()
+            .await
+            .expect("run")
+            .text()
+            .await
+            .expect("run answer");
+        let message = text
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix("data: ")
+                    .filter(|data| data.starts_with('{'))
+            })
+            .unwrap_or(&text);
+        let answer: serde_json::Value = serde_json::from_str(message).expect("a JSON-RPC answer");
+        assert_eq!(
+            answer["result"]["isError"],
+            serde_json::json!(false),
+            "{answer}"
+        );
+    }
 }
