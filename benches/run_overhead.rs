@@ -6,7 +6,9 @@
 //!    private tmpfs root, the `custodian-sandbox` helper's rlimits, Landlock and seccomp,
 //!    redaction);
 //! 3. full: `tools/call run {argv: ["true"]}` through the gateway (MCP, auth, grant use, secrets,
-//!    mTLS dispatch to a runner, redaction twice, timeline event).
+//!    mTLS dispatch to a runner, redaction twice, timeline event), with rmcp's client and again
+//!    with a plain HTTP client (one POST, the answer read whole), so that the client's own tasks
+//!    can be told apart from the gateway's share.
 //!
 //! and, for the audit log and tracing, the grant-use transaction with and without its audit record,
 //! and the full run again with OTLP trace export on.
