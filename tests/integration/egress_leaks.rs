@@ -148,9 +148,9 @@ impl World {
     }
 }
 
-/// The destination a run asks for (host and path) goes into the runner's log, the
+/// The request a run makes (method, host and path) goes into the runner's log, the
 /// `runner.egress` spans and the run's `exec.finished` audit record. A run that holds a secret in
-/// its environment (the ordinary way secrets reach runs) names it as the host or path of a
+/// its environment (the ordinary way secrets reach runs) names it as the host, path or method of a
 /// request, listed or not: the value must reach none of them, as it is, or in lower case.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_named_as_an_egress_destination_reaches_no_log_trace_or_audit_record() {
@@ -174,6 +174,7 @@ async fn a_secret_named_as_an_egress_destination_reaches_no_log_trace_or_audit_r
              curl -s -o /dev/null --max-time 5 \"https://$API_TOKEN.example/\"; \
              curl -s -o /dev/null --max-time 5 \"http://$API_TOKEN.example/\"; \
              curl -s -o /dev/null --max-time 5 \"http://{API_IP}:9/$API_TOKEN\"; \
+             curl -s -o /dev/null --max-time 5 -X \"$API_TOKEN\" \"http://{API_IP}:9/\"; \
              curl -sk -o /dev/null --max-time 5 -w '%{{http_code}}' \"https://{api}/\""
         ))
         .await;

@@ -21,9 +21,9 @@
 //! - A request is forwarded with the listed destination's own name as `Host`, whatever the command
 //!   wrote: an injected credential goes only to the site its rule names, also behind a front end
 //!   that serves many sites on one address.
-//! - What the command chose (the host it asked for, the path) reaches spans, logs and the counts
-//!   (and so the audit log) only through the run's redactor, as its output does: a run that names
-//!   its secret as a destination does not get it stored.
+//! - What the command chose (the method, the host it asked for, the path) reaches spans, logs and
+//!   the counts (and so the audit log) only through the run's redactor, as its output does: a run
+//!   that names its secret as a destination does not get it stored.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -430,7 +430,8 @@ impl Shared {
     }
 
     fn span(&self, method: &str, host: &str, port: u16, path: &str) -> Span {
-        let (host, path) = (self.shown(host), self.shown(path));
+        // A method is the run's text too (HTTP allows any token).
+        let (method, host, path) = (self.shown(method), self.shown(host), self.shown(path));
         tracing::info_span!(
             parent: &self.span,
             "runner.egress",
