@@ -13,8 +13,14 @@
 //!   resumes another stream: for a request's stream the client gets a JSON-RPC error for that
 //!   request saying its answer was lost (so the client's call ends instead of reconnecting
 //!   forever), for the standalone stream a fresh standalone stream.
+//! - A session being re-created here is not reported as held until rmcp has replayed its
+//!   handshake (`initialize`, then `notifications/initialized`) into the new worker. rmcp
+//!   serializes concurrent re-creations of one session, but only for requests that find it
+//!   missing; one that found it already present sent its message to the new worker before the
+//!   handshake, and the worker quit (two requests of one client, e.g. its SSE stream and a call,
+//!   reaching a replica together). Such a request now waits for the re-creation instead.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Mutex;
 
@@ -22,7 +28,9 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::{Stream, StreamExt};
 use rand::RngCore;
-use rmcp::model::{ClientJsonRpcMessage, ErrorData, RequestId, ServerJsonRpcMessage};
+use rmcp::model::{
+    ClientJsonRpcMessage, ClientNotification, ErrorData, RequestId, ServerJsonRpcMessage,
+};
 use rmcp::transport::streamable_http_server::SessionId;
 use rmcp::transport::streamable_http_server::session::local::{
     LocalSessionManager, LocalSessionManagerError,
@@ -46,6 +54,8 @@ pub struct ReplicaSessionManager {
     inner: LocalSessionManager,
     /// The tag of this replica's worker for each session it holds.
     tags: Mutex<HashMap<SessionId, String>>,
+    /// Sessions re-created here whose handshake has not been replayed yet.
+    restoring: Mutex<HashSet<SessionId>>,
 }
 
 /// A parsed `Last-Event-ID` of ours: `<worker tag>.<request id or empty>.<rmcp's id>`.
@@ -102,6 +112,7 @@ impl ReplicaSessionManager {
         Self {
             inner,
             tags: Mutex::default(),
+            restoring: Mutex::default(),
         }
     }
 
@@ -112,6 +123,10 @@ impl ReplicaSessionManager {
 
     fn tags(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, String>> {
         self.tags.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn restoring(&self) -> std::sync::MutexGuard<'_, HashSet<SessionId>> {
+        self.restoring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A worker for `id` in this replica's memory, with a fresh tag.
@@ -156,11 +171,16 @@ impl SessionManager for ReplicaSessionManager {
     }
 
     async fn has_session(&self, id: &SessionId) -> Result<bool, Self::Error> {
+        // Not yet: the request goes to rmcp's restore, which waits for the one under way.
+        if self.restoring().contains(id) {
+            return Ok(false);
+        }
         self.inner.has_session(id).await
     }
 
     async fn close_session(&self, id: &SessionId) -> Result<(), Self::Error> {
         self.tags().remove(id);
+        self.restoring().remove(id);
         self.inner.close_session(id).await
     }
 
@@ -182,7 +202,17 @@ impl SessionManager for ReplicaSessionManager {
         id: &SessionId,
         message: ClientJsonRpcMessage,
     ) -> Result<(), Self::Error> {
-        self.inner.accept_message(id, message).await
+        let handshake_done = matches!(
+            &message,
+            ClientJsonRpcMessage::Notification(n)
+                if matches!(n.notification, ClientNotification::InitializedNotification(_))
+        );
+        let accepted = self.inner.accept_message(id, message).await;
+        if handshake_done {
+            // The replayed handshake is queued ahead of anything else sent to the worker.
+            self.restoring().remove(id);
+        }
+        accepted
     }
 
     async fn create_standalone_stream(
@@ -227,7 +257,11 @@ impl SessionManager for ReplicaSessionManager {
         &self,
         id: SessionId,
     ) -> Result<RestoreOutcome<Self::Transport>, Self::Error> {
-        self.spawn_worker(id).await
+        let outcome = self.spawn_worker(id.clone()).await?;
+        if matches!(outcome, RestoreOutcome::Restored(_)) {
+            self.restoring().insert(id);
+        }
+        Ok(outcome)
     }
 }
 
@@ -250,6 +284,24 @@ mod tests {
         assert_eq!((parsed.tag, parsed.inner), ("t1", "0/3"));
         assert_eq!(parsed.request, Some(request));
         assert!(EventId::parse("0").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_restored_session_is_held_only_once_its_handshake_was_replayed() {
+        let manager = ReplicaSessionManager::default();
+        let id: SessionId = "restored-elsewhere".to_owned().into();
+        let outcome = manager.restore_session(id.clone()).await.unwrap();
+        assert!(matches!(outcome, RestoreOutcome::Restored(_)));
+        assert!(
+            !manager.has_session(&id).await.unwrap(),
+            "reported before its handshake was replayed: a concurrent request would reach the worker first"
+        );
+        let initialized = ClientJsonRpcMessage::notification(
+            ClientNotification::InitializedNotification(Default::default()),
+        );
+        manager.accept_message(&id, initialized).await.unwrap();
+        assert!(manager.has_session(&id).await.unwrap());
+        drop(outcome);
     }
 
     #[tokio::test]
