@@ -257,6 +257,13 @@ impl SessionManager for ReplicaSessionManager {
         &self,
         id: SessionId,
     ) -> Result<RestoreOutcome<Self::Transport>, Self::Error> {
+        // rmcp restores one session at a time: one still marked here is a restore that failed
+        // before its handshake, whose worker is of no use. It is replaced.
+        let failed = self.restoring().remove(&id);
+        if failed {
+            self.tags().remove(&id);
+            let _ = self.inner.close_session(&id).await;
+        }
         let outcome = self.spawn_worker(id.clone()).await?;
         if matches!(outcome, RestoreOutcome::Restored(_)) {
             self.restoring().insert(id);
@@ -302,6 +309,13 @@ mod tests {
         manager.accept_message(&id, initialized).await.unwrap();
         assert!(manager.has_session(&id).await.unwrap());
         drop(outcome);
+
+        // A restore that failed before its handshake leaves nothing that blocks the next one.
+        let stuck: SessionId = "restore-failed".to_owned().into();
+        let first = manager.restore_session(stuck.clone()).await.unwrap();
+        drop(first);
+        let again = manager.restore_session(stuck.clone()).await.unwrap();
+        assert!(matches!(again, RestoreOutcome::Restored(_)));
     }
 
     #[tokio::test]
