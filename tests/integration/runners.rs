@@ -331,6 +331,49 @@ async fn setup(backend: Backend) -> Option<Setup> {
     })
 }
 
+/// A dispatcher presenting `identity` (certificate and key files) and acme's runner `r1` as
+/// registered: the runner reached without the gateway.
+fn dispatcher_to_r1(
+    s: &Setup,
+    (cert, key): (PathBuf, PathBuf),
+) -> (custodian::runners::Dispatcher, custodian::runners::Runner) {
+    let material = custodian::runners::tls::ClientMaterial::load(&s.pki.ca(), &cert, &key).unwrap();
+    let registered = custodian::runners::Runner {
+        tenant_id: "acme".into(),
+        name: "r1".into(),
+        pool: "default".into(),
+        url: s.runner.url.clone(),
+        created_at: 0,
+    };
+    (
+        custodian::runners::Dispatcher::new(TD.into(), Some(material)),
+        registered,
+    )
+}
+
+/// An exec of `argv` for acme with no secrets, input, egress or files.
+fn bare_exec(
+    exec_id: &str,
+    grant_id: &str,
+    argv: Vec<String>,
+    timeout_ms: u64,
+) -> custodian_protocol::ExecRequest {
+    custodian_protocol::ExecRequest {
+        exec_id: exec_id.into(),
+        grant_id: grant_id.into(),
+        tenant: "acme".into(),
+        argv,
+        stdin: None,
+        timeout_ms,
+        max_output_bytes: 100,
+        secrets: vec![],
+        traceparent: None,
+        egress: vec![],
+        files: vec![],
+        env: Vec::new(),
+    }
+}
+
 /// Calls `run`; an error result or a failed call (gateway gone) is `Err` with its text.
 pub(crate) async fn run(
     client: &rmcp::Peer<rmcp::RoleClient>,
@@ -657,31 +700,9 @@ async fn runners_and_gateways_must_prove_their_identities(backend: Backend) {
             ),
         ),
     ];
-    for (what, (cert, key)) in cases {
-        let material =
-            custodian::runners::tls::ClientMaterial::load(&s.pki.ca(), &cert, &key).unwrap();
-        let dispatcher = custodian::runners::Dispatcher::new(TD.into(), Some(material));
-        let registered = custodian::runners::Runner {
-            tenant_id: "acme".into(),
-            name: "r1".into(),
-            pool: "default".into(),
-            url: s.runner.url.clone(),
-            created_at: 0,
-        };
-        let request = custodian_protocol::ExecRequest {
-            exec_id: "ex_test".into(),
-            grant_id: "gr_test".into(),
-            tenant: "acme".into(),
-            argv: vec!["true".into()],
-            stdin: None,
-            timeout_ms: 1000,
-            max_output_bytes: 100,
-            secrets: vec![],
-            traceparent: None,
-            egress: vec![],
-            files: vec![],
-            env: Vec::new(),
-        };
+    for (what, identity) in cases {
+        let (dispatcher, registered) = dispatcher_to_r1(&s, identity);
+        let request = bare_exec("ex_test", "gr_test", vec!["true".into()], 1000);
         let before = s.runner.execs();
         let outcome = dispatcher
             .exec(&registered, &request, Duration::from_secs(5))
@@ -751,31 +772,14 @@ async fn timeouts_kill_the_whole_tree_and_leave_nothing_behind(backend: Backend)
     );
     // A gateway that goes away while its run is running (the connection closes, no cancel is
     // sent): the runner stops the run at its next heartbeat, long before its timeout.
-    let (cert, key) = s.pki.gateway();
-    let material = custodian::runners::tls::ClientMaterial::load(&s.pki.ca(), &cert, &key).unwrap();
-    let dispatcher = custodian::runners::Dispatcher::new(TD.into(), Some(material));
-    let registered = custodian::runners::Runner {
-        tenant_id: "acme".into(),
-        name: "r1".into(),
-        pool: "default".into(),
-        url: s.runner.url.clone(),
-        created_at: 0,
-    };
+    let (dispatcher, registered) = dispatcher_to_r1(&s, s.pki.gateway());
     let abandoned = format!("51.{}", std::process::id());
-    let request = custodian_protocol::ExecRequest {
-        exec_id: "ex_abandoned".into(),
-        grant_id: grant.clone(),
-        tenant: "acme".into(),
-        argv: vec!["sleep".into(), abandoned.clone()],
-        stdin: None,
-        timeout_ms: 60_000,
-        max_output_bytes: 100,
-        secrets: vec![],
-        traceparent: None,
-        egress: vec![],
-        files: vec![],
-        env: Vec::new(),
-    };
+    let request = bare_exec(
+        "ex_abandoned",
+        &grant,
+        vec!["sleep".into(), abandoned.clone()],
+        60_000,
+    );
     let running = || {
         let found = Command::new("pgrep")
             .args(["-f", &format!("sleep {abandoned}")])
